@@ -1,0 +1,5 @@
+"""``python -m lorafleet`` is the same as the ``lorafleet`` command."""
+
+from .cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,62 @@
+"""The ``lorafleet`` command line.
+
+    lorafleet demo                                   # the bundled demo (what `make demo` runs)
+    lorafleet generate --model PATH --prompt TEXT    # KV-cache generation, chat template applied
+    lorafleet train CONFIG.yaml                      # train every task of a config together
+
+User mistakes (``ValueError`` and subclasses: bad config, bad data, bad model path) print one clear
+paragraph and exit with code 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+__all__ = ["main"]
+
+EXIT_USER_ERROR = 2
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .models.generate import cli_generate
+
+    return cli_generate(args)
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate text with the base model (and adapters)")
+    p.add_argument("--model", required=True, help="Hugging Face folder or .gguf file")
+    p.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_cmd_generate)
+
+
+_COMMANDS: list[Callable] = [_add_generate]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorafleet", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in _COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ValueError as e:  # user mistakes: config, data, model path
+        print(f"lorafleet {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,139 @@
+"""Load a base model: a Hugging Face folder (config.json + safetensors shards) or a single GGUF file.
+
+Only the tensors of the requested layer range are read, so a pipeline stage never holds the whole model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from .decoder import Decoder
+from .families import ModelConfig
+
+__all__ = ["ModelLoadError", "load_model", "read_model_config"]
+
+_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+class ModelLoadError(ValueError):
+    """The model path cannot be loaded; the message says why and what to do."""
+
+
+def _check_path(path: str | Path) -> Path:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ModelLoadError(f"model path {str(p)!r} does not exist; give a Hugging Face folder or a .gguf file")
+    if p.is_dir() and not (p / "config.json").is_file():
+        raise ModelLoadError(
+            f"model folder {str(p)!r} has no config.json; a Hugging Face model folder holds config.json, "
+            "*.safetensors and tokenizer.json"
+        )
+    if p.is_file() and p.suffix != ".gguf":
+        raise ModelLoadError(f"model file {str(p)!r} is not a .gguf file; give a GGUF file or a Hugging Face folder")
+    return p
+
+
+def read_model_config(path: str | Path) -> ModelConfig:
+    """The ``ModelConfig`` of a HF folder or GGUF file, without reading any weights."""
+    p = _check_path(path)
+    if p.is_file():
+        from .gguf import read_gguf_config
+
+        return read_gguf_config(p)
+    try:
+        raw = json.loads((p / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{p / 'config.json'} is not valid JSON: {e}") from e
+    return ModelConfig.from_hf(raw)
+
+
+def _wanted(key: str, model: Decoder) -> str | None:
+    """Map a HF tensor name to this stage's parameter name, or None when the stage does not hold it."""
+    m = _LAYER_KEY.match(key)
+    if m:
+        i = int(m.group(1))
+        return key[len("model.") :] if model.first_layer <= i < model.last_layer else None
+    if key == "model.embed_tokens.weight":
+        if model.has_embed:
+            return "embed_tokens.weight"
+        if model.has_head and model.config.tie_word_embeddings:
+            return "lm_head.weight"
+        return None
+    if key in ("model.norm.weight", "lm_head.weight"):
+        return key.removeprefix("model.") if model.has_head else None
+    return None
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted({folder / f for f in weight_map.values()})
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise ModelLoadError(f"{folder} lacks safetensors shards named in its index: {', '.join(missing)}")
+    if not files:
+        raise ModelLoadError(f"{folder} has config.json but no *.safetensors weights")
+    return files
+
+
+def _load_hf_weights(folder: Path, model: Decoder) -> None:
+    from safetensors import safe_open
+
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded: set[str] = set()
+    for f in _safetensors_files(folder):
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                for key in sf.keys():
+                    name = _wanted(key, model)
+                    if name is None or name not in params:
+                        continue
+                    t = sf.get_tensor(key)
+                    p = params[name]
+                    if t.shape != p.shape:
+                        raise ModelLoadError(f"{f.name}: tensor {key} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
+                    with torch.no_grad():
+                        p.copy_(t.to(p.dtype))
+                    loaded.add(name)
+        except ModelLoadError:
+            raise
+        except (OSError, RuntimeError, ValueError) as e:
+            raise ModelLoadError(f"cannot read {f}: {e} (is the file complete? a truncated download fails here)") from e
+    missing = sorted(set(params) - loaded)
+    if "lm_head.weight" in missing and model.config.tie_word_embeddings and model.embed_tokens is not None:
+        missing.remove("lm_head.weight")  # shares embed_tokens.weight
+    if missing:
+        raise ModelLoadError(f"{folder}: weights missing for {len(missing)} parameters, e.g. {missing[:3]}")
+
+
+def load_model(
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    first_layer: int = 0,
+    last_layer: int | None = None,
+) -> Decoder:
+    """Load layers ``[first_layer, last_layer)`` of a model (all by default) as a frozen ``Decoder``.
+
+    ``path`` is a Hugging Face folder (config.json, one or several safetensors shards) or a ``.gguf`` file.
+    """
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ModelLoadError(f"dtype {dtype} is not supported; use torch.float32 or torch.bfloat16")
+    p = _check_path(path)
+    cfg = read_model_config(p)
+    model = Decoder(cfg, first_layer, last_layer, dtype=dtype, device=device)
+    if p.is_file():
+        from .gguf import load_gguf_weights
+
+        load_gguf_weights(p, model)
+    else:
+        _load_hf_weights(p, model)
+    model.eval()
+    return model
