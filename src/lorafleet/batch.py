@@ -89,7 +89,7 @@ class FusedBatch:
                 if segments and segments[-1].adapter == name and segments[-1].end == cu[i]:
                     segments[-1] = Segment(name, segments[-1].start, cu[i + 1])
                 else:
-                    if any(s.adapter == name for s in segments):
+                    if name is not None and any(s.adapter == name for s in segments):
                         raise ValueError(f"sequences of adapter {name!r} are not adjacent in the batch")
                     segments.append(Segment(name, cu[i], cu[i + 1]))
         flat = [t for s in seqs for t in s]

@@ -39,7 +39,33 @@ def _add_generate(sub) -> None:
     p.set_defaults(func=_cmd_generate)
 
 
-_COMMANDS: list[Callable] = [_add_generate]
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train.run import cli_train
+
+    return cli_train(args)
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train every task of a YAML config together")
+    p.add_argument("config", help="the run's YAML config")
+    p.add_argument("--no-progress", action="store_true", help="no live progress bars (logs only)")
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import cli_demo
+
+    return cli_demo(args)
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="train four adapters on the bundled SmolLM2 and compare their answers")
+    p.add_argument("--config", default=None, help="demo config (default: examples/demo.yaml)")
+    p.add_argument("--output-dir", default=None, help="override the config's output_dir")
+    p.set_defaults(func=_cmd_demo)
+
+
+_COMMANDS: list[Callable] = [_add_demo, _add_train, _add_generate]
 
 
 def build_parser() -> argparse.ArgumentParser:

