@@ -1,0 +1,263 @@
+"""Uploaded training files and every path the service builds from an id.
+
+Ids are made by the service (``file-``/``ftjob-``/``adapter-`` and random hex) and every id that arrives
+in a request is matched against its pattern before it is looked up, so no name a client chose ever becomes
+part of a path; ``safe_child`` checks the pattern again and that the result stays inside its folder.
+
+An upload is validated row by row while it is copied to ``DATA_DIR/files/``: UTF-8, one JSON object per
+line, every row in one of the known data formats. Errors name the line (1-based) and the fix.
+
+Data directory layout::
+
+    DATA_DIR/lorafleet.db             the store (SQLite)
+    DATA_DIR/files/<file id>.jsonl    uploads
+    DATA_DIR/engine/                  the engine's OUTPUT_DIR: checkpoints/<job id>/, adapters/<adapter id>/
+    DATA_DIR/exports/<adapter id>.zip adapter downloads, built once
+    DATA_DIR/worker.lock              held by the one running worker
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+__all__ = [
+    "ADAPTER_ID_PATTERN",
+    "FILE_ID_PATTERN",
+    "JOB_ID_PATTERN",
+    "DataDir",
+    "UploadError",
+    "ValidatedUpload",
+    "new_adapter_id",
+    "new_file_id",
+    "new_job_id",
+    "safe_child",
+    "save_upload",
+    "validate_row",
+]
+
+FILE_ID_PATTERN = r"^file-[0-9a-f]{24}$"
+JOB_ID_PATTERN = r"^ftjob-[0-9a-f]{24}$"
+# the optional part is the job's ``suffix`` (lower-case letters, digits and '-')
+ADAPTER_ID_PATTERN = r"^adapter-(?:[a-z0-9][a-z0-9-]{0,39}-)?[0-9a-f]{16}$"
+SUFFIX_PATTERN = r"^[a-z0-9][a-z0-9-]{0,39}$"
+
+_MAX_ERRORS = 10  # reported per upload; the count of the rest is given
+
+
+def new_file_id() -> str:
+    return "file-" + secrets.token_hex(12)
+
+
+def new_job_id() -> str:
+    return "ftjob-" + secrets.token_hex(12)
+
+
+def new_adapter_id(suffix: str | None) -> str:
+    if suffix is not None and not re.match(SUFFIX_PATTERN, suffix):
+        raise ValueError(f"suffix {suffix!r} must match {SUFFIX_PATTERN}")
+    return "adapter-" + (f"{suffix}-" if suffix else "") + secrets.token_hex(8)
+
+
+def safe_child(root: Path, name: str, pattern: str, ext: str = "") -> Path:
+    """``root / (name + ext)``, after checking that ``name`` matches ``pattern`` and the path stays in
+    ``root``. An id that fails here was never made by the service, so this raises ValueError."""
+    if not re.match(pattern, name) or "/" in name or "\\" in name or name in (".", ".."):
+        raise ValueError(f"{name!r} is not a valid id (expected {pattern})")
+    path = (root / (name + ext)).resolve()
+    if path.parent != root.resolve():
+        raise ValueError(f"{name!r} leaves its folder")
+    return path
+
+
+@dataclass(frozen=True)
+class DataDir:
+    """The service's folders under one root (see the module docstring)."""
+
+    root: Path
+
+    @property
+    def db(self) -> Path:
+        return self.root / "lorafleet.db"
+
+    @property
+    def files(self) -> Path:
+        return self.root / "files"
+
+    @property
+    def engine(self) -> Path:
+        return self.root / "engine"
+
+    @property
+    def exports(self) -> Path:
+        return self.root / "exports"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / "worker.lock"
+
+    def create(self) -> DataDir:
+        for p in (self.root, self.files, self.engine, self.exports, self.engine / "adapters"):
+            p.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def file_path(self, file_id: str) -> Path:
+        return safe_child(self.files, file_id, FILE_ID_PATTERN, ".jsonl")
+
+    def adapter_dir(self, adapter_id: str) -> Path:
+        return safe_child(self.engine / "adapters", adapter_id, ADAPTER_ID_PATTERN)
+
+    def checkpoint_dir(self, job_id: str) -> Path:
+        return safe_child(self.engine / "checkpoints", job_id, JOB_ID_PATTERN)
+
+    def export_zip(self, adapter_id: str) -> Path:
+        return safe_child(self.exports, adapter_id, ADAPTER_ID_PATTERN, ".zip")
+
+
+class UploadError(ValueError):
+    """A rejected upload. ``errors`` lists one message per bad line (at most ``_MAX_ERRORS``)."""
+
+    def __init__(self, message: str, errors: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.errors = errors or []
+
+
+def _is_str(v: Any) -> bool:
+    return isinstance(v, str)
+
+
+def _check_messages(messages: Any) -> str | None:
+    if not isinstance(messages, list) or not messages:
+        return "'messages' must be a non-empty list of {'role': ..., 'content': ...} objects"
+    roles = {"system", "user", "assistant"}
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not _is_str(m.get("content")) or m.get("role") not in roles:
+            return f"messages[{i}] must be an object with 'role' in {sorted(roles)} and a string 'content'"
+    if not any(m["role"] == "assistant" for m in messages):
+        return "'messages' has no 'assistant' message: there is nothing to learn from this row"
+    return None
+
+
+_FORMATS_HELP = (
+    "each line must be one JSON object in one of the formats: chat {'messages': [{'role', 'content'}...]}, "
+    "prompt/completion {'prompt', 'completion'}, alpaca {'instruction', 'input'?, 'output'}, "
+    "preference {'prompt', 'chosen', 'rejected'}, text {'text'}"
+)
+
+
+def validate_row(row: Any) -> str:
+    """The data format of one parsed JSONL row; raises ValueError saying what is wrong with it."""
+    if not isinstance(row, dict):
+        raise ValueError(f"expected a JSON object, got {type(row).__name__}; {_FORMATS_HELP}")
+    if "messages" in row:
+        err = _check_messages(row["messages"])
+        if err:
+            raise ValueError(err)
+        return "chat"
+    if "chosen" in row or "rejected" in row:
+        for k in ("prompt", "chosen", "rejected"):
+            if not _is_str(row.get(k)):
+                raise ValueError(
+                    f"preference rows need string fields 'prompt', 'chosen' and 'rejected' ({k!r})"
+                )
+        return "preference"
+    if "instruction" in row:
+        if not _is_str(row.get("instruction")) or not _is_str(row.get("output")):
+            raise ValueError(
+                "alpaca rows need string fields 'instruction' and 'output' ('input' is optional)"
+            )
+        if "input" in row and not _is_str(row["input"]):
+            raise ValueError("alpaca field 'input' must be a string")
+        return "alpaca"
+    if "prompt" in row or "completion" in row:
+        if not _is_str(row.get("prompt")) or not _is_str(row.get("completion")):
+            raise ValueError("prompt/completion rows need string fields 'prompt' and 'completion'")
+        return "prompt_completion"
+    if "text" in row:
+        if not _is_str(row["text"]):
+            raise ValueError("'text' must be a string")
+        return "text"
+    raise ValueError(f"no known fields (got {sorted(row)[:8]}); {_FORMATS_HELP}")
+
+
+@dataclass(frozen=True)
+class ValidatedUpload:
+    bytes: int
+    num_rows: int
+    format: str
+
+
+def _lines(src: IO[bytes], chunk: int = 1 << 16) -> Iterable[bytes]:
+    buf = b""
+    while True:
+        data = src.read(chunk)
+        if not data:
+            break
+        buf += data
+        *complete, buf = buf.split(b"\n")
+        yield from complete
+    if buf:
+        yield buf
+
+
+def save_upload(src: IO[bytes], dest: Path, max_bytes: int) -> ValidatedUpload:
+    """Validate ``src`` as JSONL and copy it to ``dest`` (atomically: a partial file never appears).
+
+    Raises UploadError listing the bad lines, or when the data exceeds ``max_bytes`` or has no rows."""
+    tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
+    errors: list[str] = []
+    num_bad = 0
+    num_rows = 0
+    total = 0
+    formats: dict[str, int] = {}  # format -> first line that used it
+    try:
+        with open(tmp, "wb") as out:
+            for lineno, raw in enumerate(_lines(src), start=1):
+                total += len(raw) + 1
+                if total > max_bytes + 1:  # +1: the last line may lack its newline
+                    raise UploadError(
+                        f"file is larger than the upload limit of {max_bytes} bytes: split it, or start the "
+                        "server with a larger --max-upload-mb"
+                    )
+                out.write(raw + b"\n")
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    err = f"line {lineno}: not UTF-8 text (byte {e.start}); save the file as UTF-8"
+                else:
+                    if not text.strip():
+                        continue
+                    err = None
+                    try:
+                        fmt = validate_row(json.loads(text))
+                    except json.JSONDecodeError as e:
+                        err = f"line {lineno}: invalid JSON: {e.msg} (column {e.colno})"
+                    except ValueError as e:
+                        err = f"line {lineno}: {e}"
+                    else:
+                        num_rows += 1
+                        formats.setdefault(fmt, lineno)
+                if err is not None:
+                    num_bad += 1
+                    if len(errors) < _MAX_ERRORS:
+                        errors.append(err)
+            out.flush()
+            os.fsync(out.fileno())
+        if num_bad:
+            more = f" (and {num_bad - len(errors)} more)" if num_bad > len(errors) else ""
+            raise UploadError(f"{num_bad} invalid line(s){more}: " + "; ".join(errors), errors)
+        if num_rows == 0:
+            raise UploadError("file has no rows: upload JSONL with one JSON object per line")
+        if len(formats) > 1:
+            where = ", ".join(f"{f} (first on line {n})" for f, n in formats.items())
+            raise UploadError(f"rows mix data formats: {where}; use one format per file")
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return ValidatedUpload(bytes=dest.stat().st_size, num_rows=num_rows, format=next(iter(formats)))
