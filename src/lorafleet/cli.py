@@ -3,6 +3,9 @@
     lorafleet demo                                   # the bundled demo (what `make demo` runs)
     lorafleet generate --model PATH --prompt TEXT    # KV-cache generation, chat template applied
     lorafleet train CONFIG.yaml                      # train every task of a config together
+    lorafleet serve --base-model PATH --data-dir DIR # fine-tuning service: REST API, dashboard, worker
+    lorafleet tokens create --tenant NAME --data-dir DIR   # an API token for the service
+    lorafleet jobs create|list|show|cancel|download  # the service's command-line client
 
 User mistakes (``ValueError`` and subclasses: bad config, bad data, bad model path) print one clear
 paragraph and exit with code 2, without a traceback.
@@ -65,7 +68,15 @@ def _add_demo(sub) -> None:
     p.set_defaults(func=_cmd_demo)
 
 
-_COMMANDS: list[Callable] = [_add_demo, _add_train, _add_generate]
+def _add_service(sub) -> None:
+    from .service.commands import add_jobs_command, add_serve_command, add_tokens_command
+
+    add_serve_command(sub)
+    add_tokens_command(sub)
+    add_jobs_command(sub)
+
+
+_COMMANDS: list[Callable] = [_add_demo, _add_train, _add_generate, _add_service]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,7 +16,7 @@ import json
 import os
 import time
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
@@ -40,6 +40,7 @@ from .files import (
     new_job_id,
     save_upload,
 )
+from .jobspec import EngineSettings, job_configs
 from .schemas import (
     AdapterObject,
     CheckpointObject,
@@ -68,7 +69,11 @@ class ServiceSettings:
     data_dir: Path
     base_model: str
     max_upload_bytes: int = 100 * 1024 * 1024
-    extra: dict[str, Any] = field(default_factory=dict)
+    engine: EngineSettings | None = None  # the worker's settings, to validate jobs (None: the defaults)
+
+    def __post_init__(self) -> None:
+        if self.engine is None:
+            self.engine = EngineSettings(base_model=self.base_model)
 
 
 def model_name(base_model: str) -> str:
@@ -213,7 +218,7 @@ def _job_obj(j: JobRecord) -> JobObject:
         id=j.id, model=s["model"], created_at=int(j.created_at), started_at=_ts(j.started_at),
         finished_at=_ts(j.finished_at), status=j.status, training_file=s["training_file"],
         validation_file=s.get("validation_file"), adapter=s["adapter"], hyperparameters=s["hyperparameters"],
-        suffix=s.get("suffix"), priority=j.priority, seed=s.get("seed", 0),
+        suffix=s.get("suffix"), priority=j.priority,
         fine_tuned_adapter=j.adapter_id if j.status == "succeeded" else None, step=j.step,
         total_steps=j.total_steps, trained_tokens=j.trained_tokens,
         error={"message": j.error} if j.error else None,
@@ -439,18 +444,20 @@ def create_app(settings: ServiceSettings, store: Store | None = None) -> FastAPI
                     400, f"{param} {fid!r} does not exist: upload it with POST /v1/files and pass the id it "
                     "returns", param=param, code="file_not_found",
                 )  # fmt: skip
-        hp = body.hyperparameters
-        if hp.micro_batch_size is not None and hp.batch_size % hp.micro_batch_size:
-            raise ApiError(
-                400, f"hyperparameters.batch_size ({hp.batch_size}) is not a multiple of micro_batch_size "
-                f"({hp.micro_batch_size})", param="hyperparameters.micro_batch_size",
-            )  # fmt: skip
         spec = body.model_dump(mode="json")
         spec["model"] = served_model
         job = JobRecord(
             id=new_job_id(), tenant=tenant_, status="validating_files", spec=spec,
             adapter_id=new_adapter_id(body.suffix), created_at=time.time(), priority=body.priority,
         )  # fmt: skip
+        files = {}
+        for fid in filter(None, (body.training_file, body.validation_file)):
+            rec = store.get_file(tenant_, fid)
+            files[fid] = (dd.file_path(fid), rec.format if rec else "")
+        try:  # what the engine's config would refuse is refused now, not after the job was queued
+            job_configs(spec, job.id, job.adapter_id, files, settings.engine, dd.engine)
+        except ValueError as e:
+            raise ApiError(400, str(e), code="invalid_job") from None
         store.add_job(job)
         store.add_events([EventRecord(job.id, "message", "Created fine-tuning job", time.time())])
         return _job_obj(job)

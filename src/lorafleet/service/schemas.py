@@ -101,7 +101,6 @@ class JobCreate(_Request):
         None, pattern=SUFFIX_PATTERN, description="added to the adapter id (lower-case letters, digits, '-')"
     )
     priority: int = Field(0, ge=-100, le=100, description="higher runs first when the engine is full")
-    seed: int = Field(0, ge=0, le=2**31 - 1)
 
 
 class FileObject(BaseModel):
@@ -140,7 +139,6 @@ class JobObject(BaseModel):
     hyperparameters: Hyperparameters
     suffix: str | None
     priority: int
-    seed: int
     fine_tuned_adapter: str | None = Field(description="adapter id, once the job has succeeded")
     step: int
     total_steps: int | None

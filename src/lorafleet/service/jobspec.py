@@ -1,0 +1,154 @@
+"""From a REST job to the engine's configs (``lorafleet.config``; pydantic only, no torch).
+
+The API calls ``job_configs`` when a job is created, so that every mistake the engine's config would reject
+(a preference file for an SFT job, ``max_seq_len`` above the server's token budget...) is a 400 at once;
+the worker calls it again to get the ``DatasetConfig``, ``AdapterConfig`` and ``TaskConfig`` it hands to
+``Engine.add_task``. Names: the task is the job id (so checkpoints live in ``checkpoints/<job id>/``), the
+adapter is the job's adapter id (``adapters/<adapter id>/``), datasets are ``<job id>.train`` and
+``<job id>.eval``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..config import AdapterConfig, ConfigError, DatasetConfig, RunConfig, TaskConfig, parse_config
+
+__all__ = ["EngineSettings", "JobConfigs", "job_configs"]
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """The worker's engine settings; the API needs them too, to validate jobs against them."""
+
+    base_model: str
+    dtype: str = "float32"
+    device: str = "cpu"
+    max_concurrent_tasks: int = 8
+    max_tokens_per_micro_batch: int = 4096
+
+    def run_config(self, output_dir: Path) -> RunConfig:
+        """The engine's RunConfig with no tasks yet (jobs arrive through ``Engine.add_task``).
+
+        ``RunConfig`` requires at least one task when read from YAML; the service's run starts empty, so
+        the sections are validated one by one and assembled without that check."""
+        cfg = self._one_task_run(output_dir, _probe_dataset(), _probe_adapter(), _probe_task())
+        return RunConfig.model_construct(
+            base_model=cfg.base_model, output_dir=str(output_dir), seed=0, datasets=[], adapters=[], tasks=[],
+            dispatcher=cfg.dispatcher, pipeline=cfg.pipeline,
+        )  # fmt: skip
+
+    def _one_task_run(
+        self, output_dir: Path, dataset: dict, adapter: dict, task: dict, *extra: dict
+    ) -> RunConfig:
+        return parse_config(
+            {
+                "base_model": {"path": self.base_model, "dtype": self.dtype, "device": self.device},
+                "output_dir": str(output_dir),
+                "datasets": [dataset, *extra],
+                "adapters": [adapter],
+                "tasks": [task],
+                "dispatcher": {
+                    "max_concurrent_tasks": self.max_concurrent_tasks,
+                    "max_tokens_per_micro_batch": self.max_tokens_per_micro_batch,
+                },
+            }
+        )
+
+
+def _probe_dataset() -> dict:
+    return {"name": "probe", "path": "probe.jsonl", "format": "prompt_completion"}
+
+
+def _probe_adapter() -> dict:
+    return {"name": "probe"}
+
+
+def _probe_task() -> dict:
+    return {"name": "probe", "adapter": "probe", "dataset": "probe", "max_seq_len": 8}
+
+
+@dataclass(frozen=True)
+class JobConfigs:
+    dataset: DatasetConfig
+    adapter: AdapterConfig
+    task: TaskConfig
+    eval_dataset: DatasetConfig | None
+
+
+# REST field -> where it goes in the engine's config (the error messages name the REST field)
+_FIELD_NAMES = {
+    "tasks[0].batch_size": "hyperparameters.batch_size",
+    "tasks[0].micro_batch_size": "hyperparameters.micro_batch_size",
+    "tasks[0].num_epochs": "hyperparameters.n_epochs",
+    "tasks[0].max_steps": "hyperparameters.max_steps",
+    "tasks[0].max_seq_len": "hyperparameters.max_seq_len",
+    "tasks[0].optimizer.lr": "hyperparameters.learning_rate",
+    "tasks[0].lr_scheduler": "hyperparameters.lr_scheduler",
+    "tasks[0].save_every_steps": "hyperparameters.save_every_steps",
+    "tasks[0].dataset": "training_file",
+    "tasks[0].eval_dataset": "validation_file",
+    "tasks[0].eval_every_steps": "hyperparameters.eval_every_steps",
+    "tasks[0]": "hyperparameters",
+    "adapters[0]": "adapter",
+    "dispatcher.max_tokens_per_micro_batch": "the server's --max-tokens-per-micro-batch",
+}
+
+
+def _rest_names(message: str) -> str:
+    for internal, rest in _FIELD_NAMES.items():
+        message = message.replace(internal, rest)
+    return message
+
+
+def job_configs(
+    spec: dict[str, Any],
+    job_id: str,
+    adapter_id: str,
+    files: dict[str, tuple[Path, str]],
+    settings: EngineSettings,
+    output_dir: Path,
+) -> JobConfigs:
+    """The engine configs of a job. ``spec`` is the stored request (``JobCreate`` as JSON); ``files`` maps
+    each file id the job names to (path, data format). Raises ValueError naming the REST field and the fix."""
+    hp, ad = spec["hyperparameters"], spec["adapter"]
+    train_path, train_format = files[spec["training_file"]]
+    dataset = {"name": f"{job_id}.train", "path": str(train_path), "format": train_format}
+    extra = []
+    task: dict[str, Any] = {
+        "name": job_id,
+        "adapter": adapter_id,
+        "dataset": dataset["name"],
+        "batch_size": hp["batch_size"],
+        "micro_batch_size": hp.get("micro_batch_size"),
+        "num_epochs": hp["n_epochs"],
+        "max_steps": hp.get("max_steps"),
+        "max_seq_len": hp["max_seq_len"],
+        "optimizer": {"lr": hp["learning_rate"], "weight_decay": hp["weight_decay"]},
+        "lr_scheduler": {"name": hp["lr_scheduler"], "warmup_steps": hp["warmup_steps"]},
+        "save_every_steps": hp["save_every_steps"],
+        "priority": spec.get("priority", 0),
+    }
+    if spec.get("validation_file"):
+        eval_path, eval_format = files[spec["validation_file"]]
+        extra.append({"name": f"{job_id}.eval", "path": str(eval_path), "format": eval_format})
+        task["eval_dataset"] = f"{job_id}.eval"
+        if hp.get("eval_every_steps"):
+            task["eval_every_steps"] = hp["eval_every_steps"]
+    adapter = {
+        "name": adapter_id,
+        "type": ad["type"],
+        "rank": ad["rank"],
+        "alpha": ad["alpha"],
+        "dropout": ad["dropout"],
+        "use_rslora": ad["use_rslora"],
+        "target_modules": ad["target_modules"],
+    }
+    try:
+        cfg = settings._one_task_run(output_dir, dataset, adapter, task, *extra)
+    except ConfigError as e:
+        raise ValueError(_rest_names(" ".join(e.problems))) from None
+    evals = [d for d in cfg.datasets if d.name == f"{job_id}.eval"]
+    return JobConfigs(cfg.datasets[0], cfg.adapters[0], cfg.tasks[0], evals[0] if evals else None)

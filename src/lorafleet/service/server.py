@@ -1,0 +1,127 @@
+"""``lorafleet serve``: the API (uvicorn, this process) plus the worker (a child process it supervises).
+
+    lorafleet tokens create --tenant alice --data-dir ./service-data      # prints a token
+    lorafleet serve --base-model path/to/model --data-dir ./service-data --port 8000
+
+The API process never imports torch; the worker does (``python -m lorafleet.service.worker``). If the
+worker exits unexpectedly it is started again (with a growing pause, so a worker that cannot start does not
+spin), and it resumes every unfinished job from its checkpoints. Stopping the server (Ctrl-C, SIGTERM)
+stops the worker; if the server is killed outright, the worker notices and exits too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from .app import ServiceSettings, create_app
+from .files import DataDir
+from .jobspec import EngineSettings
+
+__all__ = ["WorkerSupervisor", "serve"]
+
+log = logging.getLogger("lorafleet.serve")
+
+_MAX_BACKOFF_S = 30.0
+_STOP_GRACE_S = 30.0
+
+
+class WorkerSupervisor:
+    """Starts the worker process and starts it again when it exits unexpectedly."""
+
+    def __init__(self, cmd: list[str]) -> None:
+        self.cmd = cmd
+        self.proc: subprocess.Popen | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="worker-supervisor")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _loop(self) -> None:
+        # The worker is started from this thread, which lives until stop(): on Linux the worker's
+        # parent-death signal is tied to the thread that started it.
+        backoff = 1.0
+        while not self._stop.is_set():
+            self.proc = subprocess.Popen(self.cmd)
+            rc = self.proc.wait()
+            if self._stop.is_set():
+                break
+            log.error("worker exited with code %s; starting it again in %.0f s", rc, backoff)
+            self._stop.wait(backoff)
+            backoff = min(_MAX_BACKOFF_S, backoff * 2)
+
+    def stop(self) -> None:
+        self._stop.set()
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            proc.terminate()  # the worker finishes its micro-batch and exits
+            try:
+                proc.wait(_STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self._thread.join(timeout=5)
+
+
+def _check_model_path(base_model: str) -> None:
+    if base_model.startswith("pkg:"):
+        return
+    if not Path(base_model).expanduser().exists():
+        raise ValueError(
+            f"--base-model {base_model!r} does not exist: give a Hugging Face model folder or a .gguf file"
+        )
+
+
+def serve(
+    base_model: str,
+    data_dir: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_upload_mb: float = 100.0,
+    dtype: str = "float32",
+    device: str = "auto",
+    max_concurrent_tasks: int = 8,
+    max_tokens_per_micro_batch: int = 4096,
+    poll_interval: float = 0.5,
+    access_log: bool = False,
+    worker: bool = True,
+) -> None:
+    """Run the API until interrupted, with a supervised worker unless ``worker`` is False."""
+    import uvicorn
+
+    _check_model_path(base_model)
+    if max_upload_mb <= 0:
+        raise ValueError(f"--max-upload-mb must be > 0 (got {max_upload_mb})")
+    base_model = base_model if base_model.startswith("pkg:") else str(Path(base_model).expanduser().resolve())
+    dd = DataDir(Path(data_dir).expanduser().resolve()).create()
+    engine = EngineSettings(
+        base_model=base_model, dtype=dtype, device=device, max_concurrent_tasks=max_concurrent_tasks,
+        max_tokens_per_micro_batch=max_tokens_per_micro_batch,
+    )  # fmt: skip
+    settings = ServiceSettings(
+        data_dir=dd.root,
+        base_model=base_model,
+        max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+        engine=engine,
+    )
+    app = create_app(settings)
+    supervisor = None
+    if worker:
+        cmd = [
+            sys.executable, "-m", "lorafleet.service.worker", "--data-dir", str(dd.root), "--base-model", base_model,
+            "--dtype", dtype, "--device", device, "--max-concurrent-tasks", str(max_concurrent_tasks),
+            "--max-tokens-per-micro-batch", str(max_tokens_per_micro_batch), "--poll-interval", str(poll_interval),
+            "--parent-pid", str(os.getpid()),
+        ]  # fmt: skip
+        supervisor = WorkerSupervisor(cmd)
+        supervisor.start()
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="info", access_log=access_log)
+    finally:
+        if supervisor is not None:
+            supervisor.stop()
