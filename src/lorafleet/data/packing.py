@@ -19,21 +19,22 @@ def shifted_labels(tokens: Sequence[int], mask: Sequence[bool]) -> list[int]:
 
 
 def pack(
-    groups: Sequence[tuple[str | None, str | None, Sequence[tuple[int, Sequence[int], Sequence[bool]]]]],
+    groups: Sequence[tuple[str | None, str | None, Sequence[tuple]]],
     device: torch.device | str = "cpu",
 ) -> FusedBatch:
-    """Pack ``[(task, adapter, [(example id, tokens, mask), ...]), ...]``; each group becomes one segment.
+    """Pack ``[(task, adapter, [(example id, tokens, mask[, role]), ...]), ...]``; each group becomes one segment.
 
-    A group's sequences stay adjacent and in order, so each adapter's tokens are contiguous.
+    A group's sequences stay adjacent and in order, so each adapter's tokens are contiguous. ``role`` (e.g.
+    ``chosen``, see ``train/tasks.py``) is recorded in the sequence's ``SequenceInfo``.
     """
     seqs: list[list[int]] = []
     labels: list[list[int]] = []
     adapters: list[str | None] = []
     infos: list[SequenceInfo] = []
     for task, adapter, examples in groups:
-        for example_id, tokens, mask in examples:
+        for example_id, tokens, mask, *role in examples:
             seqs.append(list(tokens))
             labels.append(shifted_labels(tokens, mask))
             adapters.append(adapter)
-            infos.append(SequenceInfo(task=task, example=example_id))
+            infos.append(SequenceInfo(task=task, example=example_id, role=role[0] if role else ""))
     return FusedBatch.from_sequences(seqs, adapters=adapters, labels=labels, sequences=infos, device=device)
