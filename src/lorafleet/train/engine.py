@@ -21,7 +21,6 @@ starts. A task whose loss or weights become NaN/inf fails alone; the others go o
 
 from __future__ import annotations
 
-import math
 import time
 import zlib
 from collections.abc import Callable
@@ -33,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ..batch import IGNORE_INDEX
-from ..config import AdapterConfig, DatasetConfig, RunConfig, TaskConfig
+from ..config import AdapterConfig, DatasetConfig, RunConfig, TaskConfig, steps_for
 from ..data.formats import Example, tokenize_rows
 from ..data.packing import pack
 from ..data.sources import DataError, read_rows
@@ -53,7 +52,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .dispatcher import TaskView, plan_next
 from .optim import build_optimizer, build_scheduler
 
-__all__ = ["Engine", "TaskState", "adapter_spec", "resolve_device", "steps_for"]
+__all__ = ["Engine", "TaskState", "adapter_spec", "resolve_device"]
 
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 
@@ -76,13 +75,6 @@ def adapter_spec(cfg: AdapterConfig) -> AdapterSpec:
         use_rslora=cfg.use_rslora,
         target_modules=tuple(cfg.target_modules),
     )
-
-
-def steps_for(task: TaskConfig, num_examples: int) -> int:
-    """Optimizer steps of a task: ``max_steps`` when set, else ceil(num_epochs * examples / batch_size)."""
-    if task.max_steps is not None:
-        return task.max_steps
-    return max(1, math.ceil(task.num_epochs * num_examples / task.batch_size))
 
 
 def _seed_for(seed: int, *parts: Any) -> int:
@@ -307,7 +299,11 @@ class Engine:
         if t.cfg.max_grad_norm is not None:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.cfg.max_grad_norm))
         lr = t.scheduler.get_last_lr()[0]
-        t.optimizer.step()
+        try:
+            t.optimizer.step()
+        except RuntimeError as e:  # e.g. an update that overflows float32
+            self._finish(t, "failed", f"optimizer step {t.state.step + 1} failed: {e}", export=False)
+            return
         t.scheduler.step()
         t.optimizer.zero_grad(set_to_none=True)
         t.state.step += 1
