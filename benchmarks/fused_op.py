@@ -1,0 +1,214 @@
+"""Benchmark the fused multi-adapter linear against the frozen base, PEFT's mixed-adapter loop and separate runs.
+
+Run from the repository root:
+
+    .venv/bin/python benchmarks/fused_op.py --quick          # about 20 s on 2 CPU cores
+    .venv/bin/python benchmarks/fused_op.py                  # T=4096, d=2048, r=16, K in {1,4,8,16}: minutes
+    .venv/bin/python benchmarks/fused_op.py --device cuda    # on a GPU (default: cuda when present)
+
+Each case times one forward+backward of a [T, d] x [d, d] projection whose T rows are split evenly among K
+adapters of rank r (x requires grad, as inside a network; the base weight is frozen), for:
+
+    base      the frozen linear alone: y = x W^T, dx = g W (the floor; LoRA overhead is measured against it)
+    fused     lorafleet's FusedLoRALinear (one base matmul, per-segment low-rank updates, custom backward)
+    peft      PEFT's own ``lora.Linear`` with K adapters called with ``adapter_names`` (its mixed-batch loop)
+    separate  each adapter's rows run on their own, as K single-adapter jobs would (plain autograd), summed
+
+Timings are the minimum over ``--reps`` repetitions (the variants are interleaved, so load from other
+processes spreads over all of them); every repetition is in the JSON written to
+benchmarks/results/fused_op.json (or ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorafleet.batch import Segment
+from lorafleet.lora import AdapterSpec, FusedLoRALinear
+from lorafleet.models.decoder import Linear
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _bounds(t: int, k: int) -> list[tuple[int, int]]:
+    cuts = [round(i * t / k) for i in range(k + 1)]
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+class _Case:
+    """The tensors and callables of one (dtype, K) case; each callable runs forward + backward once."""
+
+    def __init__(self, t: int, d: int, r: int, k: int, dtype: torch.dtype, device: torch.device) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.device = device
+        self.weight = (torch.randn(d, d, generator=g) / d**0.5).to(device, dtype)
+        self.x = torch.randn(t, d, generator=g).to(device, dtype).requires_grad_(True)
+        self.grad = torch.randn(t, d, generator=g).to(device, dtype)
+        self.bounds = _bounds(t, k)
+        names = [f"a{i}" for i in range(k)]
+        a = [torch.randn(r, d, generator=g) / d**0.5 for _ in names]
+        b = [torch.randn(d, r, generator=g) / r**0.5 for _ in names]
+        self.scaling = 2.0
+
+        base = Linear(d, d, False, dtype, device)
+        base.weight.data.copy_(self.weight)
+        self.fused = FusedLoRALinear(base)
+        for n, ai, bi in zip(names, a, b):
+            spec = AdapterSpec(n, rank=r, alpha=self.scaling * r, target_modules=("q_proj",))
+            self.fused.add(spec, ai.to(device, dtype), bi.to(device, dtype))
+        self.batch = SimpleNamespace(
+            segments=tuple(Segment(n, s, e) for n, (s, e) in zip(names, self.bounds))
+        )
+
+        from peft import LoraConfig
+        from peft.tuners.lora.layer import Linear as PeftLinear
+
+        lin = nn.Linear(d, d, bias=False, device=device, dtype=dtype)
+        lin.weight.data.copy_(self.weight)
+        lin.weight.requires_grad_(False)
+        cfg = LoraConfig(r=r, lora_alpha=self.scaling * r, target_modules=["q_proj"])
+        self.peft = PeftLinear(lin, names[0], config=cfg, r=r, lora_alpha=self.scaling * r)
+        for n in names[1:]:
+            self.peft.update_layer(n, r, lora_alpha=self.scaling * r, config=cfg)
+        self.peft.set_adapter(names)
+        for n, ai, bi in zip(names, a, b):
+            self.peft.lora_A[n].weight.data.copy_(ai)
+            self.peft.lora_B[n].weight.data.copy_(bi)
+        self.peft_names = [n for n, (s, e) in zip(names, self.bounds) for _ in range(e - s)]
+
+        self.sep_a = [ai.to(device, dtype).requires_grad_(True) for ai in a]
+        self.sep_b = [bi.to(device, dtype).requires_grad_(True) for bi in b]
+        self.params = [*self.fused.parameters(), *self.peft.parameters(), *self.sep_a, *self.sep_b]
+
+    def _clear(self) -> None:
+        self.x.grad = None
+        for p in self.params:
+            p.grad = None
+
+    def base(self) -> None:
+        F.linear(self.x, self.weight).backward(self.grad)
+
+    def run_fused(self) -> None:
+        self.fused(self.x, self.batch).backward(self.grad)
+
+    def run_peft(self) -> None:
+        self.peft(self.x, adapter_names=self.peft_names).backward(self.grad)
+
+    def separate(self) -> None:
+        for (s, e), a, b in zip(self.bounds, self.sep_a, self.sep_b):
+            xk = self.x[s:e].detach().requires_grad_(True)
+            y = F.linear(xk, self.weight) + F.linear(F.linear(xk, a), b) * self.scaling
+            y.backward(self.grad[s:e])
+
+    def time(self, fn) -> float:
+        self._clear()
+        _sync(self.device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(self.device)
+        return time.perf_counter() - t0
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    variants = ["base", "fused", "peft", "separate"]
+    results = []
+    for dname in args.dtypes:
+        for k in args.ks:
+            case = _Case(args.tokens, args.dim, args.rank, k, _DTYPES[dname], device)
+            fns = {
+                "base": case.base,
+                "fused": case.run_fused,
+                "peft": case.run_peft,
+                "separate": case.separate,
+            }
+            for _ in range(args.warmup):
+                for v in variants:
+                    case.time(fns[v])
+            times: dict[str, list[float]] = {v: [] for v in variants}
+            for _ in range(args.reps):
+                for v in variants:
+                    times[v].append(case.time(fns[v]))
+            best = {v: min(ts) for v, ts in times.items()}
+            row = {
+                "dtype": dname,
+                "K": k,
+                "ms": {v: 1e3 * best[v] for v in variants},
+                "median_ms": {v: 1e3 * statistics.median(times[v]) for v in variants},
+                "all_ms": {v: [1e3 * t for t in ts] for v, ts in times.items()},
+                "lora_overhead": best["fused"] / best["base"] - 1.0,
+                "speedup_vs_peft": best["peft"] / best["fused"],
+                "speedup_vs_separate": best["separate"] / best["fused"],
+            }
+            results.append(row)
+            print(_format_row(row), flush=True)
+            del case
+    return {
+        "benchmark": "fused_op",
+        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {device}",
+        "torch": torch.__version__,
+        "tokens": args.tokens,
+        "dim": args.dim,
+        "rank": args.rank,
+        "reps": args.reps,
+        "results": results,
+    }
+
+
+_HEADER = (
+    "| dtype | K | base ms | fused ms | PEFT loop ms | separate ms | LoRA overhead | fused vs PEFT | fused vs separate |\n"
+    "|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def _format_row(row: dict) -> str:
+    ms = row["ms"]
+    return (
+        f"| {row['dtype']} | {row['K']} | {ms['base']:.1f} | {ms['fused']:.1f} | {ms['peft']:.1f} | "
+        f"{ms['separate']:.1f} | {100 * row['lora_overhead']:+.1f}% | {row['speedup_vs_peft']:.2f}x | "
+        f"{row['speedup_vs_separate']:.2f}x |"
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--dim", type=int, default=2048)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--ks", type=int, nargs="+", default=[1, 4, 8, 16])
+    p.add_argument("--dtypes", nargs="+", choices=list(_DTYPES), default=list(_DTYPES))
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "fused_op.json")
+    args = p.parse_args()
+    if args.quick:
+        args.tokens, args.dim, args.ks, args.reps = 1024, 512, [1, 4, 8], 3
+    print(f"T={args.tokens} d={args.dim} r={args.rank} on {args.device}, {torch.get_num_threads()} threads")
+    print(_HEADER, flush=True)
+    report = run(args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,338 @@
+"""Hugging Face PEFT's adapter format: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+A folder written by ``save_peft`` loads with ``peft.PeftModel.from_pretrained(<transformers model>, folder)``
+with no missing or unexpected adapter keys (LoRA, rsLoRA, DoRA), and ``load_peft`` reads folders PEFT wrote,
+so an adapter can move between lorafleet and the PEFT / transformers ecosystem in both directions. Keys are
+PEFT's saved keys (``base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight``, ``...lora_B.weight``,
+DoRA ``...lora_magnitude_vector``); the config carries every field PEFT 0.21 writes, sorted, indented by 2.
+
+PEFT features that change what an adapter computes and that lorafleet does not implement (per-module rank or
+alpha patterns, trained biases, modules_to_save, fan_in_fan_out, layer replication, other LoRA variants) are
+refused on reading with a message that names the field, rather than loaded into something different.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from ..models.decoder import Decoder
+from .adapters import (
+    TARGET_MODULES,
+    AdapterSpec,
+    adapter_parameters,
+    add_adapter,
+    remove_adapter,
+)
+
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "load_peft", "read_peft", "save_peft"]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+_LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+# The PEFT release whose adapter_config.json fields this module writes.
+_PEFT_FORMAT_VERSION = "0.21.2"
+_KEY = re.compile(
+    r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.([a-z_]+)\."
+    r"(lora_A\.weight|lora_B\.weight|lora_magnitude_vector(?:\.weight)?)$"
+)
+_PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn"}
+_PARENT |= {"gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+# Config fields whose non-default value would make the adapter compute something lorafleet does not.
+_UNSUPPORTED = {
+    "rank_pattern": ({}, None),
+    "alpha_pattern": ({}, None),
+    "bias": ("none", None),
+    "lora_bias": (False, None),
+    "modules_to_save": (None, []),
+    "fan_in_fan_out": (False, None),
+    "layer_replication": (None,),
+    "trainable_token_indices": (None,),
+    "alora_invocation_tokens": (None,),
+    "use_qalora": (False, None),
+    "use_bdlora": (None, False),
+    "arrow_config": (None,),
+    "velora_config": (None,),
+    "monteclora_config": (None,),
+    "kasa_config": (None,),
+    "target_parameters": (None, []),
+}
+
+
+def _parse_key(key: str) -> tuple[int, str, str, str] | None:
+    """(layer, parent, module, part) of a PEFT key, with part one of lora_A / lora_B / magnitude."""
+    m = _KEY.match(key)
+    if not m or _PARENT.get(m.group(3)) != m.group(2):
+        return None
+    part = m.group(4).split(".")[0]
+    return int(m.group(1)), m.group(2), m.group(3), part
+
+
+def _canonical(key: str) -> str:
+    return key.removesuffix(".weight") if key.endswith("lora_magnitude_vector.weight") else key
+
+
+def _config_dict(spec: AdapterSpec, base_model_name_or_path: str | None) -> dict:
+    alpha = int(spec.alpha) if float(spec.alpha).is_integer() else spec.alpha
+    return {
+        "alora_invocation_tokens": None,
+        "alpha_pattern": {},
+        "arrow_config": None,
+        "auto_mapping": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "bias": "none",
+        "corda_config": None,
+        "ensure_weight_tying": False,
+        "eva_config": None,
+        "exclude_modules": None,
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "kasa_config": None,
+        "layer_replication": None,
+        "layers_pattern": None,
+        "layers_to_transform": None,
+        "loftq_config": {},
+        "lora_alpha": alpha,
+        "lora_bias": False,
+        "lora_dropout": spec.dropout,
+        "lora_ga_config": None,
+        "megatron_config": None,
+        "megatron_core": "megatron.core",
+        "modules_to_save": None,
+        "monteclora_config": None,
+        "peft_type": "LORA",
+        "peft_version": _PEFT_FORMAT_VERSION,
+        "qalora_group_size": 16,
+        "r": spec.rank,
+        "rank_pattern": {},
+        "revision": None,
+        "target_modules": sorted(spec.target_modules),
+        "target_parameters": None,
+        "task_type": "CAUSAL_LM",
+        "trainable_token_indices": None,
+        "use_bdlora": None,
+        "use_dora": spec.kind == "dora",
+        "use_qalora": False,
+        "use_rslora": spec.use_rslora,
+        "velora_config": None,
+    }
+
+
+def _check_state(spec: AdapterSpec, state: dict[str, torch.Tensor], where: str) -> None:
+    """Every key is a PEFT key of a targeted module with A [r, *], B [*, r] and a magnitude iff DoRA."""
+    who = f"adapter {spec.name!r}"
+    if not state:
+        raise ValueError(f"{who}: no weights {where}")
+    modules: dict[tuple[int, str], set[str]] = {}
+    for key, t in state.items():
+        parsed = _parse_key(key)
+        if parsed is None:
+            raise ValueError(
+                f"{who}: key {key!r} {where} is not a LoRA key of a decoder projection "
+                "(expected base_model.model.model.layers.<i>.<self_attn|mlp>.<proj>.<lora_A.weight|...>)"
+            )
+        layer, _, module, part = parsed
+        if module not in spec.target_modules:
+            raise ValueError(
+                f"{who}: key {key!r} {where} is for {module}, not in target_modules {spec.target_modules}"
+            )
+        modules.setdefault((layer, module), set()).add(part)
+        if part == "lora_A" and (t.dim() != 2 or t.shape[0] != spec.rank):
+            raise ValueError(
+                f"{who}: {key} {where} has shape {list(t.shape)}; rank is {spec.rank}, so [{spec.rank}, in]"
+            )
+        if part == "lora_B" and (t.dim() != 2 or t.shape[1] != spec.rank):
+            raise ValueError(
+                f"{who}: {key} {where} has shape {list(t.shape)}; rank is {spec.rank}, so [out, {spec.rank}]"
+            )
+    want = {"lora_A", "lora_B"} | ({"lora_magnitude_vector"} if spec.kind == "dora" else set())
+    for (layer, module), parts in sorted(modules.items()):
+        if parts != want:
+            raise ValueError(
+                f"{who}: layers.{layer}.{module} {where} has {sorted(parts)} but kind {spec.kind!r} needs {sorted(want)}"
+            )
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_peft(
+    folder: str | Path,
+    spec: AdapterSpec,
+    state: dict[str, torch.Tensor],
+    base_model_name_or_path: str | None = None,
+) -> None:
+    """Write ``folder`` as PEFT does: adapter_config.json and adapter_model.safetensors.
+
+    ``state`` maps PEFT keys to tensors (``adapter_parameters`` of one model, or of every pipeline stage
+    merged). The files are written to a temporary folder next to ``folder`` and renamed into place, so a
+    reader sees the old adapter or the new one, never half of one. An existing ``folder`` is replaced as a
+    whole; one that holds files but no adapter_config.json is refused rather than deleted.
+    """
+    from safetensors.torch import save
+
+    folder = Path(folder)
+    _check_state(spec, state, "in the state to save")
+    if folder.exists():
+        if not folder.is_dir():
+            raise ValueError(
+                f"adapter {spec.name!r}: {folder} exists and is not a folder; choose another path"
+            )
+        if any(folder.iterdir()) and not (folder / CONFIG_NAME).is_file():
+            raise ValueError(
+                f"adapter {spec.name!r}: {folder} is not empty and holds no {CONFIG_NAME}; refusing to replace "
+                "it: choose an empty or new folder"
+            )
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in sorted(state.items())}
+    config = json.dumps(_config_dict(spec, base_model_name_or_path), indent=2, sort_keys=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    try:
+        os.chmod(tmp, 0o755)
+        _write_file(tmp / WEIGHTS_NAME, save(tensors, metadata={"format": "pt"}))
+        _write_file(tmp / CONFIG_NAME, config.encode())
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(folder, old)
+            os.replace(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _read_weights(folder: Path, name: str) -> dict[str, torch.Tensor]:
+    weights = folder / WEIGHTS_NAME
+    try:
+        if weights.is_file():
+            from safetensors.torch import load_file
+
+            return load_file(str(weights))
+        legacy = folder / _LEGACY_WEIGHTS_NAME
+        if legacy.is_file():
+            return torch.load(legacy, map_location="cpu", weights_only=True)
+    except Exception as e:  # safetensors and torch.load raise several types for a damaged file
+        raise ValueError(
+            f"adapter {name!r}: cannot read the weights in {folder}: {e} (is the file complete?)"
+        ) from e
+    raise ValueError(f"adapter {name!r}: {folder} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
+
+
+def read_peft(folder: str | Path, name: str) -> tuple[AdapterSpec, dict[str, torch.Tensor]]:
+    """The ``AdapterSpec`` (named ``name``) and the weights (PEFT keys) of a PEFT LoRA folder."""
+    folder = Path(folder)
+    who = f"adapter {name!r}"
+    if not (folder / CONFIG_NAME).is_file():
+        raise ValueError(f"{who}: {folder} is not a PEFT adapter folder (no {CONFIG_NAME})")
+    try:
+        cfg = json.loads((folder / CONFIG_NAME).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{who}: {folder / CONFIG_NAME} is not valid JSON: {e}") from e
+    if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA":
+        got = cfg.get("peft_type") if isinstance(cfg, dict) else cfg
+        raise ValueError(f"{who}: {folder} holds a {got!r} adapter; only peft_type LORA is supported")
+    for field, allowed in _UNSUPPORTED.items():
+        if cfg.get(field, allowed[0]) not in allowed:
+            raise ValueError(
+                f"{who}: {folder / CONFIG_NAME} sets {field}={cfg[field]!r}, which lorafleet does not support; "
+                f"retrain the adapter without it"
+            )
+    for field in ("r", "lora_alpha"):
+        if field not in cfg:
+            raise ValueError(f"{who}: {folder / CONFIG_NAME} has no {field!r}")
+    state = {_canonical(k): v for k, v in _read_weights(folder, name).items()}
+    found = {_parse_key(k)[2] for k in state if _parse_key(k) is not None}
+    targets = cfg.get("target_modules")
+    if isinstance(targets, list):
+        unknown = [t for t in targets if t not in TARGET_MODULES]
+        if unknown:
+            raise ValueError(
+                f"{who}: {folder / CONFIG_NAME} targets {unknown}; lorafleet adapts only {list(TARGET_MODULES)}"
+            )
+        targets = [t for t in TARGET_MODULES if t in targets]
+    else:  # a regex or "all-linear": the weights say which projections it reached
+        targets = [t for t in TARGET_MODULES if t in found]
+    try:
+        spec = AdapterSpec(
+            name=name,
+            kind="dora" if cfg.get("use_dora") else "lora",
+            rank=cfg["r"],
+            alpha=cfg["lora_alpha"],
+            dropout=cfg.get("lora_dropout", 0.0),
+            use_rslora=bool(cfg.get("use_rslora", False)),
+            target_modules=tuple(targets),
+        )
+    except ValueError as e:
+        raise ValueError(f"{e} (read from {folder / CONFIG_NAME})") from e
+    _check_state(spec, state, f"in {folder}")
+    return spec, state
+
+
+_COMPARED = ("kind", "rank", "alpha", "use_rslora", "target_modules")
+
+
+def load_peft(
+    model: Decoder, folder: str | Path, name: str, expect: AdapterSpec | None = None
+) -> AdapterSpec:
+    """Add adapter ``name`` from a PEFT folder to ``model`` (only the layers it holds) and return its spec.
+
+    ``expect`` (e.g. the adapter of a training config that resumes from this folder) must agree with the
+    folder on kind, rank, alpha, rsLoRA and target modules; its dropout is used (the folder's is only a
+    record of past training).
+    """
+    folder = Path(folder)
+    spec, state = read_peft(folder, name)
+    if expect is not None:
+        for field in _COMPARED:
+            want, got = getattr(expect, field), getattr(spec, field)
+            if field == "target_modules":
+                want, got = sorted(want), sorted(got)
+            if want != got:
+                raise ValueError(
+                    f"adapter {name!r}: {field} is {want!r} in the configuration but {got!r} in {folder}; "
+                    f"set {field} to {got!r} or train a new adapter"
+                )
+        spec = replace(spec, dropout=expect.dropout)
+    n = model.config.num_hidden_layers
+    beyond = sorted({p[0] for p in map(_parse_key, state) if p[0] >= n})
+    if beyond:
+        raise ValueError(
+            f"adapter {name!r}: {folder} has weights for layers {beyond[:5]} but the model has {n} layers; "
+            "was it trained on another base model?"
+        )
+    add_adapter(model, spec)
+    try:
+        params = adapter_parameters(model, name)
+        missing = [k for k in params if k not in state]
+        if missing:
+            raise ValueError(
+                f"adapter {name!r}: {folder} lacks {len(missing)} weights this model needs, e.g. {missing[:3]}"
+            )
+        for key, p in params.items():
+            t = state[key]
+            if t.shape != p.shape:
+                raise ValueError(
+                    f"adapter {name!r}: {key} in {folder} has shape {list(t.shape)}, the model needs "
+                    f"{list(p.shape)}; was it trained on another base model?"
+                )
+            with torch.no_grad():
+                p.copy_(t.to(dtype=p.dtype, device=p.device))
+    except BaseException:
+        remove_adapter(model, name)
+        raise
+    return spec
