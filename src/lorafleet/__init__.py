@@ -1,7 +1,7 @@
 """lorafleet: fine-tune many LoRA adapters at once on one shared, frozen base LLM.
 
-``FusedBatch`` and ``load_model`` are imported on first use (module ``__getattr__``), so that
-``import lorafleet.service`` and other torch-free parts (the REST API, the dispatcher) never import torch.
+``FusedBatch``, ``load_model`` and ``load_tokenizer`` are imported on first use (module ``__getattr__``), so
+that ``import lorafleet.service`` and other torch-free parts (the REST API, the dispatcher) never import torch.
 """
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .batch import FusedBatch
-    from .models import load_model
+    from .models import load_model, load_tokenizer
 
-__all__ = ["FusedBatch", "load_model"]
+__all__ = ["FusedBatch", "load_model", "load_tokenizer"]
 __version__ = "0.1.0"
 
 # public name -> the submodule that defines it
-_LAZY = {"FusedBatch": ".batch", "load_model": ".models"}
+_LAZY = {"FusedBatch": ".batch", "load_model": ".models", "load_tokenizer": ".models"}
 
 
 def __getattr__(name: str) -> Any:
