@@ -104,7 +104,7 @@ def _safetensors_files(folder: Path) -> list[Path]:
 
 
 def _load_hf_weights(folder: Path, model: Decoder) -> None:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded: set[str] = set()
@@ -124,7 +124,7 @@ def _load_hf_weights(folder: Path, model: Decoder) -> None:
                     loaded.add(name)
         except ModelLoadError:
             raise
-        except (OSError, RuntimeError, ValueError) as e:
+        except (OSError, RuntimeError, ValueError, SafetensorError) as e:  # SafetensorError: a bad header
             raise ModelLoadError(f"cannot read {f}: {e} (is the file complete? a truncated download fails here)") from e
     missing = sorted(set(params) - loaded)
     if "lm_head.weight" in missing and model.config.tie_word_embeddings and model.embed_tokens is not None:

@@ -4,9 +4,9 @@
 files (the tests compare them):
 
 - HF folder: the ``tokenizers`` serialisation in ``tokenizer.json`` as is, plus ``tokenizer_config.json`` for
-  the special tokens and the chat template (or ``chat_template.jinja``). When the config states
-  ``add_bos_token`` / ``add_eos_token``, or ``tokenizer.json`` has no post-processor, BOS/EOS are added the way
-  transformers does: a template post-processor ``[BOS] $A [EOS]`` per those flags.
+  the special tokens and the chat template (or ``chat_template.jinja``, which wins). Whether BOS/EOS are added
+  is decided by ``tokenizer.json``'s post-processor; like transformers 5, ``add_bos_token`` in the config is
+  ignored when ``tokenizer.json`` exists.
 - GGUF: rebuilt from llama.cpp's metadata. ``tokenizer.ggml.model == "gpt2"`` is byte-level BPE with the
   stored merges (SmolLM2, LLaMA 3, Qwen2); the pre-tokenizer regex follows ``tokenizer.ggml.pre``.
   ``"llama"`` is SentencePiece BPE (LLaMA 2, Mistral): byte fallback, a "\u2581" prefix on the first word,
@@ -231,7 +231,7 @@ def _add_special(backend, tokens: list[str]) -> None:
 
 
 def _set_bos_eos(backend, bos: str | None, eos: str | None, add_bos: bool, add_eos: bool) -> None:
-    """transformers' post-processor for explicit add_bos_token / add_eos_token: ``[BOS] $A [EOS]``."""
+    """The post-processor ``[BOS] $A [EOS]`` of a GGUF tokenizer, per llama.cpp's add_bos / add_eos flags."""
     from tokenizers import processors
 
     add_bos, add_eos = add_bos and bos is not None, add_eos and eos is not None
@@ -268,9 +268,6 @@ def _load_hf_folder(folder: Path) -> Tokenizer:
         if entry.get("special", False):
             extra.append(entry.get("content"))
     _add_special(backend, [t for t in (*special.values(), *extra) if t])
-    if "add_bos_token" in cfg or "add_eos_token" in cfg or backend.post_processor is None:
-        _set_bos_eos(backend, special["bos_token"], special["eos_token"],
-                     bool(cfg.get("add_bos_token", False)), bool(cfg.get("add_eos_token", False)))  # fmt: skip
     template = cfg.get("chat_template")
     if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
         template = next((t.get("template") for t in template if t.get("name") == "default"), None)
