@@ -312,6 +312,7 @@ class FusedLoRALinear(Linear):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
         self.bias = base.bias
+        self.training = base.training  # swapped into an eval-mode model, it must not start dropping out
         self.specs: dict[str, AdapterSpec] = {}
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
