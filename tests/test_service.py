@@ -1,0 +1,396 @@
+"""The fine-tuning service without training: store, tokens, uploads, the REST API's answers, the CLI's
+token commands, and the rule that the API process never imports torch.
+
+The API is driven in process (FastAPI's TestClient); ``test_service_e2e.py`` runs the real server and
+worker. Expected answers come from the request itself (what a correct API must say about it), from a
+plain reading of the uploaded file (``json.loads`` per line), and from hashlib for the stored tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from lorafleet.service import auth
+from lorafleet.service.app import ServiceSettings, create_app
+from lorafleet.service.files import DataDir, UploadError, safe_child, save_upload
+from lorafleet.service.store import EventRecord, JobRecord, SQLiteStore
+
+ROWS = [{"prompt": f"what is {i} plus {i}?", "completion": f" {2 * i}"} for i in range(6)]
+
+
+def _jsonl(rows) -> bytes:
+    return ("\n".join(json.dumps(r) for r in rows) + "\n").encode()
+
+
+@pytest.fixture()
+def api(tmp_path):
+    """(client, {tenant: headers}, app) over a fresh data folder, upload limit 4 KiB."""
+    app = create_app(ServiceSettings(tmp_path / "data", str(tmp_path / "tiny-model"), max_upload_bytes=4096))
+    headers = {}
+    for tenant in ("alice", "bob"):
+        _, secret = auth.create_token(app.state.store, tenant)
+        headers[tenant] = {"Authorization": f"Bearer {secret}"}
+    with TestClient(app) as client:
+        yield client, headers, app
+
+
+def _upload(client, headers, data: bytes, name="train.jsonl"):
+    return client.post("/v1/files", headers=headers, files={"file": (name, data, "application/jsonl")})
+
+
+def _error(r) -> str:
+    body = r.json()
+    assert set(body) == {"error"}, body
+    assert body["error"]["message"], body
+    return body["error"]["message"]
+
+
+# -- store ------------------------------------------------------------------------------------------------
+
+
+def _job(i: int, tenant: str, status="queued", priority=0) -> JobRecord:
+    return JobRecord(
+        id=f"ftjob-{i:024x}", tenant=tenant, status=status, spec={"training_file": None}, adapter_id=f"adapter-{i:016x}",
+        created_at=time.time(), priority=priority,
+    )  # fmt: skip
+
+
+def test_store_pagination_isolation_and_compare_and_set(tmp_path):
+    store = SQLiteStore(tmp_path / "db.sqlite")
+    for i in range(7):
+        store.add_job(_job(i, "alice" if i % 2 == 0 else "bob", priority=i % 3))
+    # newest first, in pages of 2, only alice's (ids 6, 4, 2, 0)
+    seen, after = [], None
+    while True:
+        page, more = store.list_jobs("alice", after, 2)
+        seen += [j.id for j in page]
+        if not more:
+            break
+        after = page[-1].id
+    assert seen == [f"ftjob-{i:024x}" for i in (6, 4, 2, 0)]
+    assert store.get_job("bob", f"ftjob-{0:024x}") is None  # alice's job is invisible to bob
+    assert store.list_jobs("bob", f"ftjob-{6:024x}", 10) == ([], False)  # another tenant's cursor: nothing
+    # priority high first, then oldest first
+    assert [j.id[-1] for j in store.jobs_with_status(["queued"])] == ["2", "5", "1", "4", "0", "3", "6"]
+    # compare-and-set: only from the allowed statuses
+    jid = f"ftjob-{1:024x}"
+    assert store.transition(jid, "cancelled", ["queued", "running"], finished_at=1.0)
+    assert not store.transition(jid, "running", ["queued"])
+    assert store.get_job_any(jid).status == "cancelled"
+
+
+def test_store_metrics_event_replaced_on_resume(tmp_path):
+    store = SQLiteStore(tmp_path / "db.sqlite")
+    jid = f"ftjob-{1:024x}"
+    ev = lambda step, loss: EventRecord(jid, "metrics", "m", 0.0, step=step, data={"train_loss": loss})  # noqa: E731
+    store.add_events([ev(1, 3.0), ev(2, 2.5), ev(3, 2.0)])
+    store.add_events([ev(3, 1.9), ev(4, 1.5)])  # resumed at step 2: step 3 trained again
+    events, more = store.list_events(jid, None, 100, ascending=True)
+    assert not more
+    assert [(e.step, e.data["train_loss"]) for e in events] == [(1, 3.0), (2, 2.5), (3, 1.9), (4, 1.5)]
+
+
+def test_tokens_are_stored_hashed(tmp_path):
+    store = SQLiteStore(tmp_path / "db.sqlite")
+    rec, secret = auth.create_token(store, "team-a")
+    import hashlib
+
+    assert rec.token_hash == hashlib.sha256(secret.encode()).hexdigest()
+    dump = "\n".join(sqlite3.connect(tmp_path / "db.sqlite").iterdump())
+    assert secret not in dump and rec.token_hash in dump
+    assert auth.authenticate(store, f"Bearer {secret}") == "team-a"
+    assert store.revoke_token(rec.id)
+    with pytest.raises(auth.AuthError, match="revoked"):
+        auth.authenticate(store, f"Bearer {secret}")
+    with pytest.raises(ValueError, match="not a valid name"):
+        auth.create_token(store, "../etc")
+
+
+# -- files and paths --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name", ["../x", "file-../../etc/passwd", "/etc/passwd", "file-" + "0" * 23 + "/", ".."]
+)
+def test_safe_child_refuses_traversal(tmp_path, name):
+    with pytest.raises(ValueError, match="not a valid id"):
+        safe_child(tmp_path, name, r"^file-[0-9a-f]{24}$", ".jsonl")
+    assert DataDir(tmp_path).file_path("file-" + "a" * 24).parent == (tmp_path / "files").resolve()
+
+
+def test_save_upload_reports_every_bad_line(tmp_path):
+    lines = [
+        json.dumps(ROWS[0]),
+        "{not json",
+        json.dumps(["a", "list"]),
+        "",  # blank lines are allowed
+        json.dumps({"prompt": "p"}),  # completion missing
+        json.dumps(ROWS[1]),
+        json.dumps({"messages": [{"role": "user", "content": "hi"}]}),  # chat without an assistant turn
+    ]
+    import io
+
+    with pytest.raises(UploadError) as info:
+        save_upload(io.BytesIO("\n".join(lines).encode()), tmp_path / "out.jsonl", max_bytes=10_000)
+    # the oracle: which lines json.loads + the format rules reject, by 1-based line number
+    assert [e.split(":")[0] for e in info.value.errors] == ["line 2", "line 3", "line 5", "line 7"]
+    assert "invalid JSON" in info.value.errors[0] and "completion" in info.value.errors[2]
+    assert not (tmp_path / "out.jsonl").exists()  # nothing half-written
+    info2 = save_upload(io.BytesIO(_jsonl(ROWS)), tmp_path / "ok.jsonl", max_bytes=10_000)
+    assert (info2.num_rows, info2.format) == (len(ROWS), "prompt_completion")
+    assert [json.loads(x) for x in (tmp_path / "ok.jsonl").read_text().splitlines()] == ROWS
+
+
+# -- the REST API -----------------------------------------------------------------------------------------
+
+
+def test_files_jobs_and_tenant_isolation(api):
+    client, h, _ = api
+    r = _upload(client, h["alice"], _jsonl(ROWS))
+    assert r.status_code == 200, r.text
+    f = r.json()
+    assert (f["num_rows"], f["format"], f["filename"], f["object"]) == (
+        6,
+        "prompt_completion",
+        "train.jsonl",
+        "file",
+    )
+    assert client.get(f"/v1/files/{f['id']}", headers=h["alice"]).json() == f
+    # bob sees neither alice's file nor her jobs: the same 404 as for an id that does not exist
+    r_other = client.get(f"/v1/files/{f['id']}", headers=h["bob"])
+    r_none = client.get("/v1/files/file-" + "0" * 24, headers=h["bob"])
+    assert r_other.status_code == r_none.status_code == 404
+    assert _error(r_other).replace(f["id"], "X") == _error(r_none).replace("file-" + "0" * 24, "X")
+    assert client.get("/v1/files", headers=h["bob"]).json()["data"] == []
+
+    body = {
+        "training_file": f["id"],
+        "adapter": {"rank": 4},
+        "hyperparameters": {"n_epochs": 1},
+        "suffix": "ab-1",
+    }
+    r = client.post("/v1/fine_tuning/jobs", headers=h["alice"], json=body)
+    assert r.status_code == 200, r.text
+    job = r.json()
+    assert (
+        job["status"] == "validating_files"
+        and job["adapter"]["rank"] == 4
+        and job["fine_tuned_adapter"] is None
+    )
+    assert job["model"] == "tiny-model"
+    # a job naming another tenant's file: refused, with the same words as for a missing file
+    r = client.post("/v1/fine_tuning/jobs", headers=h["bob"], json={"training_file": f["id"]})
+    assert r.status_code == 400 and "does not exist" in _error(r)
+    assert client.get(f"/v1/fine_tuning/jobs/{job['id']}", headers=h["bob"]).status_code == 404
+    assert client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel", headers=h["bob"]).status_code == 404
+    assert client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", headers=h["bob"]).status_code == 404
+    assert client.get("/v1/fine_tuning/jobs", headers=h["bob"]).json()["data"] == []
+
+    # the file is in use: deleting it is a conflict until the job is cancelled
+    r = client.delete(f"/v1/files/{f['id']}", headers=h["alice"])
+    assert r.status_code == 409 and job["id"] in _error(r)
+    r = client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel", headers=h["alice"])
+    assert r.json()["status"] == "cancelled"
+    r = client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel", headers=h["alice"])
+    assert r.status_code == 409 and "already cancelled" in _error(r)
+    events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events?order=asc", headers=h["alice"]).json()[
+        "data"
+    ]
+    assert [e["message"] for e in events] == ["Created fine-tuning job", "Job cancelled by the user"]
+    assert client.delete(f"/v1/files/{f['id']}", headers=h["alice"]).json()["deleted"] is True
+    assert client.get(f"/v1/files/{f['id']}", headers=h["alice"]).status_code == 404
+    # an adapter of a job that did not succeed is not downloadable
+    adapter_id = f"adapter-ab-1-{'0' * 16}"
+    assert client.get(f"/v1/adapters/{adapter_id}/download", headers=h["alice"]).status_code == 404
+
+
+def test_job_pagination(api):
+    client, h, _ = api
+    fid = _upload(client, h["alice"], _jsonl(ROWS)).json()["id"]
+    ids = [
+        client.post("/v1/fine_tuning/jobs", headers=h["alice"], json={"training_file": fid}).json()["id"]
+        for _ in range(5)
+    ]
+    got, after = [], None
+    while True:
+        q = f"?limit=2{'&after=' + after if after else ''}"
+        page = client.get(f"/v1/fine_tuning/jobs{q}", headers=h["alice"]).json()
+        got += [j["id"] for j in page["data"]]
+        if not page["has_more"]:
+            break
+        after = page["data"][-1]["id"]
+    assert got == ids[::-1]
+
+
+@pytest.mark.parametrize(
+    ("headers", "expect"),
+    [
+        ({}, "missing API token"),
+        ({"Authorization": "Basic abc"}, "malformed Authorization header"),
+        ({"Authorization": "Bearer lft_wrong"}, "invalid or revoked API token"),
+    ],
+)
+def test_missing_or_wrong_token_is_401(api, headers, expect):
+    client, _, _ = api
+    for method, path in [
+        ("GET", "/v1/files"),
+        ("GET", "/v1/fine_tuning/jobs"),
+        ("POST", "/v1/fine_tuning/jobs"),
+    ]:
+        r = client.request(method, path, headers=headers, json={})
+        assert r.status_code == 401, (path, r.text)
+        assert expect in _error(r) and r.headers["www-authenticate"] == "Bearer"
+
+
+def test_bad_input_is_4xx_with_clear_messages(api):
+    client, h, _ = api
+    hh = h["alice"]
+    # malformed JSONL: the line is named
+    r = _upload(client, hh, _jsonl(ROWS[:2]) + b'{"prompt": "x", "completion": }\n')
+    assert r.status_code == 400 and "line 3: invalid JSON" in _error(r)
+    assert len(r.json()["error"]["errors"]) == 1 and r.json()["error"]["param"] == "file"
+    # oversize upload: refused from Content-Length before the body is read, and while streaming without it
+    big = _jsonl(ROWS * 40)
+    r = _upload(client, hh, big)
+    assert r.status_code == 413 and "upload limit of 4096 bytes" in _error(r)
+    huge = b"x" * (4096 + 70000)
+    r = client.post(
+        "/v1/files", headers={**hh, "Content-Type": "multipart/form-data; boundary=b"}, content=huge
+    )
+    assert r.status_code == 413 and "larger than the limit" in _error(r)
+
+    def chunks():
+        yield b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.jsonl"\r\n\r\n'
+        for _ in range(20):
+            yield b"y" * 8192
+
+    r = client.post(
+        "/v1/files", headers={**hh, "Content-Type": "multipart/form-data; boundary=b"}, content=chunks()
+    )
+    assert r.status_code == 413, r.text
+    # not multipart, no file part, empty file, mixed formats
+    assert client.post("/v1/files", headers=hh, json={"a": 1}).status_code == 400
+    r = client.post("/v1/files", headers=hh, files={"other": ("a", b"x")})
+    assert r.status_code == 400 and "'file'" in _error(r)
+    assert "no rows" in _error(_upload(client, hh, b"\n\n"))
+    r = _upload(client, hh, _jsonl([ROWS[0], {"text": "plain"}]))
+    assert r.status_code == 400 and "mix data formats" in _error(r)
+
+    fid = _upload(client, hh, _jsonl(ROWS)).json()["id"]
+    cases = [
+        ({"training_file": fid, "adapter": {"rnk": 8}}, 422, "adapter.rnk: unknown field"),
+        ({"training_file": fid, "learning_rate": 1e-3}, 422, "learning_rate: unknown field"),
+        ({"training_file": fid, "hyperparameters": {"learning_rate": -1}}, 422, "greater than 0"),
+        ({"training_file": fid, "adapter": {"target_modules": ["q_proj", "q_proj"]}}, 422, "twice"),
+        ({"training_file": fid, "adapter": {"target_modules": ["lm_head"]}}, 422, "target_modules.0"),
+        ({"training_file": "../../etc/passwd"}, 422, "training_file: String should match pattern"),
+        ({}, 422, "training_file: required field is missing"),
+        ({"training_file": "file-" + "0" * 24}, 400, "does not exist: upload it"),
+        ({"training_file": fid, "model": "gpt-9"}, 400, "is not served here"),
+        ({"training_file": fid, "hyperparameters": {"batch_size": 6, "micro_batch_size": 4}}, 400, "micro_batch_size 4 does not divide"),
+        ({"training_file": fid, "hyperparameters": {"max_seq_len": 9000}}, 400, "max-tokens-per-micro-batch"),
+        ({"training_file": fid, "suffix": "../x"}, 422, "suffix: String should match pattern"),
+    ]  # fmt: skip
+    for body, status, expect in cases:
+        r = client.post("/v1/fine_tuning/jobs", headers=hh, json=body)
+        assert r.status_code == status, (body, r.text)
+        assert expect in _error(r), (body, r.text)
+    r = client.post(
+        "/v1/fine_tuning/jobs", headers={**hh, "Content-Type": "application/json"}, content=b"{oops"
+    )
+    assert r.status_code == 422 and "not valid JSON" in _error(r)
+    # a preference file cannot train an SFT job: the engine's own config rule, answered at creation
+    pref = _upload(client, hh, _jsonl([{"prompt": "p", "chosen": "a", "rejected": "b"}])).json()
+    assert pref["format"] == "preference"
+    r = client.post("/v1/fine_tuning/jobs", headers=hh, json={"training_file": pref["id"]})
+    assert r.status_code == 400 and "preference" in _error(r) and "training_file" in _error(r)
+    # ids that are not ids never reach the store or the disk
+    for path in [
+        "/v1/files/..%2F..%2Fetc",
+        "/v1/fine_tuning/jobs/ftjob-zz",
+        "/v1/adapters/adapter-..%2Fx/download",
+    ]:
+        r = client.get(path, headers=hh)
+        assert r.status_code in (404, 422), (path, r.text)
+        _error(r)
+    r = client.get("/v1/fine_tuning/jobs?limit=1000", headers=hh)
+    assert r.status_code == 422 and "limit" in _error(r)
+
+
+def test_dashboard_is_served_without_external_resources(api):
+    client, _, _ = api
+    html = client.get("/").text
+    assert '<table id="jobs">' in html and 'src="/dashboard.js"' in html
+    for path in ("/", "/dashboard.js", "/dashboard.css"):
+        text = client.get(path).text.replace("http://www.w3.org/2000/svg", "")
+        assert "http://" not in text and "https://" not in text and "//cdn" not in text, path
+    assert client.get("/healthz").json()["worker"]["alive"] is False
+    schema = client.get("/openapi.json").json()
+    assert {"/v1/files", "/v1/fine_tuning/jobs", "/v1/adapters/{adapter_id}/download"} <= set(schema["paths"])
+
+
+# -- architecture and command line ------------------------------------------------------------------------
+
+
+def test_api_process_never_imports_torch(tmp_path):
+    """Build the app and answer real requests with an import hook that makes importing torch fail."""
+    code = textwrap.dedent(
+        f"""
+        import importlib.abc, json, sys
+        class NoTorch(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name.split(".")[0] in ("torch", "transformers", "peft"):
+                    raise ImportError("the API process imported " + name)
+        sys.meta_path.insert(0, NoTorch())
+        import lorafleet.cli, lorafleet.service.server, lorafleet.service.commands
+        from fastapi.testclient import TestClient
+        from lorafleet.service import auth
+        from lorafleet.service.app import ServiceSettings, create_app
+        app = create_app(ServiceSettings({str(tmp_path / "d")!r}, "model"))
+        _, secret = auth.create_token(app.state.store, "t")
+        c = TestClient(app)
+        h = {{"Authorization": "Bearer " + secret}}
+        f = c.post("/v1/files", headers=h, files={{"file": ("a.jsonl", b'{{"text": "hi"}}\\n')}}).json()
+        j = c.post("/v1/fine_tuning/jobs", headers=h, json={{"training_file": f["id"]}})
+        assert j.status_code == 200, j.text
+        assert c.get("/v1/fine_tuning/jobs", headers=h).status_code == 200
+        lorafleet.cli.build_parser()
+        bad = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "peft"))
+        print(json.dumps(bad))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+def test_tokens_command(tmp_path):
+    data = tmp_path / "data"
+    run = lambda *a: subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "lorafleet", "tokens", *a, "--data-dir", str(data)],
+        capture_output=True,
+        text=True,
+    )
+    r = run("create", "--tenant", "alice")
+    assert r.returncode == 0, r.stderr
+    secret = r.stdout.strip()
+    assert secret.startswith("lft_")
+    store = SQLiteStore(DataDir(data).db)
+    assert auth.authenticate(store, f"Bearer {secret}") == "alice"
+    listed = run("list")
+    assert "alice" in listed.stdout and secret not in listed.stdout
+    token_id = store.list_tokens("alice")[0].id
+    assert run("revoke", token_id).returncode == 0
+    assert store.tenant_for_token_hash(auth.hash_token(secret)) is None
+    r = run("create", "--tenant", "Bad Name")
+    assert r.returncode == 2 and "not a valid name" in r.stderr
+    r = run("revoke", "tok-nope")
+    assert r.returncode == 2 and "no active token" in r.stderr
