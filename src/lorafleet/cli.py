@@ -52,6 +52,14 @@ def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train every task of a YAML config together")
     p.add_argument("config", help="the run's YAML config")
     p.add_argument("--no-progress", action="store_true", help="no live progress bars (logs only)")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        metavar="P",
+        help="run a pipeline of P processes on this machine (starts torchrun; same as "
+        "`torchrun --nproc-per-node P -m lorafleet train CONFIG`)",
+    )
     p.set_defaults(func=_cmd_train)
 
 

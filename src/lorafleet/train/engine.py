@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..batch import IGNORE_INDEX
+from ..batch import IGNORE_INDEX, FusedBatch
 from ..config import AdapterConfig, DatasetConfig, RunConfig, TaskConfig, steps_for
 from ..data.formats import Example, tokenize_rows
 from ..data.packing import pack
@@ -49,10 +49,11 @@ from ..metrics import MetricsWriter
 from ..models import Decoder, load_model
 from ..models.tokenizer import load_tokenizer
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .dispatcher import TaskView, plan_next
+from .dispatcher import PlanItem, TaskView, plan_next
 from .optim import build_optimizer, build_scheduler
+from .tasks import pack_groups, task_kind
 
-__all__ = ["Engine", "TaskState", "adapter_spec", "resolve_device"]
+__all__ = ["Engine", "TaskState", "adapter_spec", "build_task", "pack_plan", "resolve_device"]
 
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 
@@ -120,6 +121,87 @@ class _Task:
             i = int(torch.randperm(n, generator=g)[i])
         return self.examples[i]
 
+    def begin_step(self, seed: int) -> None:
+        """Queue the examples of the next optimizer step; its denominator is known from now on."""
+        bs = self.cfg.batch_size
+        self.pending = list(range(self.state.step * bs, (self.state.step + 1) * bs))
+        self.step_norm = sum(sum(self.example_at(p, seed).mask) for p in self.pending)
+        self.step_loss, self.step_tokens = 0.0, 0
+
+    def view(self, seed: int) -> TaskView:
+        """What the dispatcher sees of this task."""
+        return TaskView(
+            name=self.cfg.name,
+            priority=self.cfg.priority,
+            arrival=self.arrival,
+            micro_batch_size=self.cfg.micro_batch_size,
+            pending=tuple((p, len(self.example_at(p, seed).tokens)) for p in self.pending),
+            started=self.state.status == "running",
+        )
+
+    def fingerprint(self, seed: int) -> dict[str, Any]:
+        """What must not change between a checkpoint and the run that resumes from it."""
+        s = self.spec
+        return {
+            "adapter": [s.name, s.kind, s.rank, s.alpha, s.use_rslora, sorted(s.target_modules)],
+            "task_type": self.cfg.type,
+            "num_examples": len(self.examples),
+            "batch_size": self.cfg.batch_size,
+            "shuffle": self.cfg.shuffle,
+            "seed": seed,
+            "max_seq_len": self.cfg.max_seq_len,
+        }
+
+
+def build_task(
+    cfg: RunConfig,
+    model: Decoder,
+    tokenizer,
+    dataset: DatasetConfig,
+    adapter: AdapterConfig,
+    task: TaskConfig,
+    arrival: int,
+) -> _Task:
+    """A task ready to train: examples, adapter on ``model`` (all layers or a pipeline stage's), optimizer, schedule.
+
+    Shared by the engine and every pipeline stage, so that both train exactly the same thing.
+    """
+    rows = read_rows(dataset.path)
+    examples = tokenize_rows(rows, dataset.format, tokenizer, task.max_seq_len)
+    if not examples:
+        raise DataError(f"{dataset.path}: dataset {dataset.name!r} has no usable example")
+    spec = adapter_spec(adapter)
+    if adapter.init_from:
+        load_peft(model, adapter.init_from, spec.name, expect=spec)
+    else:
+        gen = torch.Generator().manual_seed(_seed_for(cfg.seed, "init", spec.name))
+        add_adapter(model, spec, generator=gen)
+    t = _Task(cfg=task, spec=spec, examples=examples, arrival=arrival, state=TaskState(task.name))
+    t.state.total_steps = steps_for(task, len(examples))
+    t.params = adapter_parameters(model, spec.name)
+    opt = task.optimizer
+    groups = lora_plus_param_groups(t.params, opt.lr, adapter.lora_plus_ratio)
+    t.optimizer = build_optimizer(groups, opt.name, opt.lr, opt.weight_decay, opt.betas, opt.eps)
+    sched = task.lr_scheduler
+    t.scheduler = build_scheduler(t.optimizer, sched.name, sched.warmup_steps, t.state.total_steps)
+    return t
+
+
+def pack_plan(plan: list[PlanItem], tasks: dict[str, _Task], seed: int, device) -> FusedBatch:
+    """The fused micro-batch of a dispatcher plan: one segment per task, in plan order, then base-only rows.
+
+    Each task kind says which sequences an example becomes (``train/tasks.py``); reference rows (a DPO
+    task's frozen-base pass) go after every task's own segment.
+    """
+    own, refs = [], []
+    for item in plan:
+        t = tasks[item.task]
+        items = [(p, t.example_at(p, seed)) for p in item.examples]
+        group, ref = pack_groups(t.cfg.name, t.spec.name, task_kind(t.cfg), items)
+        own.append(group)
+        refs += [ref] if ref is not None else []
+    return pack(own + refs, device)
+
 
 class Engine:
     """Trains every task of a ``RunConfig`` together on one base model (see the module docstring)."""
@@ -164,25 +246,8 @@ class Engine:
         """Add a task (also while others train). Resumes from its checkpoints when the output folder has them."""
         if task.name in self._tasks:
             raise ValueError(f"a task named {task.name!r} already exists; task names must be unique")
-        rows = read_rows(dataset.path)
-        examples = tokenize_rows(rows, dataset.format, self.tokenizer, task.max_seq_len)
-        if not examples:
-            raise DataError(f"{dataset.path}: dataset {dataset.name!r} has no usable example")
-        spec = adapter_spec(adapter)
-        if adapter.init_from:
-            load_peft(self.model, adapter.init_from, spec.name, expect=spec)
-        else:
-            gen = torch.Generator().manual_seed(_seed_for(self.cfg.seed, "init", spec.name))
-            add_adapter(self.model, spec, generator=gen)
-        t = _Task(cfg=task, spec=spec, examples=examples, arrival=self._arrivals, state=TaskState(task.name))
+        t = build_task(self.cfg, self.model, self.tokenizer, dataset, adapter, task, self._arrivals)
         self._arrivals += 1
-        t.state.total_steps = steps_for(task, len(examples))
-        t.params = adapter_parameters(self.model, spec.name)
-        opt = task.optimizer
-        groups = lora_plus_param_groups(t.params, opt.lr, adapter.lora_plus_ratio)
-        t.optimizer = build_optimizer(groups, opt.name, opt.lr, opt.weight_decay, opt.betas, opt.eps)
-        sched = task.lr_scheduler
-        t.scheduler = build_scheduler(t.optimizer, sched.name, sched.warmup_steps, t.state.total_steps)
         self._tasks[task.name] = t
         self._resume(t)
         if t.state.status == "queued":
@@ -197,35 +262,21 @@ class Engine:
     def run_once(self) -> bool:
         """One fused micro-batch and the optimizer steps it completes; False when no task has work."""
         live = [t for t in self._tasks.values() if t.state.status in ("queued", "running")]
-        views = [
-            TaskView(
-                name=t.cfg.name,
-                priority=t.cfg.priority,
-                arrival=t.arrival,
-                micro_batch_size=t.cfg.micro_batch_size,
-                pending=tuple((p, len(t.example_at(p, self.cfg.seed).tokens)) for p in t.pending),
-                started=t.state.status == "running",
-            )
-            for t in live
-        ]
         plan = plan_next(
-            views,
+            [t.view(self.cfg.seed) for t in live],
             max_tokens=self.cfg.dispatcher.max_tokens_per_micro_batch,
             max_concurrent=self.cfg.dispatcher.max_concurrent_tasks,
         )
         if not plan:
             return False
         tic = time.perf_counter()
-        groups = []
         for item in plan:
             t = self._tasks[item.task]
             if t.state.status == "queued":
                 t.state.status = "running"
                 t.started_at = time.perf_counter()
                 self._emit({"type": "status", "task": t.cfg.name, "status": "running", "error": None})
-            exs = [(p, t.example_at(p, self.cfg.seed)) for p in item.examples]
-            groups.append((t.cfg.name, t.spec.name, [(p, e.tokens, e.mask) for p, e in exs]))
-        batch = pack(groups, self.device)
+        batch = pack_plan(plan, self._tasks, self.cfg.seed, self.device)
         hidden = self.model.forward_packed(batch.input_ids.to(self.device), batch, apply_head=False)
         total = None
         for item, seg in zip(plan, batch.segments):
@@ -288,10 +339,7 @@ class Engine:
         return F.cross_entropy(logits, labels_T[sup], reduction="sum")
 
     def _begin_step(self, t: _Task) -> None:
-        bs = t.cfg.batch_size
-        t.pending = list(range(t.state.step * bs, (t.state.step + 1) * bs))
-        t.step_norm = sum(sum(t.example_at(p, self.cfg.seed).mask) for p in t.pending)
-        t.step_loss, t.step_tokens = 0.0, 0
+        t.begin_step(self.cfg.seed)
 
     def _optimizer_step(self, t: _Task) -> None:
         params = list(t.params.values())
@@ -334,16 +382,7 @@ class Engine:
             self._begin_step(t)
 
     def _fingerprint(self, t: _Task) -> dict[str, Any]:
-        s = t.spec
-        return {
-            "adapter": [s.name, s.kind, s.rank, s.alpha, s.use_rslora, sorted(s.target_modules)],
-            "task_type": t.cfg.type,
-            "num_examples": len(t.examples),
-            "batch_size": t.cfg.batch_size,
-            "shuffle": t.cfg.shuffle,
-            "seed": self.cfg.seed,
-            "max_seq_len": t.cfg.max_seq_len,
-        }
+        return t.fingerprint(self.cfg.seed)
 
     def _ckpt_root(self, t: _Task) -> Path:
         return self.output_dir / "checkpoints" / t.cfg.name

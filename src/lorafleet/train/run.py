@@ -1,11 +1,15 @@
 """``lorafleet train``: load a config, train every task together, print the summary.
 
     lorafleet train examples/demo.yaml
+    lorafleet train examples/demo.yaml --nproc 2     # a 2-stage pipeline (starts torchrun)
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from ..config import load_config
@@ -34,16 +38,47 @@ def print_summary(states: dict, output_dir: Path) -> None:
 
 
 def train(config_path: str | Path, progress: bool = True) -> dict:
-    """Train the config in this process; returns the final task states."""
+    """Train the config in this process; returns the final task states.
+
+    Under torchrun with WORLD_SIZE > 1 this process runs one pipeline stage (``parallel/pipeline.py``);
+    rank 0 prints the summary and returns every task's state, the other ranks return {}.
+    """
+    cfg = load_config(config_path)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from ..parallel.pipeline import run_pipeline
+
+        result = run_pipeline(cfg, progress=progress)
+        if result.states:
+            print_summary(result.states, Path(cfg.output_dir))
+        return result.states
     from .engine import Engine
 
-    cfg = load_config(config_path)
     engine = Engine(cfg)
     states = engine.run(progress=progress)
     print_summary(states, Path(cfg.output_dir))
     return states
 
 
+def launch_pipeline(config_path: str | Path, nproc: int, progress: bool) -> int:
+    """``lorafleet train CONFIG --nproc P``: run torchrun on this machine with P processes; its exit code."""
+    if nproc < 1:
+        raise ValueError(f"--nproc {nproc}: give the number of pipeline processes, at least 1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    cmd += ["-m", "lorafleet", "train", str(config_path)] + ([] if progress else ["--no-progress"])
+    return subprocess.call(cmd)
+
+
 def cli_train(args: argparse.Namespace) -> int:
-    states = train(args.config, progress=not args.no_progress)
+    nproc = getattr(args, "nproc", None)
+    if nproc is not None and nproc != 1 and "WORLD_SIZE" not in os.environ:
+        return launch_pipeline(args.config, nproc, progress=not args.no_progress)
+    from ..parallel.pipeline import PipelineError
+
+    try:
+        states = train(args.config, progress=not args.no_progress)
+    except PipelineError as e:
+        # Threads still block on links to the failed stage, so leave at once rather than wait for them.
+        print(f"lorafleet train: error: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
     return 1 if any(st.status == "failed" for st in states.values()) else 0
