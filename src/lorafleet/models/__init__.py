@@ -1,8 +1,11 @@
-"""The LLaMA-family base model: decoder, loading, tokenizer and generation."""
+"""The LLaMA-family base model: decoder, loading, tokenizer and generation.
+
+Generation lives in ``lorafleet.models.generate`` (``from lorafleet.models.generate import generate``); it is
+not re-exported here, so that the name keeps meaning the module.
+"""
 
 from .decoder import Decoder
 from .families import SUPPORTED_ARCHITECTURES, ModelConfig, UnsupportedModelError
-from .generate import generate
 from .loading import ModelLoadError, load_model, read_model_config
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -13,7 +16,6 @@ __all__ = [
     "ModelLoadError",
     "Tokenizer",
     "UnsupportedModelError",
-    "generate",
     "load_model",
     "load_tokenizer",
     "read_model_config",

@@ -308,7 +308,9 @@ def _cli_adapters(model, values: list[str]) -> list[tuple[str, str | None]]:
         if not sep:
             label, path = (value, "") if value == "base" else (Path(value).name or value, value)
         if any(label == c[0] for c in columns):
-            raise ValueError(f"--adapter {value!r}: the label {label!r} is used twice; name them --adapter LABEL=PATH")
+            raise ValueError(
+                f"--adapter {value!r}: the label {label!r} is used twice; name them --adapter LABEL=PATH"
+            )
         if not path:
             columns.append((label, None))
             continue
@@ -323,7 +325,9 @@ def _cli_adapters(model, values: list[str]) -> list[tuple[str, str | None]]:
     return columns
 
 
-def _print_side_by_side(model, tok, args, prompts: list[list[int]], columns: list[tuple[str, str | None]]) -> int:
+def _print_side_by_side(
+    model, tok, args, prompts: list[list[int]], columns: list[tuple[str, str | None]]
+) -> int:
     """Every prompt answered by every adapter in ONE batch (each row its own adapter), printed together."""
     rows = [(p, name) for p in range(len(prompts)) for _, name in columns]
     outs = generate(
