@@ -1,0 +1,237 @@
+"""Preference losses (DPO sigmoid / IPO with label smoothing, ORPO) against HF PEFT + the textbook formula.
+
+Oracle: a ``transformers`` model with the same adapters loaded by PEFT; each sequence's log-probability is
+computed on its own (no packing), the reference log-probabilities with PEFT's ``disable_adapter()``, and the
+loss is written out directly from the papers' formulas. lorafleet computes the same losses from ONE fused
+batch that holds two preference tasks, their base-model reference rows and an SFT task, with one backward.
+Also: the bad-input path (a preference row without ``rejected`` names file:line).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lorafleet.data.formats import Example, PreferenceExample
+from lorafleet.data.packing import pack
+from lorafleet.lora import AdapterSpec, adapter_parameters, add_adapter, save_peft
+from lorafleet.models import load_model
+from lorafleet.train.tasks import DPOKind, ORPOKind, SFTKind, pack_groups
+
+TARGETS = ("q_proj", "v_proj", "o_proj", "up_proj")
+
+
+def _random_pairs(n: int, seed: int) -> list[PreferenceExample]:
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(k: int) -> tuple[int, ...]:
+        return tuple(int(t) for t in torch.randint(3, 300, (k,), generator=g))
+
+    out = []
+    for _ in range(n):
+        lp, lc, lr = (int(x) for x in torch.randint(2, 9, (3,), generator=g))
+        out.append(PreferenceExample(ids(lp), ids(lc), ids(lr)))
+    return out
+
+
+def _sft_examples(n: int, seed: int) -> list[Example]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        k = int(torch.randint(4, 12, (1,), generator=g))
+        tokens = tuple(int(t) for t in torch.randint(3, 300, (k,), generator=g))
+        out.append(Example(tokens, (False,) * (k // 2) + (True,) * (k - k // 2)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model_dir, tmp_path_factory):
+    """Our model with three adapters (random, non-zero A and B) and the same adapters saved for PEFT."""
+    model = load_model(tiny_model_dir)
+    out = tmp_path_factory.mktemp("dpo_adapters")
+    g = torch.Generator().manual_seed(7)
+    for name, rank in (("pref_a", 4), ("pref_b", 2), ("sft_c", 4)):
+        spec = AdapterSpec(name=name, rank=rank, alpha=8.0, target_modules=TARGETS)
+        add_adapter(model, spec)
+        params = adapter_parameters(model, name)
+        with torch.no_grad():
+            for p in params.values():
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+        save_peft(out / name, spec, {k: p.detach() for k, p in params.items()})
+    return model, out
+
+
+def _peft_model(model_dir: Path, adapters: Path, name: str):
+    import transformers as tf
+    from peft import PeftModel
+
+    base = tf.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    pm = PeftModel.from_pretrained(base, adapters / name, adapter_name=name, is_trainable=True)
+    pm.eval()  # no dropout (the adapters have none anyway)
+    return pm
+
+
+def _logp(model, prompt, answer) -> tuple[torch.Tensor, int]:
+    """Sum of the answer tokens' log-probs given the prompt, one unpadded sequence; and the answer length."""
+    ids = torch.tensor([list(prompt) + list(answer)])
+    logits = model(input_ids=ids).logits[0].float()
+    logp = torch.log_softmax(logits[:-1], -1).gather(-1, ids[0, 1:, None])[:, 0]
+    return logp[len(prompt) - 1 :].sum(), len(answer)
+
+
+def _oracle_preference(pm, pairs, kind: str, beta: float, ls: float = 0.0, ipo: bool = False):
+    """(loss, grads by PEFT key without the adapter name, margin, accuracy) written out plainly."""
+    name = pm.active_adapter
+    pm.zero_grad(set_to_none=True)
+    losses, margins, wins = [], [], []
+    nll_sum, nll_count = 0.0, 0
+    for ex in pairs:
+        (pc, nc), (pr, nr) = _logp(pm, ex.prompt, ex.chosen), _logp(pm, ex.prompt, ex.rejected)
+        if kind == "orpo":
+            ac, ar = pc / nc, pr / nr
+            log_odds = (ac - ar) - (torch.log(1 - torch.exp(ac)) - torch.log(1 - torch.exp(ar)))
+            losses.append(-beta * F.logsigmoid(log_odds))
+            nll_sum, nll_count = nll_sum - pc, nll_count + nc
+            margins.append(beta * (ac - ar).detach())
+            wins.append(float(ac > ar))
+            continue
+        with torch.no_grad(), pm.disable_adapter():
+            (rc, _), (rr, _) = _logp(pm, ex.prompt, ex.chosen), _logp(pm, ex.prompt, ex.rejected)
+        if ipo:
+            pc, pr, rc, rr = pc / nc, pr / nr, rc / nc, rr / nr
+        h = (pc - rc) - (pr - rr)
+        if ipo:
+            losses.append((h - 1 / (2 * beta)) ** 2)
+        else:
+            losses.append(-(1 - ls) * F.logsigmoid(beta * h) - ls * F.logsigmoid(-beta * h))
+        margins.append(beta * h.detach())
+        wins.append(float((pc - rc) > (pr - rr)))
+    loss = torch.stack(losses).mean()
+    if kind == "orpo":
+        loss = nll_sum / nll_count + loss
+    loss.backward()
+    grads = {
+        n.replace(f".{name}.", "."): p.grad.clone()
+        for n, p in pm.named_parameters()
+        if "lora_" in n and p.grad is not None
+    }
+    return loss.detach(), grads, float(torch.stack(margins).mean()), sum(wins) / len(wins)
+
+
+def _oracle_sft(pm, examples):
+    pm.zero_grad(set_to_none=True)
+    total, count = 0.0, 0
+    for ex in examples:
+        ids = torch.tensor([list(ex.tokens)])
+        logits = pm(input_ids=ids).logits[0].float()
+        sup = torch.tensor(ex.mask[1:])
+        total = total + F.cross_entropy(logits[:-1][sup], ids[0, 1:][sup], reduction="sum")
+        count += int(sup.sum())
+    loss = total / count
+    loss.backward()
+    name = pm.active_adapter
+    return loss.detach(), {
+        n.replace(f".{name}.", "."): p.grad.clone() for n, p in pm.named_parameters() if "lora_" in n
+    }
+
+
+@pytest.mark.parametrize(
+    "kind_a, kind_b",
+    [
+        (DPOKind(beta=0.1, loss_type="sigmoid", label_smoothing=0.1), DPOKind(beta=0.5, loss_type="ipo")),
+        (DPOKind(beta=0.3), ORPOKind(beta=0.25)),
+    ],
+    ids=["sigmoid_ls+ipo", "sigmoid+orpo"],
+)
+def test_preference_losses_and_grads_match_peft(setup, tiny_model_dir, kind_a, kind_b):
+    model, adapters = setup
+    pairs_a, pairs_b, sft = _random_pairs(3, 1), _random_pairs(4, 2), _sft_examples(2, 3)
+    kinds = {"pref_a": (kind_a, pairs_a), "pref_b": (kind_b, pairs_b), "sft_c": (SFTKind(), sft)}
+    own, refs = [], []
+    for name, (kind, exs) in kinds.items():
+        g_own, g_ref = pack_groups(name, name, kind, list(enumerate(exs)))
+        own.append(g_own)
+        if g_ref is not None:
+            refs.append(g_ref)
+    batch = pack(own + refs)
+    assert batch.segments[-1].adapter is None  # the reference rows run on the base, at the end
+    model.zero_grad(set_to_none=True)
+    hidden = model.forward_packed(batch.input_ids, batch, apply_head=False)
+    outs = {
+        name: kind.loss(model.lm_head, hidden, batch, name, kind.step_norm(exs))
+        for name, (kind, exs) in kinds.items()
+    }
+    sum(o.loss for o in outs.values()).backward()
+
+    for name, (kind, exs) in kinds.items():
+        pm = _peft_model(tiny_model_dir, adapters, name)
+        if isinstance(kind, SFTKind):
+            loss, grads = _oracle_sft(pm, exs)
+        else:
+            ipo = isinstance(kind, DPOKind) and kind.loss_type == "ipo"
+            ls = getattr(kind, "label_smoothing", 0.0)
+            loss, grads, margin, acc = _oracle_preference(pm, exs, kind.name, kind.beta, ls, ipo)
+            assert outs[name].metrics["reward_margin"] == pytest.approx(margin, rel=1e-4, abs=1e-6)
+            assert outs[name].metrics["reward_accuracy"] == pytest.approx(acc)
+        torch.testing.assert_close(outs[name].loss.detach(), loss, rtol=1e-5, atol=1e-6)
+        ours = adapter_parameters(model, name)
+        assert set(grads) == set(ours)
+        for key, g in grads.items():
+            assert g.abs().max() > 0, key
+            torch.testing.assert_close(ours[key].grad, g, rtol=1e-4, atol=1e-6, msg=f"{name} {key}")
+
+
+def test_step_loss_does_not_depend_on_micro_batch_split(setup):
+    """Shares of a step add up: two micro-batches give the loss and gradient of one."""
+    model, _ = setup
+    kind, pairs = DPOKind(beta=0.2, label_smoothing=0.05), _random_pairs(4, 5)
+    norm = kind.step_norm(pairs)
+
+    def run(chunks):
+        model.zero_grad(set_to_none=True)
+        total, metrics = 0.0, {}
+        for chunk in chunks:
+            own, ref = pack_groups("t", "pref_a", kind, chunk)
+            batch = pack([own, ref])
+            hidden = model.forward_packed(batch.input_ids, batch, apply_head=False)
+            out = kind.loss(model.lm_head, hidden, batch, "t", norm)
+            out.loss.backward()
+            total += float(out.loss.detach())
+            for k, v in out.metrics.items():
+                metrics[k] = metrics.get(k, 0.0) + v
+        grads = {k: p.grad.clone() for k, p in adapter_parameters(model, "pref_a").items()}
+        return total, metrics, grads
+
+    items = list(enumerate(pairs))
+    one = run([items])
+    two = run([items[:1], items[1:]])
+    assert one[0] == pytest.approx(two[0], rel=1e-5)
+    for k in one[1]:
+        assert one[1][k] == pytest.approx(two[1][k], rel=1e-5, abs=1e-7)
+    for k in one[2]:
+        torch.testing.assert_close(one[2][k], two[2][k], rtol=1e-4, atol=1e-7)
+
+
+def test_preference_row_missing_rejected_names_file_and_line(tmp_path, tiny_model_dir):
+    from lorafleet.data.formats import load_examples
+    from lorafleet.data.sources import DataError
+    from lorafleet.models.tokenizer import load_tokenizer
+
+    path = tmp_path / "prefs.jsonl"
+    rows = [
+        {"prompt": "Hello world.", "chosen": "hello World.", "rejected": "12345"},
+        {"prompt": "The quick brown fox", "chosen": "jumps over the lazy dog"},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    class _DS:
+        name, format, max_examples = "prefs", "preference", None
+
+    _DS.path = str(path)
+    with pytest.raises(DataError) as e:
+        load_examples(_DS, load_tokenizer(tiny_model_dir), 64)
+    assert f"{path}:2" in str(e.value) and "'rejected'" in str(e.value)
