@@ -33,7 +33,7 @@ _CORPUS = [
     "The quick brown fox jumps over the lazy dog, 12345 times!",
     "Hello world. hello World. HELLO, it's a tiny tokenizer for tests; they'll see.",
     "def add(a, b):\n    return a + b\n",
-    "Ünïcödé text: caf\u00e9, na\u00efve, \u65e5\u672c\u8a9e, emoji \U0001f642.",
+    "\u00dcn\u00efc\u00f6d\u00e9 text: caf\u00e9, na\u00efve, \u65e5\u672c\u8a9e, emoji \U0001f642.",
 ]
 
 

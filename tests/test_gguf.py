@@ -214,7 +214,7 @@ _TEXTS = [
     " hello  world ",
     "Hello, World!\nthe capital of france is paris.",
     "What is the capital of France? 12345",
-    "Ünïcödé caf\u00e9 \u65e5\u672c\u8a9e \U0001f642 \u2713",
+    "\u00dcn\u00efc\u00f6d\u00e9 caf\u00e9 \u65e5\u672c\u8a9e \U0001f642 \u2713",
     "<|im_start|>user\nhi<|im_end|>",
     "<s>hello</s> world",
     "it's they'll I'M\t\ttabs\n\n\nlines",

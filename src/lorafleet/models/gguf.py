@@ -6,7 +6,7 @@ Legend: N heads of a projection, P rows per head and half (head_dim / 2), E inpu
 the tensor data without reading it; ``GGUFFile.read`` dequantises one tensor with ``gguf.quants.dequantize``
 (every type the ``gguf`` package supports: F32, F16, BF16, Q4_0, Q4_1, Q8_0, the K-quants, ...). Loading a
 model copies one tensor at a time into the ``Decoder``'s parameters, and only the tensors of the model's
-layer range, so peak memory is the model plus one dequantised tensor.
+layer range, so peak memory is the model plus one dequantised tensor (and its reordered copy for q/k).
 
 llama.cpp's converter reorders the rows of q and k for ``llama``-architecture files (its rope pairs
 dimensions (2i, 2i+1) of each head, Hugging Face's pairs i and i + head_dim/2); ``_unpermute`` undoes that.
@@ -258,7 +258,7 @@ def _config_from(f: GGUFFile) -> ModelConfig:
     if scaling == "linear":
         rope_scaling: dict[str, Any] | None = {
             "rope_type": "linear",
-            "factor": float(f.arch_value("rope.scaling.factor")),
+            "factor": float(f.arch_value("rope.scaling.factor", 1.0)),
         }
     elif scaling == "none":
         rope_scaling = None
