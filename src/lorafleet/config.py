@@ -46,6 +46,8 @@ __all__ = [
     "PipelineConfig",
     "RunConfig",
     "SchedulerConfig",
+    "SweepConfig",
+    "SweepPoint",
     "TaskConfig",
     "load_config",
     "parse_config",
@@ -57,8 +59,16 @@ DATASET_FORMATS = ("prompt_completion", "chat", "alpaca", "text", "preference")
 
 # Which dataset formats each task type trains on. A new task type (dpo, orpo, ...) adds its name to
 # ``TaskType`` and one entry here; the cross-checks below then accept it.
-TaskType = Literal["sft"]
-TASK_FORMATS: dict[str, tuple[str, ...]] = {"sft": ("prompt_completion", "chat", "alpaca", "text")}
+TaskType = Literal["sft", "dpo", "orpo"]
+TASK_FORMATS: dict[str, tuple[str, ...]] = {
+    "sft": ("prompt_completion", "chat", "alpaca", "text"),
+    "dpo": ("preference",),
+    "orpo": ("preference",),
+}
+# Sequences one example becomes in a fused micro-batch (train/tasks.py): DPO packs chosen and rejected
+# twice (under the adapter and on the base as its reference), ORPO once.
+_SEQUENCES_PER_EXAMPLE = {"sft": 1, "dpo": 4, "orpo": 2}
+_PREFERENCE_FIELDS = ("beta", "loss_type", "label_smoothing")
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 _NAME_RULE = (
@@ -209,12 +219,60 @@ class SchedulerConfig(_Section):
     warmup_steps: _Int = Field(0, ge=0, description="Steps of linear warmup from 0 to lr.")
 
 
+def _distinct(values: list) -> list:
+    dupes = sorted({v for v in values if values.count(v) > 1})
+    if dupes:
+        raise ValueError(f"got {values}: {', '.join(map(repr, dupes))} listed twice; list each value once")
+    return values
+
+
+class SweepConfig(_Section):
+    """Lists of values to try; the task becomes one task and adapter per combination (``train/sweep.py``)."""
+
+    lr: Annotated[list[Annotated[_Float, Field(gt=0)]], AfterValidator(_distinct)] | None = Field(
+        None, min_length=1, description="Learning rates (optimizer.lr)."
+    )
+    weight_decay: Annotated[list[Annotated[_Float, Field(ge=0)]], AfterValidator(_distinct)] | None = Field(
+        None, min_length=1, description="Weight decays (optimizer.weight_decay)."
+    )
+    warmup_steps: Annotated[list[Annotated[_Int, Field(ge=0)]], AfterValidator(_distinct)] | None = Field(
+        None, min_length=1, description="Warmup steps (lr_scheduler.warmup_steps)."
+    )
+    rank: Annotated[list[Annotated[_Int, Field(gt=0)]], AfterValidator(_distinct)] | None = Field(
+        None, min_length=1, description="Adapter ranks (the task's adapter's rank)."
+    )
+    alpha: Annotated[list[Annotated[_Float, Field(gt=0)]], AfterValidator(_distinct)] | None = Field(
+        None, min_length=1, description="Adapter alphas (the task's adapter's alpha)."
+    )
+    dropout: Annotated[list[Annotated[_Float, Field(ge=0, lt=1)]], AfterValidator(_distinct)] | None = Field(
+        None, min_length=1, description="Adapter dropouts (the task's adapter's dropout)."
+    )
+    beta: Annotated[list[Annotated[_Float, Field(gt=0)]], AfterValidator(_distinct)] | None = Field(
+        None, min_length=1, description="DPO/ORPO betas (the task's beta)."
+    )
+    queue: bool = Field(
+        False,
+        description="Allow more tasks than dispatcher.max_concurrent_tasks; the extra combinations wait "
+        "for a free slot and train in later waves (false: such a sweep is refused).",
+    )
+
+
+class SweepPoint(_Section):
+    """Filled in by sweep expansion (not by hand): the task this one was expanded from, and its values."""
+
+    task: str = Field(description="Name of the sweeping task in the config as written.")
+    values: dict[str, float] = Field(description="The swept values of this combination, e.g. {lr: 0.001}.")
+
+
 class TaskConfig(_Section):
     """One fine-tuning job: an adapter trained on a dataset with its own hyper-parameters."""
 
     name: _Name = Field(description="Task name (checkpoints/<name>/, metrics, progress bars).")
     type: TaskType = Field(
-        "sft", description="Objective; sft: next-token cross-entropy on supervised tokens."
+        "sft",
+        description="Objective; sft: next-token cross-entropy on supervised tokens; dpo: direct preference "
+        "optimisation against the frozen base model; orpo: odds-ratio preference optimisation (SFT on the "
+        "chosen answer plus a penalty on the rejected one). dpo and orpo train on preference datasets.",
     )
     adapter: str = Field(description="Name of the adapter it trains (one of adapters[*].name).")
     dataset: str = Field(description="Name of its training dataset (one of datasets[*].name).")
@@ -247,7 +305,30 @@ class TaskConfig(_Section):
     early_stopping_patience: _Int | None = Field(
         None,
         gt=0,
-        description="Stop after this many evaluations without a better eval loss (needs eval_every_steps).",
+        description="Stop after this many evaluations without a better eval loss (needs eval_every_steps); "
+        "the adapter saved at the end is then the one with the best eval loss.",
+    )
+    beta: _Float = Field(
+        0.1,
+        gt=0,
+        description="dpo: strength of the KL penalty towards the base model; orpo: weight of the odds-ratio "
+        "term (TRL's beta). Typical: 0.1.",
+    )
+    loss_type: Literal["sigmoid", "ipo"] = Field(
+        "sigmoid",
+        description="dpo only: sigmoid (the DPO paper) or ipo (squared loss on length-averaged log-probs).",
+    )
+    label_smoothing: _Float = Field(
+        0.0,
+        ge=0,
+        lt=0.5,
+        description="dpo with loss_type sigmoid: assumed probability that a pair's labels are flipped (cDPO).",
+    )
+    sweep: SweepConfig | None = Field(
+        None, description="Lists of hyper-parameter values; the task becomes one task per combination."
+    )
+    sweep_point: SweepPoint | None = Field(
+        None, description="Set by sweep expansion: where this task came from (leave unset)."
     )
 
     @_model_validator(mode="after")
@@ -272,6 +353,24 @@ class TaskConfig(_Section):
                     ("eval_every_steps",),
                     f"got {self.eval_every_steps} but the task has no eval_dataset; add eval_dataset: NAME "
                     "or remove eval_every_steps",
+                )
+            )
+        for name in _PREFERENCE_FIELDS:
+            allowed = ("dpo", "orpo") if name == "beta" else ("dpo",)
+            if getattr(self, name) != type(self).model_fields[name].default and self.type not in allowed:
+                problems.append(
+                    (
+                        (name,),
+                        f"is a setting of task type {' and '.join(allowed)}, but this task's type is "
+                        f"{self.type!r}; remove {name} or set type: {allowed[0]}",
+                    )
+                )
+        if self.type == "dpo" and self.loss_type == "ipo" and self.label_smoothing > 0:
+            problems.append(
+                (
+                    ("label_smoothing",),
+                    f"got {self.label_smoothing} with loss_type ipo; label smoothing applies to the sigmoid "
+                    "loss only: remove it or use loss_type: sigmoid",
                 )
             )
         if self.early_stopping_patience is not None and self.eval_every_steps is None:
@@ -405,17 +504,25 @@ class RunConfig(_Section):
                             f"{' or '.join(repr(f) for f in TASK_FORMATS[t.type])}",
                         )
                     )
-            if t.max_seq_len > budget:
+            per_example = _SEQUENCES_PER_EXAMPLE[t.type]
+            if t.max_seq_len * per_example > budget:
+                times = f" x {per_example} sequences per {t.type} example" if per_example > 1 else ""
                 problems.append(
                     (
                         ("tasks", i, "max_seq_len"),
-                        f"got {t.max_seq_len}, more than dispatcher.max_tokens_per_micro_batch = {budget}, so "
-                        f"one example could not fit a micro-batch; lower max_seq_len to <= {budget} or raise "
-                        "dispatcher.max_tokens_per_micro_batch",
+                        f"got {t.max_seq_len}{times}, more than dispatcher.max_tokens_per_micro_batch = "
+                        f"{budget}, so one example could not fit a micro-batch; lower max_seq_len to <= "
+                        f"{budget // per_example} or raise dispatcher.max_tokens_per_micro_batch",
                     )
                 )
         if problems:
             raise _Problems(problems)
+        from .train.sweep import expand_sweeps, sweep_problems
+
+        problems = sweep_problems(self)
+        if problems:
+            raise _Problems(problems)
+        expand_sweeps(self)
         return self
 
 
