@@ -33,13 +33,12 @@ import torch.nn.functional as F
 
 from ..batch import IGNORE_INDEX, FusedBatch
 from ..config import AdapterConfig, DatasetConfig, RunConfig, TaskConfig, steps_for
-from ..data.formats import Example, tokenize_rows
+from ..data.formats import Example, load_examples
 from ..data.packing import pack
-from ..data.sources import DataError, read_rows
 from ..lora import (
     AdapterSpec,
-    add_adapter,
     adapter_parameters,
+    add_adapter,
     load_peft,
     lora_plus_param_groups,
     remove_adapter,
@@ -49,7 +48,7 @@ from ..metrics import MetricsWriter
 from ..models import Decoder, load_model
 from ..models.tokenizer import load_tokenizer
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .dispatcher import PlanItem, TaskView, plan_next
+from .dispatcher import PlanItem, TaskView, next_waited, plan_next
 from .optim import build_optimizer, build_scheduler
 from .tasks import pack_groups, task_kind
 
@@ -128,8 +127,8 @@ class _Task:
         self.step_norm = sum(sum(self.example_at(p, seed).mask) for p in self.pending)
         self.step_loss, self.step_tokens = 0.0, 0
 
-    def view(self, seed: int) -> TaskView:
-        """What the dispatcher sees of this task."""
+    def view(self, seed: int, waited: int = 0) -> TaskView:
+        """What the dispatcher sees of this task (``waited``: micro-batches it was left out of)."""
         return TaskView(
             name=self.cfg.name,
             priority=self.cfg.priority,
@@ -137,6 +136,7 @@ class _Task:
             micro_batch_size=self.cfg.micro_batch_size,
             pending=tuple((p, len(self.example_at(p, seed).tokens)) for p in self.pending),
             started=self.state.status == "running",
+            waited=waited,
         )
 
     def fingerprint(self, seed: int) -> dict[str, Any]:
@@ -166,10 +166,7 @@ def build_task(
 
     Shared by the engine and every pipeline stage, so that both train exactly the same thing.
     """
-    rows = read_rows(dataset.path)
-    examples = tokenize_rows(rows, dataset.format, tokenizer, task.max_seq_len)
-    if not examples:
-        raise DataError(f"{dataset.path}: dataset {dataset.name!r} has no usable example")
+    examples = load_examples(dataset, tokenizer, task.max_seq_len)
     spec = adapter_spec(adapter)
     if adapter.init_from:
         load_peft(model, adapter.init_from, spec.name, expect=spec)
@@ -224,6 +221,7 @@ class Engine:
         self._tasks: dict[str, _Task] = {}
         self._subscribers: list[Callable[[dict[str, Any]], None]] = []
         self._arrivals = 0
+        self._waited: dict[str, int] = {}  # micro-batches each task was left out of (dispatcher fairness)
         datasets = {d.name: d for d in cfg.datasets}
         adapters = {a.name: a for a in cfg.adapters}
         for task in cfg.tasks:
@@ -262,11 +260,10 @@ class Engine:
     def run_once(self) -> bool:
         """One fused micro-batch and the optimizer steps it completes; False when no task has work."""
         live = [t for t in self._tasks.values() if t.state.status in ("queued", "running")]
-        plan = plan_next(
-            [t.view(self.cfg.seed) for t in live],
-            max_tokens=self.cfg.dispatcher.max_tokens_per_micro_batch,
-            max_concurrent=self.cfg.dispatcher.max_concurrent_tasks,
-        )
+        views = [t.view(self.cfg.seed, self._waited.get(t.cfg.name, 0)) for t in live]
+        limit = self.cfg.dispatcher.max_concurrent_tasks
+        plan = plan_next(views, max_tokens=self.cfg.dispatcher.max_tokens_per_micro_batch, max_concurrent=limit)
+        self._waited = next_waited(views, plan, max_concurrent=limit)
         if not plan:
             return False
         tic = time.perf_counter()
