@@ -334,17 +334,21 @@ def main(argv: list[str] | None = None) -> int:
         max_concurrent_tasks=args.max_concurrent_tasks, max_tokens_per_micro_batch=args.max_tokens_per_micro_batch,
     )  # fmt: skip
     worker = Worker(store, dd, settings, poll_interval=args.poll_interval)
-    threading.Thread(target=_heartbeat, args=(store, worker, stop), daemon=True, name="heartbeat").start()
+    beat = threading.Thread(target=_heartbeat, args=(store, worker, stop), daemon=True, name="heartbeat")
+    beat.start()
     try:
         worker.run(stop)
+        worker.state = "stopped"
     except Exception as e:
         worker.state, worker.message = "error", f"{type(e).__name__}: {e}"
-        store.set_meta(
-            "worker", {"state": "error", "pid": os.getpid(), "time": time.time(), "message": worker.message}
-        )
         log.exception("worker stopped")
         return 1
     finally:
+        stop.set()
+        beat.join(timeout=10)
+        # the last word for /healthz: time 0, so a stopped or failed worker never reads as alive
+        last = {"state": worker.state, "pid": os.getpid(), "time": 0.0, "message": worker.message}
+        store.set_meta("worker", last)
         os.close(lock_fd)
     return 0
 
