@@ -312,6 +312,31 @@ def test_bad_input_is_4xx_with_clear_messages(api):
     assert pref["format"] == "preference"
     r = client.post("/v1/fine_tuning/jobs", headers=hh, json={"training_file": pref["id"]})
     assert r.status_code == 400 and "preference" in _error(r) and "training_file" in _error(r)
+    assert pref["id"] in _error(r) and ".train" not in _error(r)  # the user's file id, not internal names
+    # the other way round too; a DPO job on the preference file is accepted
+    r = client.post(
+        "/v1/fine_tuning/jobs", headers=hh, json={"training_file": fid, "method": {"type": "dpo"}}
+    )
+    assert r.status_code == 400 and "type 'dpo' cannot train on" in _error(r) and "'preference'" in _error(r)
+    r = client.post(
+        "/v1/fine_tuning/jobs",
+        headers=hh,
+        json={"training_file": pref["id"], "method": {"type": "dpo", "beta": 0.2}},
+    )
+    assert r.status_code == 200 and r.json()["method"]["beta"] == 0.2
+    r = client.post(
+        "/v1/fine_tuning/jobs",
+        headers=hh,
+        json={"training_file": fid, "hyperparameters": {"eval_every_steps": 5}},
+    )
+    assert r.status_code == 400 and "needs a validation_file" in _error(r)
+    hp = {"eval_every_steps": 5, "early_stopping_patience": 2}
+    r = client.post(
+        "/v1/fine_tuning/jobs",
+        headers=hh,
+        json={"training_file": fid, "validation_file": fid, "hyperparameters": hp},
+    )
+    assert r.status_code == 200, r.text
     # ids that are not ids never reach the store or the disk
     for path in [
         "/v1/files/..%2F..%2Fetc",

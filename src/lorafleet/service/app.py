@@ -218,6 +218,7 @@ def _job_obj(j: JobRecord) -> JobObject:
         id=j.id, model=s["model"], created_at=int(j.created_at), started_at=_ts(j.started_at),
         finished_at=_ts(j.finished_at), status=j.status, training_file=s["training_file"],
         validation_file=s.get("validation_file"), adapter=s["adapter"], hyperparameters=s["hyperparameters"],
+        method=s.get("method") or {},
         suffix=s.get("suffix"), priority=j.priority,
         fine_tuned_adapter=j.adapter_id if j.status == "succeeded" else None, step=j.step,
         total_steps=j.total_steps, trained_tokens=j.trained_tokens,

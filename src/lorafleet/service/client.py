@@ -188,6 +188,10 @@ def _cmd_create(args: argparse.Namespace) -> int:
     }  # fmt: skip
     if args.validation_file:
         body["validation_file"] = _file_id(client, args.validation_file)
+    if args.eval_every_steps is not None:
+        body["hyperparameters"]["eval_every_steps"] = args.eval_every_steps
+    if args.method != "sft":
+        body["method"] = {"type": args.method, "beta": args.beta}
     if args.max_steps is not None:
         body["hyperparameters"]["max_steps"] = args.max_steps
     if args.suffix:
@@ -282,6 +286,13 @@ def add_jobs_command(sub) -> None:
     c.add_argument("--n-epochs", type=int, default=3)
     c.add_argument("--max-steps", type=int)
     c.add_argument("--max-seq-len", type=int, default=512)
+    c.add_argument(
+        "--eval-every-steps", type=int, help="validation loss every N steps (needs --validation-file)"
+    )
+    c.add_argument(
+        "--method", choices=["sft", "dpo", "orpo"], default="sft", help="dpo/orpo: preference files"
+    )
+    c.add_argument("--beta", type=float, default=0.1, help="dpo/orpo beta")
     c.add_argument("--suffix")
     c.add_argument("--priority", type=int, default=0)
     c.add_argument("--wait", action="store_true", help="follow the job until it finishes")

@@ -91,6 +91,12 @@ _FIELD_NAMES = {
     "tasks[0].dataset": "training_file",
     "tasks[0].eval_dataset": "validation_file",
     "tasks[0].eval_every_steps": "hyperparameters.eval_every_steps",
+    "tasks[0].early_stopping_patience": "hyperparameters.early_stopping_patience",
+    "tasks[0].max_grad_norm": "hyperparameters.max_grad_norm",
+    "tasks[0].type": "method.type",
+    "tasks[0].beta": "method.beta",
+    "tasks[0].loss_type": "method.loss_type",
+    "tasks[0].label_smoothing": "method.label_smoothing",
     "tasks[0]": "hyperparameters",
     "adapters[0]": "adapter",
     "dispatcher.max_tokens_per_micro_batch": "the server's --max-tokens-per-micro-batch",
@@ -113,7 +119,12 @@ def job_configs(
 ) -> JobConfigs:
     """The engine configs of a job. ``spec`` is the stored request (``JobCreate`` as JSON); ``files`` maps
     each file id the job names to (path, data format). Raises ValueError naming the REST field and the fix."""
-    hp, ad = spec["hyperparameters"], spec["adapter"]
+    hp, ad, method = spec["hyperparameters"], spec["adapter"], spec.get("method") or {}
+    for key in ("eval_every_steps", "early_stopping_patience"):
+        if hp.get(key) is not None and not spec.get("validation_file"):
+            raise ValueError(
+                f"hyperparameters.{key} needs a validation_file to evaluate on: add one or remove {key}"
+            )
     train_path, train_format = files[spec["training_file"]]
     dataset = {"name": f"{job_id}.train", "path": str(train_path), "format": train_format}
     extra = []
@@ -131,6 +142,12 @@ def job_configs(
         "save_every_steps": hp["save_every_steps"],
         "priority": spec.get("priority", 0),
     }
+    for key in ("max_grad_norm", "early_stopping_patience"):
+        if hp.get(key) is not None:
+            task[key] = hp[key]
+    if method.get("type", "sft") != "sft":
+        task["type"] = method["type"]
+        task.update({k: method[k] for k in ("beta", "loss_type", "label_smoothing") if k in method})
     if spec.get("validation_file"):
         eval_path, eval_format = files[spec["validation_file"]]
         extra.append({"name": f"{job_id}.eval", "path": str(eval_path), "format": eval_format})
@@ -149,6 +166,7 @@ def job_configs(
     try:
         cfg = settings._one_task_run(output_dir, dataset, adapter, task, *extra)
     except ConfigError as e:
-        raise ValueError(_rest_names(" ".join(e.problems))) from None
+        message = _rest_names(" ".join(e.problems)).replace(f"{job_id}.train", spec["training_file"])
+        raise ValueError(message.replace(f"{job_id}.eval", str(spec.get("validation_file")))) from None
     evals = [d for d in cfg.datasets if d.name == f"{job_id}.eval"]
     return JobConfigs(cfg.datasets[0], cfg.adapters[0], cfg.tasks[0], evals[0] if evals else None)

@@ -29,6 +29,7 @@ __all__ = [
     "JobError",
     "JobObject",
     "ListResponse",
+    "Method",
 ]
 
 T = TypeVar("T")
@@ -77,6 +78,13 @@ class Hyperparameters(_Request):
     weight_decay: float = Field(0.0, ge=0.0, le=1.0)
     max_seq_len: int = Field(512, ge=8, le=32768, description="longer examples are truncated")
     save_every_steps: int = Field(50, ge=1, le=1_000_000, description="checkpoint period, in steps")
+    max_grad_norm: float | None = Field(None, gt=0.0, le=1e6, description="clip the adapter's gradient norm")
+    eval_every_steps: int | None = Field(
+        None, ge=1, le=1_000_000, description="validation loss every this many steps (needs validation_file)"
+    )
+    early_stopping_patience: int | None = Field(
+        None, ge=1, le=1000, description="stop after this many evaluations without a better validation loss"
+    )
 
     @model_validator(mode="after")
     def _micro_divides(self) -> Hyperparameters:
@@ -89,6 +97,17 @@ class Hyperparameters(_Request):
         return self
 
 
+class Method(_Request):
+    """The training objective."""
+
+    type: Literal["sft", "dpo", "orpo"] = Field(
+        "sft", description="sft: next-token loss; dpo / orpo: preference optimisation (preference files)"
+    )
+    beta: float = Field(0.1, gt=0.0, le=100.0, description="dpo: KL strength; orpo: odds-ratio weight")
+    loss_type: Literal["sigmoid", "ipo"] = Field("sigmoid", description="dpo only")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="dpo with sigmoid loss only")
+
+
 class JobCreate(_Request):
     """``POST /v1/fine_tuning/jobs``."""
 
@@ -97,6 +116,7 @@ class JobCreate(_Request):
     model: str | None = Field(None, max_length=512, description="if given, must name the served base model")
     adapter: AdapterSettings = Field(default_factory=AdapterSettings)
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    method: Method = Field(default_factory=Method)
     suffix: str | None = Field(
         None, pattern=SUFFIX_PATTERN, description="added to the adapter id (lower-case letters, digits, '-')"
     )
@@ -137,6 +157,7 @@ class JobObject(BaseModel):
     validation_file: str | None
     adapter: AdapterSettings
     hyperparameters: Hyperparameters
+    method: Method
     suffix: str | None
     priority: int
     fine_tuned_adapter: str | None = Field(description="adapter id, once the job has succeeded")

@@ -44,6 +44,8 @@ __all__ = ["Worker", "main"]
 log = logging.getLogger("lorafleet.worker")
 
 _HEARTBEAT_S = 1.0
+# keys of an engine step event that become named fields of the metrics event (or are not numbers to keep)
+_STEP_KEYS = frozenset({"type", "task", "step", "loss", "lr", "tokens", "elapsed_s", "kind"})
 
 
 class Worker:
@@ -154,7 +156,10 @@ class Worker:
     def _admit(self, job) -> None:
         try:
             cfgs, _ = self._configs(job)
-            self.engine.add_task(cfgs.dataset, cfgs.adapter, cfgs.task)
+            if cfgs.eval_dataset is None:
+                self.engine.add_task(cfgs.dataset, cfgs.adapter, cfgs.task)
+            else:
+                self.engine.add_task(cfgs.dataset, cfgs.adapter, cfgs.task, cfgs.eval_dataset)
         except ValueError as e:  # bad data or settings: the job's fault
             self._fail(job.id, _public(str(e), self.dd))
             return
@@ -183,6 +188,8 @@ class Worker:
                 "tokens": ev["tokens"],
                 "elapsed_s": ev["elapsed_s"],
             }
+            # the task's own numbers (grad_norm; preference rewards and accuracies), as they are
+            data.update({k: v for k, v in ev.items() if k not in _STEP_KEYS and isinstance(v, int | float)})
             self._last_loss[job_id] = ev["loss"]
             self._pending.append(
                 EventRecord(
@@ -192,12 +199,32 @@ class Worker:
             )  # fmt: skip
             self._progress[job_id] = (ev["step"], st.total_steps, st.tokens)
             return
+        if kind == "eval":
+            # the evaluation after a step joins that step's metrics event (valid_loss, valid_*)
+            valid = {f"valid_{k[5:]}": v for k, v in ev.items() if k.startswith("eval_")}
+            for rec in reversed(self._pending):
+                if rec.job_id == job_id and rec.type == "metrics" and rec.step == ev["step"]:
+                    rec.data.update(valid)
+                    rec.message += f", validation loss={ev['eval_loss']:.4f}"
+                    return
+            self._pending.append(
+                EventRecord(
+                    job_id, "message", f"Step {ev['step']}: validation loss={ev['eval_loss']:.4f}", time.time(),
+                    data={"step": ev["step"], **valid},
+                )
+            )  # fmt: skip
+            return
         self._flush()  # keep the store's order: earlier steps before this status or checkpoint
         now = time.time()
         if kind == "checkpoint":
             metrics = {"train_loss": self._last_loss[job_id]} if job_id in self._last_loss else {}
             self.store.add_checkpoint(CheckpointRecord(job_id, ev["step"], ev["path"], now, metrics))
             self._event(job_id, f"Checkpoint saved at step {ev['step']}")
+        elif kind == "early_stop":
+            self._event(
+                job_id,
+                f"Early stopping at step {ev['step']}: the best validation loss was at step {ev.get('best_step')}",
+            )
         elif kind == "status":
             status = ev["status"]
             if status == "running":
