@@ -3,6 +3,8 @@
     lorafleet demo                                   # the bundled demo (what `make demo` runs)
     lorafleet generate --model PATH --prompt TEXT    # KV-cache generation, chat template applied
     lorafleet train CONFIG.yaml                      # train every task of a config together
+    lorafleet eval CONFIG.yaml                       # each task's saved adapter on its eval_dataset
+    lorafleet generate --model PATH --prompt TEXT --adapter base --adapter DIR   # answers side by side
     lorafleet serve --base-model PATH --data-dir DIR # fine-tuning service: REST API, dashboard, worker
     lorafleet tokens create --tenant NAME --data-dir DIR   # an API token for the service
     lorafleet jobs create|list|show|cancel|download  # the service's command-line client
@@ -39,6 +41,13 @@ def _add_generate(sub) -> None:
     p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--adapter",
+        action="append",
+        metavar="[LABEL=]DIR",
+        help="a PEFT adapter folder (repeatable; 'base' = no adapter): every prompt is answered by every "
+        "adapter in one batch, each row with its own adapter, and the answers are printed side by side",
+    )
     p.set_defaults(func=_cmd_generate)
 
 
@@ -63,6 +72,28 @@ def _add_train(sub) -> None:
     p.set_defaults(func=_cmd_train)
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .train.evaluate import cli_eval
+
+    return cli_eval(args)
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate saved adapters on their tasks' eval_dataset (fused batches)")
+    p.add_argument("config", help="the run's YAML config (its tasks name the eval datasets)")
+    p.add_argument(
+        "--adapter",
+        action="append",
+        metavar="TASK=DIR",
+        help="evaluate this PEFT folder for TASK (repeatable; default: OUTPUT_DIR/adapters/<adapter>)",
+    )
+    p.add_argument(
+        "--output-dir", default=None, help="where the trained adapters are (default: the config's)"
+    )
+    p.add_argument("--with-base", action="store_true", help="also the base model on each sft eval set")
+    p.set_defaults(func=_cmd_eval)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import cli_demo
 
@@ -84,7 +115,7 @@ def _add_service(sub) -> None:
     add_jobs_command(sub)
 
 
-_COMMANDS: list[Callable] = [_add_demo, _add_train, _add_generate, _add_service]
+_COMMANDS: list[Callable] = [_add_demo, _add_train, _add_eval, _add_generate, _add_service]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,15 +8,18 @@ batch size, optimizer, schedule and checkpoints. Each call of ``run_once``:
 1. asks the dispatcher (pure policy, ``train/dispatcher.py``) which tasks' next examples form the fused
    micro-batch, within the token budget and the concurrency limit;
 2. packs them into one ``FusedBatch`` (each task's sequences contiguous, so each adapter owns one segment);
-3. runs the base model once over the whole batch, computes each task's loss on its own tokens only, and
-   runs one backward for the sum (adapters share no parameters, so each adapter's gradient is exactly the
-   one it would get alone);
-4. steps the optimizer of every task whose optimizer step is now complete, logs, checkpoints, and finishes
-   tasks that reached their last step (their adapter is written in PEFT's format).
+3. runs the base model once over the whole batch, computes each task's loss on its own sequences only
+   (``train/tasks.py``: sft, dpo with the base model as reference rows of the same batch, orpo), and runs
+   one backward for the sum (adapters share no parameters, so each adapter's gradient is exactly the one
+   it would get alone);
+4. steps the optimizer of every task whose optimizer step is now complete and logs it; evaluates, in fused
+   batches, the tasks whose evaluation is due (``eval_every_steps``, and after the last step) and applies
+   early stopping; checkpoints, and finishes tasks that reached their last step or ran out of patience
+   (their adapter is written in PEFT's format: with early stopping, the one of the best evaluation).
 
-Exactness: a task's step loss is the sum of token cross-entropies over all supervised tokens of the step,
-divided by their count, whatever the split into micro-batches, because the count is known when the step
-starts. A task whose loss or weights become NaN/inf fails alone; the others go on.
+Exactness: a task's step loss is the same whatever the split into micro-batches, because its denominators
+(e.g. the supervised tokens of the whole step) are known when the step starts and each micro-batch adds
+its share. A task whose loss or weights become NaN/inf fails alone; the others go on.
 """
 
 from __future__ import annotations
@@ -29,9 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from ..batch import IGNORE_INDEX, FusedBatch
+from ..batch import FusedBatch
 from ..config import AdapterConfig, DatasetConfig, RunConfig, TaskConfig, steps_for
 from ..data.formats import Example, load_examples
 from ..data.packing import pack
@@ -41,6 +43,7 @@ from ..lora import (
     add_adapter,
     load_peft,
     lora_plus_param_groups,
+    read_peft,
     remove_adapter,
     save_peft,
 )
@@ -49,8 +52,9 @@ from ..models import Decoder, load_model
 from ..models.tokenizer import load_tokenizer
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .dispatcher import PlanItem, TaskView, next_waited, plan_next
+from .evaluate import EarlyStopping, EvalJob, TaskEvaluation, eval_record, evaluate
 from .optim import build_optimizer, build_scheduler
-from .tasks import pack_groups, task_kind
+from .tasks import StepNorm, TaskKind, pack_groups, task_kind
 
 __all__ = ["Engine", "TaskState", "adapter_spec", "build_task", "pack_plan", "resolve_device"]
 
@@ -106,10 +110,13 @@ class _Task:
     optimizer: torch.optim.Optimizer | None = None
     scheduler: Any = None
     pending: list[int] = field(default_factory=list)  # stream positions still to run in this step
-    step_norm: int = 0  # supervised tokens of the whole current step
-    step_loss: float = 0.0  # sum of token cross-entropies so far in this step
+    step_norm: StepNorm | None = None  # denominators of the whole current step (train/tasks.py)
+    step_loss: float = 0.0  # sum of the step's loss shares so far
     step_tokens: int = 0
+    step_metrics: dict[str, float] = field(default_factory=dict)  # sums of the step's metric shares
     started_at: float | None = None
+    kind: TaskKind | None = None
+    evaluation: TaskEvaluation | None = None  # held-out set and early stopping (eval_dataset)
 
     def example_at(self, position: int, seed: int) -> Example:
         """The example at position ``position`` of the task's endless stream (epochs back to back)."""
@@ -124,8 +131,8 @@ class _Task:
         """Queue the examples of the next optimizer step; its denominator is known from now on."""
         bs = self.cfg.batch_size
         self.pending = list(range(self.state.step * bs, (self.state.step + 1) * bs))
-        self.step_norm = sum(sum(self.example_at(p, seed).mask) for p in self.pending)
-        self.step_loss, self.step_tokens = 0.0, 0
+        self.step_norm = self.kind.step_norm([self.example_at(p, seed) for p in self.pending])
+        self.step_loss, self.step_tokens, self.step_metrics = 0.0, 0, {}
 
     def view(self, seed: int, waited: int = 0) -> TaskView:
         """What the dispatcher sees of this task (``waited``: micro-batches it was left out of)."""
@@ -134,7 +141,7 @@ class _Task:
             priority=self.cfg.priority,
             arrival=self.arrival,
             micro_batch_size=self.cfg.micro_batch_size,
-            pending=tuple((p, len(self.example_at(p, seed).tokens)) for p in self.pending),
+            pending=tuple((p, self.kind.num_tokens(self.example_at(p, seed))) for p in self.pending),
             started=self.state.status == "running",
             waited=waited,
         )
@@ -174,6 +181,7 @@ def build_task(
         gen = torch.Generator().manual_seed(_seed_for(cfg.seed, "init", spec.name))
         add_adapter(model, spec, generator=gen)
     t = _Task(cfg=task, spec=spec, examples=examples, arrival=arrival, state=TaskState(task.name))
+    t.kind = task_kind(task)
     t.state.total_steps = steps_for(task, len(examples))
     t.params = adapter_parameters(model, spec.name)
     opt = task.optimizer
@@ -194,7 +202,7 @@ def pack_plan(plan: list[PlanItem], tasks: dict[str, _Task], seed: int, device) 
     for item in plan:
         t = tasks[item.task]
         items = [(p, t.example_at(p, seed)) for p in item.examples]
-        group, ref = pack_groups(t.cfg.name, t.spec.name, task_kind(t.cfg), items)
+        group, ref = pack_groups(t.cfg.name, t.spec.name, t.kind, items)
         own.append(group)
         refs += [ref] if ref is not None else []
     return pack(own + refs, device)
@@ -225,7 +233,8 @@ class Engine:
         datasets = {d.name: d for d in cfg.datasets}
         adapters = {a.name: a for a in cfg.adapters}
         for task in cfg.tasks:
-            self.add_task(datasets[task.dataset], adapters[task.adapter], task)
+            eval_dataset = datasets[task.eval_dataset] if task.eval_dataset else None
+            self.add_task(datasets[task.dataset], adapters[task.adapter], task, eval_dataset)
 
     # -- public API -------------------------------------------------------------------------------------
 
@@ -240,11 +249,24 @@ class Engine:
     def states(self) -> dict[str, TaskState]:
         return {n: t.state for n, t in self._tasks.items()}
 
-    def add_task(self, dataset: DatasetConfig, adapter: AdapterConfig, task: TaskConfig) -> None:
-        """Add a task (also while others train). Resumes from its checkpoints when the output folder has them."""
+    def add_task(
+        self,
+        dataset: DatasetConfig,
+        adapter: AdapterConfig,
+        task: TaskConfig,
+        eval_dataset: DatasetConfig | None = None,
+    ) -> None:
+        """Add a task (also while others train). Resumes from its checkpoints when the output folder has them.
+
+        ``eval_dataset`` (the dataset ``task.eval_dataset`` names) is the held-out set it is evaluated on.
+        """
         if task.name in self._tasks:
             raise ValueError(f"a task named {task.name!r} already exists; task names must be unique")
         t = build_task(self.cfg, self.model, self.tokenizer, dataset, adapter, task, self._arrivals)
+        if eval_dataset is not None:
+            held_out = load_examples(eval_dataset, self.tokenizer, task.max_seq_len)
+            early = EarlyStopping(task.early_stopping_patience)
+            t.evaluation = TaskEvaluation(held_out, task.eval_every_steps, early)
         self._arrivals += 1
         self._tasks[task.name] = t
         self._resume(t)
@@ -276,27 +298,34 @@ class Engine:
         batch = pack_plan(plan, self._tasks, self.cfg.seed, self.device)
         hidden = self.model.forward_packed(batch.input_ids.to(self.device), batch, apply_head=False)
         total = None
-        for item, seg in zip(plan, batch.segments):
+        for item in plan:
             t = self._tasks[item.task]
-            ce_sum = self._token_ce_sum(hidden[seg.start : seg.end], batch.labels[seg.start : seg.end])
-            if not torch.isfinite(ce_sum):
-                self._finish(t, "failed", f"loss became {ce_sum.item()} at step {t.state.step + 1}", export=False)
+            share = t.kind.loss(self.model.lm_head, hidden, batch, t.cfg.name, t.step_norm)
+            if not torch.isfinite(share.loss):
+                msg = f"loss became {float(share.loss)} at step {t.state.step + 1}"
+                self._finish(t, "failed", msg, export=False)
                 continue
-            t.step_loss += float(ce_sum.detach())
-            t.step_tokens += seg.end - seg.start
-            loss = ce_sum / max(1, t.step_norm)
-            total = loss if total is None else total + loss
+            t.step_loss += float(share.loss.detach())
+            t.step_tokens += share.tokens
+            for k, v in share.metrics.items():
+                t.step_metrics[k] = t.step_metrics.get(k, 0.0) + v
+            total = share.loss if total is None else total + share.loss
         if total is not None and total.requires_grad:
             total.backward()
         elapsed = time.perf_counter() - tic
+        stepped = []
         for item in plan:
             t = self._tasks[item.task]
             if t.state.status != "running":
                 continue
             t.state.busy_s += elapsed
             del t.pending[: len(item.examples)]
-            if not t.pending:
-                self._optimizer_step(t)
+            if not t.pending and self._optimizer_step(t):
+                stepped.append(t)
+        due = [t for t in stepped if t.evaluation and t.evaluation.due(t.state.step, t.state.total_steps)]
+        self._evaluate(due)
+        for t in stepped:
+            self._end_step(t)
         return True
 
     def run(self, progress: bool = False) -> dict[str, TaskState]:
@@ -328,17 +357,11 @@ class Engine:
         for cb in self._subscribers:
             cb(event)
 
-    def _token_ce_sum(self, hidden_TE: torch.Tensor, labels_T: torch.Tensor) -> torch.Tensor:
-        """Sum of cross-entropies over supervised positions; the head runs on those rows only."""
-        labels_T = labels_T.to(hidden_TE.device)
-        sup = labels_T != IGNORE_INDEX
-        logits = self.model.lm_head(hidden_TE[sup]).float()
-        return F.cross_entropy(logits, labels_T[sup], reduction="sum")
-
     def _begin_step(self, t: _Task) -> None:
         t.begin_step(self.cfg.seed)
 
-    def _optimizer_step(self, t: _Task) -> None:
+    def _optimizer_step(self, t: _Task) -> bool:
+        """Step, log and check the task; False when it failed (then it is finished already)."""
         params = list(t.params.values())
         grad_norm = None
         if t.cfg.max_grad_norm is not None:
@@ -348,11 +371,11 @@ class Engine:
             t.optimizer.step()
         except RuntimeError as e:  # e.g. an update that overflows float32
             self._finish(t, "failed", f"optimizer step {t.state.step + 1} failed: {e}", export=False)
-            return
+            return False
         t.scheduler.step()
         t.optimizer.zero_grad(set_to_none=True)
         t.state.step += 1
-        loss = t.step_loss / max(1, t.step_norm)
+        loss = t.step_loss
         t.state.last_loss = loss
         t.state.tokens += t.step_tokens
         record = {
@@ -361,6 +384,7 @@ class Engine:
             "loss": loss,
             "lr": lr,
             "tokens": t.step_tokens,
+            **t.step_metrics,
             "elapsed_s": round(time.perf_counter() - (t.started_at or time.perf_counter()), 4),
         }
         if grad_norm is not None:
@@ -369,8 +393,35 @@ class Engine:
         self._emit({"type": "step", **record})
         if not all(torch.isfinite(p).all() for p in params):
             self._finish(t, "failed", f"adapter weights became NaN/inf at step {t.state.step}", export=False)
+            return False
+        return True
+
+    def _evaluate(self, tasks: list[_Task]) -> None:
+        """Evaluate ``tasks`` on their held-out sets together (fused batches); log; apply early stopping."""
+        if not tasks:
             return
-        done = t.state.step >= t.state.total_steps
+        jobs = [EvalJob(t.cfg.name, t.spec.name, t.kind, t.evaluation.examples) for t in tasks]
+        results = evaluate(self.model, jobs, self.cfg.dispatcher.max_tokens_per_micro_batch)
+        for t in tasks:
+            record = eval_record(t.cfg.name, t.state.step, results[t.cfg.name])
+            self.metrics.write(record)
+            self._emit({"type": "eval", **record})
+            ev = t.evaluation
+            improved, stop = ev.early.update(record["eval_loss"], t.state.step)
+            if improved and ev.early.patience is not None:
+                ev.best_state = {k: p.detach().cpu().clone() for k, p in t.params.items()}
+                save_peft(self._ckpt_root(t) / "best", t.spec, ev.best_state, str(self.cfg.base_model.path))
+            if stop and t.state.step < t.state.total_steps:
+                ev.stopped_early = True
+                early = {"task": t.cfg.name, "step": t.state.step, "kind": "early_stop"}
+                early.update(best_step=ev.early.best_step, best_eval_loss=ev.early.best_loss)
+                self.metrics.write(early)
+                self._emit({"type": "early_stop", **early})
+
+    def _end_step(self, t: _Task) -> None:
+        """After a step (and its evaluation): checkpoint; finish the task or queue its next step."""
+        stopped = t.evaluation is not None and t.evaluation.stopped_early
+        done = t.state.step >= t.state.total_steps or stopped
         if done or t.state.step % t.cfg.save_every_steps == 0:
             self._save(t)
         if done:
@@ -386,6 +437,9 @@ class Engine:
 
     def _save(self, t: _Task) -> None:
         state = {"fingerprint": self._fingerprint(t), "status": t.state.status, "tokens": t.state.tokens}
+        if t.evaluation is not None:
+            state["early_stopping"] = t.evaluation.early.state_dict()
+            state["stopped_early"] = t.evaluation.stopped_early
         optim = {"optimizer": t.optimizer.state_dict(), "scheduler": t.scheduler.state_dict()}
         tensors = {k: p.detach() for k, p in t.params.items()}
         path = save_checkpoint(self._ckpt_root(t), t.state.step, tensors, optim, state)
@@ -403,13 +457,22 @@ class Engine:
         t.scheduler.load_state_dict(optim["scheduler"])
         t.state.step, t.state.tokens = state["step"], state.get("tokens", 0)
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
-        if t.state.step >= t.state.total_steps:
+        ev = t.evaluation
+        if ev is not None and "early_stopping" in state:
+            ev.early.load_state_dict(state["early_stopping"])
+            ev.stopped_early = bool(state.get("stopped_early", False))
+            best = self._ckpt_root(t) / "best"
+            if ev.early.patience is not None and (best / "adapter_config.json").is_file():
+                ev.best_state = read_peft(best, t.spec.name)[1]
+        if t.state.step >= t.state.total_steps or (ev is not None and ev.stopped_early):
             self._finish(t, "succeeded", None, export=True)
 
     def _finish(self, t: _Task, status: str, error: str | None, export: bool) -> None:
         t.state.status, t.state.error = status, error
         if export:
             state = {k: p.detach().cpu() for k, p in t.params.items()}
+            if t.evaluation is not None and t.evaluation.best_state is not None:
+                state = t.evaluation.best_state  # early stopping keeps the best evaluated adapter
             save_peft(self.output_dir / "adapters" / t.spec.name, t.spec, state, str(self.cfg.base_model.path))
         remove_adapter(self.model, t.spec.name)
         t.params, t.optimizer, t.pending = {}, None, []

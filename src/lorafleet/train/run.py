@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from ..config import load_config
+from .sweep import sweep_report
 
 __all__ = ["cli_train", "print_summary", "train"]
 
@@ -56,6 +57,7 @@ def train(config_path: str | Path, progress: bool = True) -> dict:
     engine = Engine(cfg)
     states = engine.run(progress=progress)
     print_summary(states, Path(cfg.output_dir))
+    sweep_report(cfg, cfg.output_dir)  # sweeps only: ranking table, sweep-<task>.png and .json
     return states
 
 
