@@ -338,6 +338,39 @@ def test_job_the_engine_rejects_fails_with_the_reason(service, trained):
     assert httpx.get(f"{server.url}/healthz").json()["worker"]["alive"]
 
 
+def test_dpo_job_with_validation_file(service, trained):
+    """A preference job (DPO) with a held-out file: validation losses join the step events at the
+    evaluation steps, the task's own numbers (rewards) come along, and the adapter is PEFT's."""
+    server, tokens = service["server"], service["tokens"]
+    bob = _client(server, tokens["bob"])
+    pairs = [
+        {"prompt": f"What is {i} plus {i}?", "chosen": f" It is {2 * i}.", "rejected": f" It is {2 * i + 1}."}
+        for i in range(8)
+    ]
+    up = lambda name, rows: bob.post(  # noqa: E731
+        "/v1/files", files={"file": (name, "".join(json.dumps(r) + "\n" for r in rows))}
+    ).json()
+    train, valid = up("pairs.jsonl", pairs[:6]), up("pairs-valid.jsonl", pairs[6:])
+    assert train["format"] == valid["format"] == "preference"
+    body = {
+        "training_file": train["id"], "validation_file": valid["id"], "method": {"type": "dpo", "beta": 0.1},
+        "hyperparameters": {"batch_size": 2, "max_steps": 4, "eval_every_steps": 2, "max_seq_len": 64,
+                            "learning_rate": 1e-3},
+    }  # fmt: skip
+    r = bob.post("/v1/fine_tuning/jobs", json=body)
+    assert r.status_code == 200, r.text
+    job = _wait(bob, r.json()["id"], server=server)
+    assert job["status"] == "succeeded" and job["method"]["type"] == "dpo", job
+    metrics = {e["data"]["step"]: e["data"] for e in _metrics(bob, job["id"]) if e["type"] == "metrics"}
+    assert sorted(metrics) == [1, 2, 3, 4]
+    assert [s for s, d in metrics.items() if "valid_loss" in d] == [2, 4]
+    assert all(d["train_loss"] > 0 and len(d) > 5 for d in metrics.values())  # DPO's rewards/accuracies too
+    z = bob.get(f"/v1/adapters/{job['fine_tuned_adapter']}/download")
+    assert z.status_code == 200 and "adapter_config.json" in "".join(
+        zipfile.ZipFile(io.BytesIO(z.content)).namelist()
+    )
+
+
 def _checkpoint_steps(folder: Path) -> list[int]:
     return sorted(int(p.name.split("-")[1]) for p in folder.glob("step-*") if not p.name.endswith(".tmp"))
 

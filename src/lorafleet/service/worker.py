@@ -28,6 +28,7 @@ import argparse
 import fcntl
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -156,10 +157,7 @@ class Worker:
     def _admit(self, job) -> None:
         try:
             cfgs, _ = self._configs(job)
-            if cfgs.eval_dataset is None:
-                self.engine.add_task(cfgs.dataset, cfgs.adapter, cfgs.task)
-            else:
-                self.engine.add_task(cfgs.dataset, cfgs.adapter, cfgs.task, cfgs.eval_dataset)
+            self.engine.add_task(cfgs.dataset, cfgs.adapter, cfgs.task, cfgs.eval_dataset)
         except ValueError as e:  # bad data or settings: the job's fault
             self._fail(job.id, _public(str(e), self.dd))
             return
@@ -268,7 +266,7 @@ def _public(message: str, dd: DataDir) -> str:
     """A message without the server's folders: file paths become their file ids."""
     for folder in (dd.files, dd.engine, dd.root):
         message = message.replace(f"{folder.resolve()}/", "").replace(f"{folder}/", "")
-    return message.replace(".jsonl", "")
+    return re.sub(r"\b(file-[0-9a-f]{24})\.jsonl\b", r"\1", message)
 
 
 def _heartbeat(store: Store, worker: Worker, stop: threading.Event) -> None:
