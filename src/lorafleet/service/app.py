@@ -3,7 +3,7 @@
     lorafleet serve --base-model path/to/model --data-dir ./service-data     # API + worker
     curl -H "Authorization: Bearer $TOKEN" http://127.0.0.1:8000/v1/fine_tuning/jobs
 
-This process never imports torch (``tests/test_service_arch.py`` proves it): it validates requests, writes
+This process never imports torch (``tests/test_service.py::test_api_process_never_imports_torch``): it validates requests, writes
 them to the store, and reads back what the worker (``worker.py``, a separate process) records. Every
 error is ``{"error": {"message", "type", "param", "code"}}`` with a 4xx status whose message says what
 was wrong and how to fix it; a tenant asking for another tenant's object gets the same 404 as for an
@@ -270,11 +270,11 @@ def _tenant(request: Request) -> str:
         raise ApiError(401, str(e), type="authentication_error", code="invalid_api_key") from None
 
 
-Tenant = Annotated[str, Depends(_tenant)]
-FileId = Annotated[str, PathParam(pattern=FILE_ID_PATTERN, description="file-<24 hex>")]
-JobId = Annotated[str, PathParam(pattern=JOB_ID_PATTERN, description="ftjob-<24 hex>")]
-AdapterId = Annotated[str, PathParam(pattern=ADAPTER_ID_PATTERN, description="adapter-[suffix-]<16 hex>")]
-Limit = Annotated[int, Query(ge=1, le=100, description="page size")]
+_Tenant = Annotated[str, Depends(_tenant)]
+_FileId = Annotated[str, PathParam(pattern=FILE_ID_PATTERN, description="file-<24 hex>")]
+_JobId = Annotated[str, PathParam(pattern=JOB_ID_PATTERN, description="ftjob-<24 hex>")]
+_AdapterId = Annotated[str, PathParam(pattern=ADAPTER_ID_PATTERN, description="adapter-[suffix-]<16 hex>")]
+_Limit = Annotated[int, Query(ge=1, le=100, description="page size")]
 
 
 def create_app(settings: ServiceSettings, store: Store | None = None) -> FastAPI:
@@ -363,7 +363,7 @@ def create_app(settings: ServiceSettings, store: Store | None = None) -> FastAPI
     @app.post(
         "/v1/files", response_model=FileObject, tags=["files"], responses=_ERRORS, openapi_extra=upload_body
     )
-    async def upload_file(request: Request, tenant_: Tenant) -> FileObject:
+    async def upload_file(request: Request, tenant_: _Tenant) -> FileObject:
         """Upload a JSONL training file. Every row is validated; errors name the line."""
         ctype = request.headers.get("content-type", "")
         if not ctype.startswith("multipart/form-data"):
@@ -398,23 +398,23 @@ def create_app(settings: ServiceSettings, store: Store | None = None) -> FastAPI
 
     @app.get("/v1/files", response_model=ListResponse[FileObject], tags=["files"], responses=_ERRORS)
     def list_files(
-        tenant_: Tenant,
+        tenant_: _Tenant,
         after: Annotated[str | None, Query(pattern=FILE_ID_PATTERN)] = None,
-        limit: Limit = 20,
+        limit: _Limit = 20,
     ) -> ListResponse[FileObject]:
         """The tenant's files, newest first."""
         rows, more = store.list_files(tenant_, after, limit)
         return ListResponse[FileObject](data=[_file_obj(f) for f in rows], has_more=more)
 
     @app.get("/v1/files/{file_id}", response_model=FileObject, tags=["files"], responses=_ERRORS)
-    def get_file(file_id: FileId, tenant_: Tenant) -> FileObject:
+    def get_file(file_id: _FileId, tenant_: _Tenant) -> FileObject:
         f = store.get_file(tenant_, file_id)
         if f is None:
             raise _not_found("file", file_id)
         return _file_obj(f)
 
     @app.delete("/v1/files/{file_id}", response_model=DeletedObject, tags=["files"], responses=_ERRORS)
-    def delete_file(file_id: FileId, tenant_: Tenant) -> DeletedObject:
+    def delete_file(file_id: _FileId, tenant_: _Tenant) -> DeletedObject:
         """Delete a file; refused (409) while a job that is not finished uses it."""
         if store.get_file(tenant_, file_id) is None:
             raise _not_found("file", file_id)
@@ -431,7 +431,7 @@ def create_app(settings: ServiceSettings, store: Store | None = None) -> FastAPI
     # -- jobs -------------------------------------------------------------------------------------------
 
     @app.post("/v1/fine_tuning/jobs", response_model=JobObject, tags=["fine-tuning"], responses=_ERRORS)
-    def create_job(body: JobCreate, tenant_: Tenant) -> JobObject:
+    def create_job(body: JobCreate, tenant_: _Tenant) -> JobObject:
         """Create a job. It starts in ``validating_files``; the worker queues it and trains it."""
         if body.model is not None and body.model != served_model:
             raise ApiError(
@@ -470,9 +470,9 @@ def create_app(settings: ServiceSettings, store: Store | None = None) -> FastAPI
         responses=_ERRORS,
     )
     def list_jobs(
-        tenant_: Tenant,
+        tenant_: _Tenant,
         after: Annotated[str | None, Query(pattern=JOB_ID_PATTERN)] = None,
-        limit: Limit = 20,
+        limit: _Limit = 20,
     ) -> ListResponse[JobObject]:
         """The tenant's jobs, newest first; pass the last id as ``after`` for the next page."""
         rows, more = store.list_jobs(tenant_, after, limit)
@@ -481,7 +481,7 @@ def create_app(settings: ServiceSettings, store: Store | None = None) -> FastAPI
     @app.get(
         "/v1/fine_tuning/jobs/{job_id}", response_model=JobObject, tags=["fine-tuning"], responses=_ERRORS
     )
-    def retrieve_job(job_id: JobId, tenant_: Tenant) -> JobObject:
+    def retrieve_job(job_id: _JobId, tenant_: _Tenant) -> JobObject:
         return _job_obj(get_job(tenant_, job_id))
 
     @app.post(
@@ -490,7 +490,7 @@ def create_app(settings: ServiceSettings, store: Store | None = None) -> FastAPI
         tags=["fine-tuning"],
         responses=_ERRORS,
     )
-    def cancel_job(job_id: JobId, tenant_: Tenant) -> JobObject:
+    def cancel_job(job_id: _JobId, tenant_: _Tenant) -> JobObject:
         """Cancel a job that has not finished; the worker stops training it at its next micro-batch."""
         job = get_job(tenant_, job_id)
         if not store.transition(job_id, "cancelled", ACTIVE_STATUSES, finished_at=time.time()):
@@ -507,8 +507,8 @@ def create_app(settings: ServiceSettings, store: Store | None = None) -> FastAPI
         responses=_ERRORS,
     )  # fmt: skip
     def list_events(
-        job_id: JobId,
-        tenant_: Tenant,
+        job_id: _JobId,
+        tenant_: _Tenant,
         after: Annotated[str | None, Query(pattern=r"^ftevent-[0-9]{1,18}$")] = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 20,
         order: Annotated[str, Query(pattern="^(asc|desc)$", description="desc: newest first")] = "desc",
@@ -524,10 +524,10 @@ def create_app(settings: ServiceSettings, store: Store | None = None) -> FastAPI
         tags=["fine-tuning"], responses=_ERRORS,
     )  # fmt: skip
     def list_checkpoints(
-        job_id: JobId,
-        tenant_: Tenant,
+        job_id: _JobId,
+        tenant_: _Tenant,
         after: Annotated[str | None, Query(pattern=r"^ftckpt-[0-9]{1,18}$")] = None,
-        limit: Limit = 20,
+        limit: _Limit = 20,
     ) -> ListResponse[CheckpointObject]:
         """The job's checkpoints, newest first."""
         get_job(tenant_, job_id)
@@ -566,16 +566,16 @@ def create_app(settings: ServiceSettings, store: Store | None = None) -> FastAPI
 
     @app.get("/v1/adapters", response_model=ListResponse[AdapterObject], tags=["adapters"], responses=_ERRORS)
     def list_adapters(
-        tenant_: Tenant,
+        tenant_: _Tenant,
         after: Annotated[str | None, Query(pattern=JOB_ID_PATTERN, description="job id cursor")] = None,
-        limit: Limit = 20,
+        limit: _Limit = 20,
     ) -> ListResponse[AdapterObject]:
         """Adapters of the tenant's succeeded jobs, newest job first (``after`` is a job id cursor)."""
         rows, more = store.list_jobs(tenant_, after, limit, status="succeeded")
         return ListResponse[AdapterObject](data=[adapter_obj(j) for j in rows], has_more=more)
 
     @app.get("/v1/adapters/{adapter_id}", response_model=AdapterObject, tags=["adapters"], responses=_ERRORS)
-    def get_adapter(adapter_id: AdapterId, tenant_: Tenant) -> AdapterObject:
+    def get_adapter(adapter_id: _AdapterId, tenant_: _Tenant) -> AdapterObject:
         return adapter_obj(adapter_job(tenant_, adapter_id))
 
     @app.get(
@@ -583,7 +583,7 @@ def create_app(settings: ServiceSettings, store: Store | None = None) -> FastAPI
         responses={**_ERRORS, 200: {"content": {"application/zip": {}}, "description": "the PEFT folder"}},
         response_class=FileResponse,
     )  # fmt: skip
-    def download_adapter(adapter_id: AdapterId, tenant_: Tenant) -> FileResponse:
+    def download_adapter(adapter_id: _AdapterId, tenant_: _Tenant) -> FileResponse:
         """The adapter as a zip of its PEFT folder (``adapter_config.json`` + ``adapter_model.safetensors``)."""
         adapter_job(tenant_, adapter_id)
         src = dd.adapter_dir(adapter_id)

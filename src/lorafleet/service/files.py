@@ -31,6 +31,7 @@ __all__ = [
     "ADAPTER_ID_PATTERN",
     "FILE_ID_PATTERN",
     "JOB_ID_PATTERN",
+    "SUFFIX_PATTERN",
     "DataDir",
     "UploadError",
     "ValidatedUpload",

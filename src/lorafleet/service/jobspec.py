@@ -14,7 +14,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import AdapterConfig, ConfigError, DatasetConfig, RunConfig, TaskConfig, parse_config
+from ..config import (
+    AdapterConfig,
+    BaseModelConfig,
+    ConfigError,
+    DatasetConfig,
+    DispatcherConfig,
+    RunConfig,
+    TaskConfig,
+    parse_config,
+)
 
 __all__ = ["EngineSettings", "JobConfigs", "job_configs"]
 
@@ -33,11 +42,14 @@ class EngineSettings:
         """The engine's RunConfig with no tasks yet (jobs arrive through ``Engine.add_task``).
 
         ``RunConfig`` requires at least one task when read from YAML; the service's run starts empty, so
-        the sections are validated one by one and assembled without that check."""
-        cfg = self._one_task_run(output_dir, _probe_dataset(), _probe_adapter(), _probe_task())
+        its sections are validated one by one and assembled without that check."""
         return RunConfig.model_construct(
-            base_model=cfg.base_model, output_dir=str(output_dir), seed=0, datasets=[], adapters=[], tasks=[],
-            dispatcher=cfg.dispatcher, pipeline=cfg.pipeline,
+            base_model=BaseModelConfig(path=self.base_model, dtype=self.dtype, device=self.device),
+            output_dir=str(output_dir), seed=0, datasets=[], adapters=[], tasks=[],
+            dispatcher=DispatcherConfig(
+                max_concurrent_tasks=self.max_concurrent_tasks,
+                max_tokens_per_micro_batch=self.max_tokens_per_micro_batch,
+            ),
         )  # fmt: skip
 
     def _one_task_run(
@@ -56,18 +68,6 @@ class EngineSettings:
                 },
             }
         )
-
-
-def _probe_dataset() -> dict:
-    return {"name": "probe", "path": "probe.jsonl", "format": "prompt_completion"}
-
-
-def _probe_adapter() -> dict:
-    return {"name": "probe"}
-
-
-def _probe_task() -> dict:
-    return {"name": "probe", "adapter": "probe", "dataset": "probe", "max_seq_len": 8}
 
 
 @dataclass(frozen=True)

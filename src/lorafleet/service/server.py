@@ -95,8 +95,12 @@ def serve(
     import uvicorn
 
     _check_model_path(base_model)
-    if max_upload_mb <= 0:
-        raise ValueError(f"--max-upload-mb must be > 0 (got {max_upload_mb})")
+    for flag, value in (
+        ("--max-upload-mb", max_upload_mb), ("--max-concurrent-tasks", max_concurrent_tasks),
+        ("--max-tokens-per-micro-batch", max_tokens_per_micro_batch), ("--poll-interval", poll_interval),
+    ):  # fmt: skip
+        if value <= 0:
+            raise ValueError(f"{flag} must be > 0 (got {value})")
     base_model = base_model if base_model.startswith("pkg:") else str(Path(base_model).expanduser().resolve())
     dd = DataDir(Path(data_dir).expanduser().resolve()).create()
     engine = EngineSettings(

@@ -40,7 +40,7 @@ from .files import DataDir
 from .jobspec import EngineSettings, job_configs
 from .store import ACTIVE_STATUSES, CheckpointRecord, EventRecord, SQLiteStore, Store
 
-__all__ = ["Worker", "main"]
+__all__ = ["Worker", "build_parser", "main"]
 
 log = logging.getLogger("lorafleet.worker")
 
