@@ -235,3 +235,109 @@ def test_preference_row_missing_rejected_names_file_and_line(tmp_path, tiny_mode
     with pytest.raises(DataError) as e:
         load_examples(_DS, load_tokenizer(tiny_model_dir), 64)
     assert f"{path}:2" in str(e.value) and "'rejected'" in str(e.value)
+
+
+def _pref_rows(n: int, shift: int) -> list[dict]:
+    prompts = ["What is the capital of France?", "Hello world.", "The quick brown fox", "def add(a, b):"]
+    good = ["The capital of France is Paris.", "hello World.", "jumps over the lazy dog", "return a + b"]
+    bad = ["12345 times!", "caf\u00e9, na\u00efve", "they'll see.", "HELLO, it's a tiny tokenizer"]
+    return [
+        {
+            "prompt": prompts[(i + shift) % 4],
+            "chosen": good[(i + shift) % 4],
+            "rejected": bad[(i + 2 * shift) % 4],
+        }
+        for i in range(n)
+    ]
+
+
+def _pref_config(tmp: Path, model_dir: Path, train_rows: list[dict]) -> Path:
+    import yaml
+
+    def write(name, rows):
+        (tmp / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(tmp / name)
+
+    sft_rows = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in _pref_rows(4, 0)]
+    cfg = {
+        "base_model": {"path": str(model_dir)},
+        "output_dir": str(tmp / "run"),
+        "datasets": [
+            {"name": "prefs", "path": write("prefs.jsonl", train_rows), "format": "preference"},
+            {
+                "name": "prefs-eval",
+                "path": write("prefs-eval.jsonl", _pref_rows(3, 1)),
+                "format": "preference",
+            },
+            {"name": "sft", "path": write("sft.jsonl", sft_rows), "format": "prompt_completion"},
+        ],
+        "adapters": [{"name": n, "rank": 4, "alpha": 8, "dropout": 0.0} for n in ("d", "o", "s")],
+        "tasks": [
+            {
+                "name": "d",
+                "type": "dpo",
+                "adapter": "d",
+                "dataset": "prefs",
+                "eval_dataset": "prefs-eval",
+                "beta": 0.1,
+                "label_smoothing": 0.1,
+                "batch_size": 2,
+                "micro_batch_size": 1,
+                "max_steps": 2,
+                "max_seq_len": 64,
+            },
+            {
+                "name": "o",
+                "type": "orpo",
+                "adapter": "o",
+                "dataset": "prefs",
+                "beta": 0.2,
+                "batch_size": 2,
+                "max_steps": 2,
+                "max_seq_len": 64,
+            },
+            {"name": "s", "adapter": "s", "dataset": "sft", "batch_size": 2, "max_steps": 2},
+        ],  # fmt: skip
+        "dispatcher": {"max_tokens_per_micro_batch": 512},
+    }
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_dpo_orpo_and_sft_train_together(tmp_path, tiny_model_dir):
+    """Through ``lorafleet train``: at step 1 the adapter is zero (B = 0), so policy == reference and the DPO
+    loss is exactly log 2 with zero margin; preference metrics are logged; the DPO eval has no perplexity."""
+    import math
+
+    from lorafleet.cli import main as cli_main
+
+    cfg = _pref_config(tmp_path, tiny_model_dir, _pref_rows(4, 0))
+    assert cli_main(["train", str(cfg), "--no-progress"]) == 0
+    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = {(r["task"], r["step"]): r for r in recs if r.get("kind", "train") == "train"}
+    assert set(train) == {(n, s) for n in "dos" for s in (1, 2)}
+    d1 = train[("d", 1)]
+    assert d1["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert d1["reward_margin"] == pytest.approx(0.0, abs=1e-6) and d1["reward_accuracy"] == 0.0
+    assert abs(train[("d", 2)]["loss"] - math.log(2)) > 1e-4, "the first step must move the policy"
+    assert {"nll", "or_loss", "reward_margin", "reward_accuracy"} <= set(train[("o", 1)])
+    o1 = train[("o", 1)]
+    assert o1["loss"] == pytest.approx(o1["nll"] + 0.2 * o1["or_loss"], rel=1e-6)
+    evals = [r for r in recs if r.get("kind") == "eval"]
+    assert [(r["task"], r["step"]) for r in evals] == [("d", 2)]
+    assert "eval_reward_accuracy" in evals[0] and "eval_perplexity" not in evals[0]
+    for name in "dos":
+        assert (tmp_path / "run" / "adapters" / name / "adapter_model.safetensors").is_file()
+
+
+def test_train_preference_row_missing_rejected(tmp_path, tiny_model_dir, capsys):
+    from lorafleet.cli import main as cli_main
+
+    rows = _pref_rows(3, 0)
+    del rows[1]["rejected"]
+    cfg = _pref_config(tmp_path, tiny_model_dir, rows)
+    assert cli_main(["train", str(cfg), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'prefs.jsonl'}:2: missing field 'rejected'" in err, err
+    assert "Traceback" not in err

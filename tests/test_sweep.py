@@ -124,7 +124,7 @@ def test_report_ranks_by_eval_loss_of_the_kept_adapter(tmp_path):
     ]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     rows = sweep_report(cfg, run, print_table=False)["sw"]
-    assert [(r["rank"], r["task"], r["eval_loss"], r["eval_step"]) for r in rows] == [
+    assert [(r["place"], r["task"], r["eval_loss"], r["eval_step"]) for r in rows] == [
         (1, a, 0.9, 2),
         (2, b, 1.0, 3),
     ]
@@ -141,11 +141,11 @@ def test_example_sweep_of_8_combinations_on_smollm2(tmp_path, smollm2_gguf, caps
     data = yaml.safe_load(EXAMPLE.read_text())
     for d in data["datasets"]:
         d["path"] = str(EXAMPLE.parent / d["path"])
-        d["max_examples"] = 6
+        d["max_examples"] = 4
     data["base_model"]["device"] = "cpu"
     data["output_dir"] = str(tmp_path / "run")
     task = data["tasks"][0]
-    task.update(batch_size=2, max_steps=2, eval_every_steps=1, max_seq_len=40)
+    task.update(batch_size=2, max_steps=2, eval_every_steps=1, max_seq_len=32)
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(data))
     assert len(load_config(path).tasks) == 8
@@ -154,7 +154,7 @@ def test_example_sweep_of_8_combinations_on_smollm2(tmp_path, smollm2_gguf, caps
     out = capsys.readouterr().out
     assert "8 combinations ranked by eval loss" in out
     rows = json.loads((tmp_path / "run" / "sweep-ai.json").read_text())
-    assert [r["rank"] for r in rows] == list(range(1, 9))
+    assert [r["place"] for r in rows] == list(range(1, 9))
     losses = [r["eval_loss"] for r in rows]
     assert losses == sorted(losses) and len(set(losses)) == 8
     assert {(r["lr"], r["rank"], r["alpha"]) for r in rows} == set(

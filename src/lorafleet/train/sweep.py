@@ -180,9 +180,9 @@ def sweep_report(
 ) -> dict[str, list[dict[str, Any]]]:
     """Rank every sweep's combinations by eval loss; print the table, write ``sweep-<task>.json`` and ``.png``.
 
-    Returns ``{original task name: ranked rows}``; each row has ``rank``, ``task``, the swept values,
-    ``eval_loss`` and ``eval_step`` (of the kept adapter; None when it was never evaluated, ranked last),
-    ``final_train_loss`` and ``steps``.
+    Returns ``{original task name: ranked rows}``; each row has ``place`` (1 = best), ``task``, the swept
+    values, ``eval_loss`` and ``eval_step`` (of the kept adapter; None when it was never evaluated, ranked
+    last), ``final_train_loss`` and ``steps``.
     """
     from ..metrics import read_metrics
 
@@ -220,7 +220,7 @@ def sweep_report(
             key=lambda r: (r["eval_loss"] is None or not math.isfinite(r["eval_loss"]), r["eval_loss"] or 0.0)
         )
         for k, row in enumerate(rows, 1):
-            row["rank"] = k
+            row["place"] = k
         reports[group] = rows
         (output_dir / f"sweep-{group}.json").write_text(json.dumps(rows, indent=2) + "\n")
         keys = list(tasks[0].sweep_point.values)
@@ -239,13 +239,13 @@ def _print(group: str, keys: list[str], rows: list[dict[str, Any]], output_dir: 
     from rich.table import Table
 
     table = Table(title=f"sweep {group!r}: {len(rows)} combinations ranked by eval loss")
-    for col in ("rank", *keys, "eval loss", "at step", "final train loss", "task"):
+    for col in ("place", *keys, "eval loss", "at step", "final train loss", "task"):
         table.add_column(col, justify="left" if col == "task" else "right")
     for r in rows:
         values = [f"{r[k]:g}" if isinstance(r[k], float) else str(r[k]) for k in keys]
         ev = f"{r['eval_loss']:.4f}" if r["eval_loss"] is not None else "-"
         tr = f"{r['final_train_loss']:.4f}" if r["final_train_loss"] is not None else "-"
-        table.add_row(str(r["rank"]), *values, ev, str(r["eval_step"] or "-"), tr, r["task"])
+        table.add_row(str(r["place"]), *values, ev, str(r["eval_step"] or "-"), tr, r["task"])
     console = Console()
     console.print(table)
     console.print(
@@ -270,10 +270,10 @@ def _plot(
     fig, (ax_t, ax_e) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
     cmap = plt.get_cmap("viridis")
     by_name = {r["task"]: r for r in rows}
-    for name in sorted(names, key=lambda n: by_name[n]["rank"]):
+    for name in sorted(names, key=lambda n: by_name[n]["place"]):
         row = by_name[name]
-        color = cmap((row["rank"] - 1) / max(1, len(rows) - 1))
-        label = f"#{row['rank']} {_label(row, keys)}"
+        color = cmap((row["place"] - 1) / max(1, len(rows) - 1))
+        label = f"#{row['place']} {_label(row, keys)}"
         if train[name]:
             xs, ys = zip(*train[name])
             ax_t.plot(xs, ys, color=color, linewidth=1.4, label=label)
