@@ -34,6 +34,10 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 TERMINAL = ("succeeded", "failed", "cancelled")
+STEPS = 24  # per job of the two-tenant run: long enough that both are admitted while the other trains
+# jobs killed mid-training: long enough that the test sees them past a checkpoint and still running (a step of
+# the tiny model takes ~10 ms on one free core, and the test polls every 50 ms)
+LONG = 120
 QA = [{"prompt": f"What is {i} plus {i}?", "completion": f" It is {2 * i}."} for i in range(24)]
 CHAT = [
     {"messages": [{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": f"{w}!"}]}
@@ -65,7 +69,7 @@ class Server:
     def start(self, timeout: float = 180.0) -> Server:
         cmd = [
             sys.executable, "-m", "lorafleet", "serve", "--base-model", str(self.model), "--data-dir", str(self.data),
-            "--port", str(self.port), "--device", "cpu", "--poll-interval", "0.1", *self.extra,
+            "--port", str(self.port), "--device", "cpu", "--poll-interval", "0.05", "--num-threads", "1", *self.extra,
         ]  # fmt: skip
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
@@ -181,48 +185,47 @@ def service(tmp_path_factory, tiny_llama_dir):
 
 @pytest.fixture(scope="module")
 def trained(service):
-    """Alice (HTTP) and Bob (the jobs CLI) each upload data and create a job; both train together."""
+    """Alice and Bob each upload data and create a job, one right after the other; both train together."""
     server, tokens, root = service["server"], service["tokens"], service["root"]
-    alice = _client(server, tokens["alice"])
-    f = alice.post(
+    alice, bob = _client(server, tokens["alice"]), _client(server, tokens["bob"])
+    fa = alice.post(
         "/v1/files", files={"file": ("qa.jsonl", _write_jsonl(root / "qa.jsonl", QA).read_bytes())}
     )
-    assert f.status_code == 200, f.text
-    body = {
-        "training_file": f.json()["id"], "suffix": "alice",
+    fb = bob.post(
+        "/v1/files", files={"file": ("chat.jsonl", _write_jsonl(root / "chat.jsonl", CHAT).read_bytes())}
+    )
+    assert fa.status_code == fb.status_code == 200, (fa.text, fb.text)
+    common = {"max_steps": STEPS, "learning_rate": 5e-3, "max_seq_len": 64, "lr_scheduler": "constant"}
+    body_a = {
+        "training_file": fa.json()["id"], "suffix": "alice",
         "adapter": {"rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
-        "hyperparameters": {"batch_size": 4, "max_steps": 8, "learning_rate": 5e-3, "max_seq_len": 64,
-                            "save_every_steps": 4, "lr_scheduler": "constant"},
+        "hyperparameters": {"batch_size": 4, "save_every_steps": 8, **common},
     }  # fmt: skip
-    r = alice.post("/v1/fine_tuning/jobs", json=body)
-    assert r.status_code == 200, r.text
-    job_a = r.json()["id"]
-    r = _cli(
-        server, tokens["bob"], "create", "--training-file", str(_write_jsonl(root / "chat.jsonl", CHAT)),
-        "--rank", "8", "--target-modules", "q_proj,k_proj,o_proj", "--batch-size", "2", "--max-steps", "8",
-        "--learning-rate", "5e-3", "--max-seq-len", "64", "--suffix", "bob",
-    )  # fmt: skip
-    assert r.returncode == 0, r.stderr
-    job_b = r.stdout.strip()
-    assert re.fullmatch(r"ftjob-[0-9a-f]{24}", job_b), r.stdout
-    bob = _client(server, tokens["bob"])
-    a = _wait(alice, job_a, server=server)
-    b = _wait(bob, job_b, server=server)
-    return {"alice": (alice, a), "bob": (bob, b)}
+    body_b = {
+        "training_file": fb.json()["id"], "suffix": "bob",
+        "adapter": {"rank": 8, "target_modules": ["q_proj", "k_proj", "o_proj"]},
+        "hyperparameters": {"batch_size": 2, **common},
+    }  # fmt: skip
+    job_a = alice.post("/v1/fine_tuning/jobs", json=body_a).json()["id"]
+    job_b = bob.post("/v1/fine_tuning/jobs", json=body_b).json()["id"]
+    return {
+        "alice": (alice, _wait(alice, job_a, server=server)),
+        "bob": (bob, _wait(bob, job_b, server=server)),
+    }
 
 
 def test_two_tenants_train_together_download_and_stay_apart(service, trained, tmp_path):
     server, tokens, model = service["server"], service["tokens"], service["model"]
     (alice, a), (bob, b) = trained["alice"], trained["bob"]
     assert a["status"] == b["status"] == "succeeded", (a, b)
-    assert (a["step"], a["total_steps"], b["step"], b["total_steps"]) == (8, 8, 8, 8)
+    assert (a["step"], a["total_steps"], b["step"], b["total_steps"]) == (STEPS,) * 4
     # both trained together on the one engine: each one's steps began before the other's ended
     ma = [e for e in _metrics(alice, a["id"]) if e["type"] == "metrics"]
     mb = [e for e in _metrics(bob, b["id"]) if e["type"] == "metrics"]
-    assert [e["data"]["step"] for e in ma] == [e["data"]["step"] for e in mb] == list(range(1, 9))
+    assert [e["data"]["step"] for e in ma] == [e["data"]["step"] for e in mb] == list(range(1, STEPS + 1))
     assert ma[0]["created_at"] < mb[-1]["created_at"] and mb[0]["created_at"] < ma[-1]["created_at"]
     ckpts = alice.get(f"/v1/fine_tuning/jobs/{a['id']}/checkpoints").json()["data"]
-    assert [c["step_number"] for c in ckpts] == [8, 4]
+    assert [c["step_number"] for c in ckpts] == [24, 16, 8]
 
     # Alice downloads over HTTP: the zip holds exactly the engine's exported PEFT folder
     engine_dir = DataDir(server.data).adapter_dir(a["fine_tuned_adapter"])
@@ -338,36 +341,45 @@ def test_job_the_engine_rejects_fails_with_the_reason(service, trained):
     assert httpx.get(f"{server.url}/healthz").json()["worker"]["alive"]
 
 
-def test_dpo_job_with_validation_file(service, trained):
-    """A preference job (DPO) with a held-out file: validation losses join the step events at the
-    evaluation steps, the task's own numbers (rewards) come along, and the adapter is PEFT's."""
-    server, tokens = service["server"], service["tokens"]
-    bob = _client(server, tokens["bob"])
+def test_dpo_job_with_validation_file_from_the_cli(service, trained):
+    """``lorafleet jobs create --wait`` uploads a preference file and a held-out file and follows a DPO
+    job: validation losses join the step events at the evaluation steps, the task's own numbers (rewards)
+    come along, and the adapter downloads."""
+    server, tokens, root = service["server"], service["tokens"], service["root"]
     pairs = [
         {"prompt": f"What is {i} plus {i}?", "chosen": f" It is {2 * i}.", "rejected": f" It is {2 * i + 1}."}
         for i in range(8)
     ]
-    up = lambda name, rows: bob.post(  # noqa: E731
-        "/v1/files", files={"file": (name, "".join(json.dumps(r) + "\n" for r in rows))}
-    ).json()
-    train, valid = up("pairs.jsonl", pairs[:6]), up("pairs-valid.jsonl", pairs[6:])
-    assert train["format"] == valid["format"] == "preference"
-    body = {
-        "training_file": train["id"], "validation_file": valid["id"], "method": {"type": "dpo", "beta": 0.1},
-        "hyperparameters": {"batch_size": 2, "max_steps": 4, "eval_every_steps": 2, "max_seq_len": 64,
-                            "learning_rate": 1e-3},
-    }  # fmt: skip
-    r = bob.post("/v1/fine_tuning/jobs", json=body)
-    assert r.status_code == 200, r.text
-    job = _wait(bob, r.json()["id"], server=server)
-    assert job["status"] == "succeeded" and job["method"]["type"] == "dpo", job
+    train, valid = (
+        _write_jsonl(root / "pairs.jsonl", pairs[:6]),
+        _write_jsonl(root / "pairs-valid.jsonl", pairs[6:]),
+    )
+    r = _cli(
+        server, tokens["bob"], "create", "--training-file", str(train), "--validation-file", str(valid),
+        "--method", "dpo", "--beta", "0.2", "--batch-size", "2", "--max-steps", "4", "--eval-every-steps", "2",
+        "--max-seq-len", "64", "--learning-rate", "1e-3", "--wait", "--json",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    job = json.loads(r.stdout)
+    assert job["status"] == "succeeded" and job["method"] == {**job["method"], "type": "dpo", "beta": 0.2}, (
+        job
+    )
+    assert "Training succeeded" in r.stderr and "uploaded" in r.stderr  # --wait printed the events
+    bob = _client(server, tokens["bob"])
+    assert {
+        f["format"]
+        for f in bob.get("/v1/files").json()["data"]
+        if f["id"] in (job["training_file"], job["validation_file"])
+    } == {"preference"}
     metrics = {e["data"]["step"]: e["data"] for e in _metrics(bob, job["id"]) if e["type"] == "metrics"}
     assert sorted(metrics) == [1, 2, 3, 4]
     assert [s for s, d in metrics.items() if "valid_loss" in d] == [2, 4]
     assert all(d["train_loss"] > 0 and len(d) > 5 for d in metrics.values())  # DPO's rewards/accuracies too
     z = bob.get(f"/v1/adapters/{job['fine_tuned_adapter']}/download")
-    assert z.status_code == 200 and "adapter_config.json" in "".join(
-        zipfile.ZipFile(io.BytesIO(z.content)).namelist()
+    assert (
+        z.status_code == 200
+        and f"{job['fine_tuned_adapter']}/adapter_config.json"
+        in zipfile.ZipFile(io.BytesIO(z.content)).namelist()
     )
 
 
@@ -379,7 +391,7 @@ def test_killed_worker_is_restarted_and_resumes(service, trained):
     server, tokens = service["server"], service["tokens"]
     alice = _client(server, tokens["alice"])
     fid = _file_named(alice, "qa.jsonl")
-    hp = {"batch_size": 2, "max_steps": 24, "max_seq_len": 64, "save_every_steps": 2}
+    hp = {"batch_size": 2, "max_steps": LONG, "max_seq_len": 64, "save_every_steps": 5}
     r = alice.post("/v1/fine_tuning/jobs", json={"training_file": fid, "hyperparameters": hp})
     job_id = r.json()["id"]
     ckpt = DataDir(server.data).checkpoint_dir(job_id)
@@ -396,11 +408,11 @@ def test_killed_worker_is_restarted_and_resumes(service, trained):
     resume_from = _checkpoint_steps(ckpt)[-1]
     assert alice.get(f"/v1/fine_tuning/jobs/{job_id}").json()["status"] == "running"
     job = _wait(alice, job_id, server=server)  # the supervisor starts a new worker, which resumes the job
-    assert job["status"] == "succeeded" and job["step"] == 24
+    assert job["status"] == "succeeded" and job["step"] == LONG
     assert httpx.get(f"{server.url}/healthz").json()["worker"]["pid"] != old_pid
     events = _metrics(alice, job_id)
-    assert f"Resumed from the checkpoint at step {resume_from} of 24" in [e["message"] for e in events]
-    assert [e["data"]["step"] for e in events if e["type"] == "metrics"] == list(range(1, 25))
+    assert f"Resumed from the checkpoint at step {resume_from} of {LONG}" in [e["message"] for e in events]
+    assert [e["data"]["step"] for e in events if e["type"] == "metrics"] == list(range(1, LONG + 1))
 
 
 def _chromium() -> str:
@@ -429,7 +441,7 @@ def test_dashboard_renders_jobs_and_loss_curves_in_chromium(service, trained, tm
     assert rows == [(j["id"], j["status"]) for j in jobs]
     # one curve per job with steps; alice's trained job has one point per step the API reports
     curves = dict(re.findall(r'<polyline class="curve" data-job="([^"]+)" data-points="(\d+)"', html))
-    assert curves[a["id"]] == str(a["step"]) == "8"
+    assert curves[a["id"]] == str(a["step"]) == str(STEPS)
     assert tokens["bob"] not in html and trained["bob"][1]["id"] not in html
     shot = tmp_path / "dashboard.png"
     r = subprocess.run(
@@ -467,9 +479,9 @@ def test_sigkill_mid_training_then_restart_resumes_from_checkpoints(tmp_path, ti
     fid = c.post(
         "/v1/files", files={"file": ("qa.jsonl", _write_jsonl(tmp_path / "qa.jsonl", QA).read_bytes())}
     ).json()["id"]
-    hp = {"batch_size": 2, "max_seq_len": 64, "learning_rate": 1e-3, "save_every_steps": 3}
+    hp = {"batch_size": 2, "max_seq_len": 64, "learning_rate": 1e-3, "save_every_steps": 5}
     job1 = c.post(
-        "/v1/fine_tuning/jobs", json={"training_file": fid, "hyperparameters": {**hp, "max_steps": 40}}
+        "/v1/fine_tuning/jobs", json={"training_file": fid, "hyperparameters": {**hp, "max_steps": LONG}}
     ).json()["id"]
     job2 = c.post(
         "/v1/fine_tuning/jobs", json={"training_file": fid, "hyperparameters": {**hp, "max_steps": 4}}
@@ -495,7 +507,7 @@ def test_sigkill_mid_training_then_restart_resumes_from_checkpoints(tmp_path, ti
     )
     at_kill = {j: store.get_job_any(j).status for j in (job1, job2, job3)}
     assert at_kill[job1] == "running" and at_kill[job2] in ("validating_files", "queued"), at_kill
-    assert 3 <= resume_from < 40
+    assert 5 <= resume_from < LONG
 
     server = Server(tiny_llama_dir, data, "--max-concurrent-tasks", "1").start()
     try:
@@ -504,10 +516,10 @@ def test_sigkill_mid_training_then_restart_resumes_from_checkpoints(tmp_path, ti
         assert {j: d["status"] for j, d in done.items()} == dict.fromkeys(done, "succeeded")
         events = _metrics(c, job1)
         messages = [e["message"] for e in events if e["type"] == "message"]
-        assert f"Resumed from the checkpoint at step {resume_from} of 40" in messages, messages
+        assert f"Resumed from the checkpoint at step {resume_from} of {LONG}" in messages, messages
         # every step once in the loss history, the redone ones replaced by their second run
-        assert [e["data"]["step"] for e in events if e["type"] == "metrics"] == list(range(1, 41))
-        assert done[job1]["step"] == 40
+        assert [e["data"]["step"] for e in events if e["type"] == "metrics"] == list(range(1, LONG + 1))
+        assert done[job1]["step"] == LONG
         assert not any("Resumed" in e["message"] for e in _metrics(c, job2) + _metrics(c, job3))
         z = c.get(f"/v1/adapters/{done[job1]['fine_tuned_adapter']}/download")
         assert z.status_code == 200 and zipfile.ZipFile(io.BytesIO(z.content)).namelist()

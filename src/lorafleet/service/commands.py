@@ -29,6 +29,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_upload_mb=args.max_upload_mb, dtype=args.dtype, device=args.device,
         max_concurrent_tasks=args.max_concurrent_tasks, max_tokens_per_micro_batch=args.max_tokens_per_micro_batch,
         poll_interval=args.poll_interval, access_log=args.access_log, worker=not args.no_worker,
+        num_threads=args.num_threads,
     )  # fmt: skip
     return 0
 
@@ -49,6 +50,10 @@ def add_serve_command(sub) -> None:
     p.add_argument(
         "--poll-interval", type=float, default=0.5, help="seconds between the worker's store reads"
     )
+    p.add_argument(
+        "--num-threads", type=int, default=None,
+        help="CPU threads the worker's torch uses (default: torch's; 1 on a small machine shared with the API)",
+    )  # fmt: skip
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")
     p.add_argument(
         "--no-worker", action="store_true", help="API only (a worker runs elsewhere on this data dir)"

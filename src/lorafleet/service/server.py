@@ -90,6 +90,7 @@ def serve(
     poll_interval: float = 0.5,
     access_log: bool = False,
     worker: bool = True,
+    num_threads: int | None = None,
 ) -> None:
     """Run the API until interrupted, with a supervised worker unless ``worker`` is False."""
     import uvicorn
@@ -98,6 +99,7 @@ def serve(
     for flag, value in (
         ("--max-upload-mb", max_upload_mb), ("--max-concurrent-tasks", max_concurrent_tasks),
         ("--max-tokens-per-micro-batch", max_tokens_per_micro_batch), ("--poll-interval", poll_interval),
+        ("--num-threads", 1 if num_threads is None else num_threads),
     ):  # fmt: skip
         if value <= 0:
             raise ValueError(f"{flag} must be > 0 (got {value})")
@@ -122,6 +124,8 @@ def serve(
             "--max-tokens-per-micro-batch", str(max_tokens_per_micro_batch), "--poll-interval", str(poll_interval),
             "--parent-pid", str(os.getpid()),
         ]  # fmt: skip
+        if num_threads is not None:
+            cmd += ["--num-threads", str(num_threads)]
         supervisor = WorkerSupervisor(cmd)
         supervisor.start()
     try:

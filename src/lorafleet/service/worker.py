@@ -335,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrent-tasks", type=int, default=8)
     p.add_argument("--max-tokens-per-micro-batch", type=int, default=4096)
     p.add_argument("--poll-interval", type=float, default=0.5)
+    p.add_argument("--num-threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     p.add_argument(
         "--parent-pid", type=int, default=None, help="exit when this process is no longer the parent"
     )
@@ -349,6 +350,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     if args.parent_pid is not None:
         _die_with_parent(args.parent_pid, stop)
+    if args.num_threads is not None:
+        import torch
+
+        torch.set_num_threads(args.num_threads)
     dd = DataDir(Path(args.data_dir)).create()
     lock_fd = _lock(dd, stop)
     if stop.is_set():
