@@ -8,6 +8,7 @@
     lorafleet serve --base-model PATH --data-dir DIR # fine-tuning service: REST API, dashboard, worker
     lorafleet tokens create --tenant NAME --data-dir DIR   # an API token for the service
     lorafleet jobs create|list|show|cancel|download  # the service's command-line client
+    lorafleet bench [--quick]                        # benchmarks/bench.py: lorafleet vs PEFT, mlora, FSDP
 
 User mistakes (``ValueError`` and subclasses: bad config, bad data, bad model path) print one clear
 paragraph and exit with code 2, without a traceback.
@@ -115,7 +116,44 @@ def _add_service(sub) -> None:
     add_jobs_command(sub)
 
 
-_COMMANDS: list[Callable] = [_add_demo, _add_train, _add_eval, _add_generate, _add_service]
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import subprocess
+    from pathlib import Path
+
+    candidates = [
+        Path(__file__).resolve().parents[2] / "benchmarks" / "bench.py",
+        Path.cwd() / "benchmarks" / "bench.py",
+    ]
+    script = next((c for c in candidates if c.is_file()), None)
+    if script is None:
+        raise ValueError(
+            "lorafleet bench runs benchmarks/bench.py from a source checkout, and none was found next to the "
+            "installed package or in the current folder; run it from the repository root"
+        )
+    forwarded = ["--quick"] if args.quick else ["--smoke"] if args.smoke else []
+    if args.repeats is not None:
+        forwarded += ["--repeats", str(args.repeats)]
+    forwarded += ["--no-mlora"] if args.no_mlora else []
+    forwarded += ["--no-parallel"] if args.no_parallel else []
+    forwarded += ["--out-dir", args.out_dir] if args.out_dir else []
+    forwarded += ["--cache-dir", args.cache_dir] if args.cache_dir else []
+    return subprocess.call([sys.executable, str(script), *forwarded])
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="the side-by-side benchmark (benchmarks/bench.py): tables and charts")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="fewer scenarios, one run each")
+    mode.add_argument("--smoke", action="store_true", help="a tiny model, seconds")
+    p.add_argument("--repeats", type=int, default=None, help="runs per figure (default 3)")
+    p.add_argument("--no-mlora", action="store_true", help="skip the mlora package and its venv")
+    p.add_argument("--no-parallel", action="store_true", help="skip N PEFT processes at once")
+    p.add_argument("--out-dir", default=None, help="default: benchmarks/results")
+    p.add_argument("--cache-dir", default=None, help="default: benchmarks/.cache")
+    p.set_defaults(func=_cmd_bench)
+
+
+_COMMANDS: list[Callable] = [_add_demo, _add_train, _add_eval, _add_generate, _add_service, _add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:
