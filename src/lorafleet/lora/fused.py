@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.decoder import BatchLike, Linear
+from ..models.quant import base_linear, dense_weight
 
 if TYPE_CHECKING:
     from .adapters import AdapterSpec
@@ -69,7 +70,7 @@ def dora_weight_norm(
     """
     with torch.no_grad():
         lora_OI = (b_OR @ a_RI).to(dtype)
-        return torch.linalg.vector_norm(weight_OI.to(dtype) + scaling * lora_OI, dim=1)
+        return torch.linalg.vector_norm(dense_weight(weight_OI, dtype).to(dtype) + scaling * lora_OI, dim=1)
 
 
 def _check_segments(segments: list[tuple[int, int, str]], num_rows: int) -> None:
@@ -176,6 +177,7 @@ def _fused_forward(
 ) -> tuple[torch.Tensor, list[torch.Tensor | None], list[torch.Tensor | None]]:
     """y [T, O], the per-segment (mask, h) pairs and the per-slot DoRA norms; runs without autograd."""
     dt = x_TI.dtype
+    weight_OI = dense_weight(weight_OI, dt)  # a quantized base (models/quant.py): dense for this call only
     y_TO = F.linear(x_TI, weight_OI, bias_O)
     norms: list[torch.Tensor | None] = [
         dora_weight_norm(weight_OI, params[s.first], params[s.first + 1], s.scaling, dt)
@@ -238,6 +240,7 @@ class _FusedLoRAFunction(torch.autograd.Function):
         params, rest = rest[:n], rest[n:]
         saved, norms = rest[: 2 * len(plan.segments)], rest[2 * len(plan.segments) :]
         dt = g_TO.dtype
+        weight_OI = dense_weight(weight_OI, dt)
         g_TO = g_TO.contiguous()
         scales = [
             _dora_scale(params[s.first + 2], norms[k], dt) if s.kind == "dora" else None
@@ -313,6 +316,7 @@ class FusedLoRALinear(Linear):
         self.weight = base.weight
         self.bias = base.bias
         self.training = base.training  # swapped into an eval-mode model, it must not start dropping out
+        self.backend = "auto"  # "auto" | "torch" | "triton": see lorafleet.lora.kernels.set_lora_backend
         self.specs: dict[str, AdapterSpec] = {}
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
@@ -397,8 +401,18 @@ class FusedLoRALinear(Linear):
     def forward(self, x: torch.Tensor, batch: BatchLike | None = None) -> torch.Tensor:
         planned = self._plan(x, batch)
         if planned is None:
-            return F.linear(x, self.weight, self.bias)
+            return base_linear(x, self.weight, self.bias)
         plan, params = planned
+        if self.backend == "triton" or (self.backend == "auto" and x.is_cuda):
+            from .kernels import triton_fused_lora, triton_unsupported
+
+            why = triton_unsupported(x, plan)
+            if why is None:
+                return triton_fused_lora(x, self.weight, self.bias, plan, params)
+            if self.backend == "triton":
+                raise ValueError(
+                    f"backend 'triton' cannot run this call: {why}; use backend 'auto' or 'torch'"
+                )
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
             return _FusedLoRAFunction.apply(x, self.weight, self.bias, plan, *params)
         with torch.no_grad():
