@@ -147,6 +147,12 @@ def test_save_upload_reports_every_bad_line(tmp_path):
     info2 = save_upload(io.BytesIO(_jsonl(ROWS)), tmp_path / "ok.jsonl", max_bytes=10_000)
     assert (info2.num_rows, info2.format) == (len(ROWS), "prompt_completion")
     assert [json.loads(x) for x in (tmp_path / "ok.jsonl").read_text().splitlines()] == ROWS
+    # lines longer than the read chunk (64 KiB), and a last line without its newline
+    rows = [{"text": "a" * 200_000}, {"text": "b"}, {"text": "c" * 70_000}]
+    data = _jsonl(rows).rstrip(b"\n")
+    info3 = save_upload(io.BytesIO(data), tmp_path / "long.jsonl", max_bytes=400_000)
+    assert (info3.num_rows, info3.bytes) == (3, len(data) + 1)
+    assert (tmp_path / "long.jsonl").read_bytes() == data + b"\n"
 
 
 # -- the REST API -----------------------------------------------------------------------------------------

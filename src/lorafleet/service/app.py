@@ -393,8 +393,9 @@ def create_app(settings: ServiceSettings, store: Store | None = None) -> FastAPI
             try:
                 info = await run_in_threadpool(save_upload, upload.file, dest, settings.max_upload_bytes)
             except UploadError as e:
-                status = 413 if "upload limit" in str(e) else 400
-                raise ApiError(status, str(e), param="file", code="invalid_file", errors=e.errors) from None
+                raise ApiError(
+                    413 if e.too_large else 400, str(e), param="file", code="invalid_file", errors=e.errors
+                ) from None
             name = (upload.filename or "upload.jsonl")[:255]
             rec = FileRecord(
                 id=file_id, tenant=tenant_, filename=name, purpose="fine-tune", bytes=info.bytes,

@@ -122,11 +122,13 @@ class DataDir:
 
 
 class UploadError(ValueError):
-    """A rejected upload. ``errors`` lists one message per bad line (at most ``_MAX_ERRORS``)."""
+    """A rejected upload. ``errors`` lists one message per bad line (at most ``_MAX_ERRORS``);
+    ``too_large`` says the data passed the size limit."""
 
-    def __init__(self, message: str, errors: list[str] | None = None) -> None:
+    def __init__(self, message: str, errors: list[str] | None = None, too_large: bool = False) -> None:
         super().__init__(message)
         self.errors = errors or []
+        self.too_large = too_large
 
 
 def _is_str(v: Any) -> bool:
@@ -195,16 +197,19 @@ class ValidatedUpload:
 
 
 def _lines(src: IO[bytes], chunk: int = 1 << 16) -> Iterable[bytes]:
-    buf = b""
-    while True:
-        data = src.read(chunk)
-        if not data:
-            break
-        buf += data
-        *complete, buf = buf.split(b"\n")
-        yield from complete
-    if buf:
-        yield buf
+    """The lines of ``src`` without their newlines; a line longer than a chunk is joined once, not rescanned
+    per chunk."""
+    pieces: list[bytes] = []  # the current line so far
+    while data := src.read(chunk):
+        *complete, rest = data.split(b"\n")
+        for part in complete:
+            pieces.append(part)
+            yield b"".join(pieces)
+            pieces = []
+        if rest:
+            pieces.append(rest)
+    if pieces:
+        yield b"".join(pieces)
 
 
 def save_upload(src: IO[bytes], dest: Path, max_bytes: int) -> ValidatedUpload:
@@ -224,7 +229,8 @@ def save_upload(src: IO[bytes], dest: Path, max_bytes: int) -> ValidatedUpload:
                 if total > max_bytes + 1:  # +1: the last line may lack its newline
                     raise UploadError(
                         f"file is larger than the upload limit of {max_bytes} bytes: split it, or start the "
-                        "server with a larger --max-upload-mb"
+                        "server with a larger --max-upload-mb",
+                        too_large=True,
                     )
                 out.write(raw + b"\n")
                 try:
