@@ -2,20 +2,26 @@
 
 Legend: T rows, I input features, O output features, R rank, K adapter slots.
 
-``TRITON_INTERPRET=1`` is set before anything imports Triton; the kernels are jitted on first use for the
-mode in force then (``lora/kernels/_triton.py``), so the interpreter is used even if Triton was imported
-earlier in the session. Oracles: the plain-loop references of the segmented operators, and
-``reference_fused_lora`` (plain autograd) for the fused layer, forward and gradients, across adapter mixes
-(one adapter, all distinct, identical, skewed, Zipf), ranks 1 to 80, float32 and bfloat16, with dropout.
+Triton fixes its mode when it is first imported, so ``TRITON_INTERPRET=1`` must be in the environment by
+then. Run alone (``pytest tests/test_kernels.py``) this module sets it before importing anything; inside a
+larger session another module may have imported Triton already (``import peft`` does), and then
+``test_in_subprocess`` runs this module again in a fresh interpreter-mode process instead. Oracles: the
+plain-loop references of the segmented operators, and ``reference_fused_lora`` (plain autograd) for the
+fused layer, forward and gradients, across adapter mixes (one adapter, all distinct, identical, skewed,
+Zipf), ranks 1 to 80, float32 and bfloat16, with dropout, on a dense and on a quantized base.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
-os.environ["TRITON_INTERPRET"] = "1"
+if "triton" not in sys.modules:
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import math
+import subprocess
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -38,6 +44,29 @@ from lorafleet.lora.kernels import (
 from lorafleet.lora.kernels._triton import Tiles, interpreting
 from lorafleet.models import Decoder, ModelConfig
 from lorafleet.models.decoder import Linear
+
+IN_PROCESS = interpreting()
+
+
+@pytest.fixture(autouse=True)
+def _needs_interpreter(request):
+    if not IN_PROCESS and request.node.originalname != "test_in_subprocess":
+        pytest.skip("Triton was imported in compiled mode before this module; test_in_subprocess runs it")
+
+
+@pytest.mark.slow
+def test_in_subprocess():
+    """This whole module in a fresh process with TRITON_INTERPRET=1 (when Triton came in compiled mode here)."""
+    if IN_PROCESS:
+        pytest.skip("the kernel tests run in this process")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow", __file__]
+    done = subprocess.run(
+        cmd, env=env, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1]
+    )
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
+    assert " passed" in done.stdout and "skipped" not in done.stdout, done.stdout[-2000:]
+
 
 I, O = 40, 36
 # Norm-wise relative error ||got - ref|| / ||ref|| per dtype (bfloat16: the reference rounds more often).
@@ -287,3 +316,31 @@ def test_decoder_training_step_triton_equals_torch():
     assert grads_t.keys() == grads_k.keys() and len(grads_t) == 2 * 14 * 2  # t2 has no rows: no grads
     for n in grads_t:
         assert _rel(grads_k[n], grads_t[n]) < 1e-4, n
+
+
+@pytest.mark.parametrize("mode", ["nf4", "int8"])
+def test_triton_layer_on_quantized_base_equals_reference_on_dense_twin(mode):
+    pytest.importorskip("bitsandbytes")
+    from lorafleet.models.quant import QuantLinear, dense_weight
+
+    base = Linear(64, 48, True, torch.float32, "cpu")
+    g = torch.Generator().manual_seed(9)
+    base.weight.data.copy_(torch.randn(48, 64, generator=g) / 8)
+    base.bias.data.copy_(torch.randn(48, generator=g))
+    quant = FusedLoRALinear(QuantLinear.from_linear(base, mode))
+    base.weight.data.copy_(dense_weight(quant.weight, torch.float32))
+    dense = FusedLoRALinear(base)
+    for i, r in enumerate([4, 16]):
+        a, b = torch.randn(r, 64, generator=g) / 8, torch.randn(48, r, generator=g)
+        spec = AdapterSpec(f"a{i}", rank=r, alpha=8.0, dropout=0.2 * i)
+        quant.add(spec, a, b)
+        dense.add(spec, a.clone(), b.clone())
+    quant.backend = "triton"
+    batch = SimpleNamespace(segments=(Segment("a0", 0, 9), Segment(None, 9, 12), Segment("a1", 12, 30)))
+    x, grad = torch.randn(30, 64, generator=g), torch.randn(30, 48, generator=g)
+    y, dx, grads = _run(quant.train(), x, batch, grad, use_reference=False, seed=2)
+    y_ref, dx_ref, grads_ref = _run(dense.train(), x, batch, grad, use_reference=True, seed=2)
+    assert _rel(y, y_ref) < 1e-5 and _rel(dx, dx_ref) < 1e-5
+    assert grads.keys() == grads_ref.keys() and len(grads) == 4
+    for n in grads:
+        assert _rel(grads[n], grads_ref[n]) < 1e-5, n

@@ -133,6 +133,25 @@ class BaseModelConfig(_Section):
     device: Literal["cpu", "cuda", "auto"] = Field(
         "cpu", description="Where the model runs; auto picks cuda when available, else cpu."
     )
+    quantize: Literal["nf4", "int8"] | None = Field(
+        None,
+        description="Store the frozen base's projections quantized (QLoRA) through bitsandbytes: nf4 (4-bit "
+        "NormalFloat) or int8; CUDA only; adapters keep their own dtype. None: the base stays in dtype.",
+    )
+
+    @_model_validator(mode="after")
+    def _check(self) -> BaseModelConfig:
+        if self.quantize is not None and self.device == "cpu":
+            raise _Problems(
+                [
+                    (
+                        ("quantize",),
+                        f"got {self.quantize!r} with device: cpu; the quantized base runs on CUDA only: set "
+                        "device: cuda (or auto) on a GPU machine, or remove quantize",
+                    )
+                ]
+            )
+        return self
 
 
 class DatasetConfig(_Section):
@@ -408,6 +427,11 @@ class PipelineConfig(_Section):
     )
     max_in_flight: _Int = Field(
         4, gt=0, description="Most micro-batches between a stage's forward and its backward."
+    )
+    recompute: bool = Field(
+        False,
+        description="Recompute each decoder layer's activations in the backward instead of keeping them "
+        "(activation checkpointing per layer): less memory per micro-batch in flight, about one more forward.",
     )
 
     @_model_validator(mode="after")

@@ -20,8 +20,8 @@ int8 GEMM with outlier columns for a dequantized GEMM in bfloat16 (more accurate
 LoRA layer (``lorafleet.lora``) reads its weight through ``dense_weight``, so it works on either base.
 
 Where it runs: CUDA only (``quantize_model`` raises ValueError otherwise, or when bitsandbytes is missing).
-bitsandbytes >= 0.45 also implements these (de)quantizers on the CPU, which the tests use through
-``QuantLinear.from_linear``; QLoRA on a CPU saves memory nobody is short of and costs a dequantization
+bitsandbytes >= 0.45 also implements these (de)quantizers on the CPU, which the tests use (through
+``_quantize_projections``); QLoRA on a CPU saves memory nobody is short of and costs a dequantization
 per projection per call, so the configuration does not offer it.
 """
 
@@ -141,12 +141,14 @@ def quantize_model(model: nn.Module, mode: str) -> int:
     """Quantize every projection of ``model``'s decoder layers in place; returns how many were quantized.
 
     Call it on the loaded base before adding adapters. Raises ValueError for an unknown mode, a model that
-    is not on CUDA, a missing bitsandbytes, or a model that already holds adapters.
+    already holds adapters, a model that is not on CUDA, or a missing bitsandbytes.
     """
     from ..lora.fused import FusedLoRALinear
 
     if mode not in QUANT_MODES:
         raise ValueError(f"base_model.quantize must be one of {QUANT_MODES}, got {mode!r}")
+    if any(isinstance(m, FusedLoRALinear) for m in model.modules()):
+        raise ValueError("quantize the base model before adding adapters (this model already holds some)")
     device = next(model.parameters()).device
     if device.type != "cuda":
         raise ValueError(
@@ -155,8 +157,13 @@ def quantize_model(model: nn.Module, mode: str) -> int:
             "(on a CPU, train the base in bfloat16 or float32)"
         )
     _require_bitsandbytes(f"base_model.quantize: {mode!r}")
-    if any(isinstance(m, FusedLoRALinear) for m in model.modules()):
-        raise ValueError("quantize the base model before adding adapters (the model already holds some)")
+    count = _quantize_projections(model, mode)
+    torch.cuda.empty_cache()
+    return count
+
+
+def _quantize_projections(model: nn.Module, mode: str) -> int:
+    """The replacement itself, on any device bitsandbytes supports (the tests run it on the CPU)."""
     targets = [
         (parent, name)
         for parent in model.modules()
@@ -166,5 +173,4 @@ def quantize_model(model: nn.Module, mode: str) -> int:
     for parent, name in targets:
         # One projection at a time, so the dense copy of only one weight is alive next to the quantized ones.
         setattr(parent, name, QuantLinear.from_linear(getattr(parent, name), mode))
-    torch.cuda.empty_cache()
     return len(targets)

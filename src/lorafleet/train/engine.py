@@ -222,6 +222,10 @@ class Engine:
         self.device = resolve_device(cfg.base_model.device)
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.base_model.dtype]
         self.model = model if model is not None else load_model(cfg.base_model.path, dtype, self.device)
+        if model is None and cfg.base_model.quantize is not None:
+            from ..models.quant import quantize_model
+
+            quantize_model(self.model, cfg.base_model.quantize)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.base_model.path)
         self.output_dir = Path(cfg.output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)

@@ -5,9 +5,9 @@ NB row blocks, C row chunks.
 
 Every kernel walks a small int32 table built on the host from the segments (``ops._row_blocks`` /
 ``ops._row_chunks``): one entry per block of rows that belongs to one adapter slot, so one launch covers
-every segment whatever their lengths, and no program ever mixes two adapters. The kernels are jitted on
-first use (``_kernels``), separately for compiled and interpreted mode (``TRITON_INTERPRET=1``), so that
-importing this module does no work and a test can switch to the interpreter after Triton was imported.
+every segment whatever their lengths, and no program ever mixes two adapters. The kernels are built on
+first use (``_kernels``), for the mode Triton was imported in (compiled, or its CPU interpreter under
+``TRITON_INTERPRET=1``), so importing this module does no work.
 
 Accumulation is always float32; inputs and outputs keep the caller's dtype. Two constexpr switches:
 ``PRECISION`` ("ieee" for float32 inputs, so the result matches torch's float32 matmul, which does not use
@@ -218,21 +218,32 @@ def _reduce_body(part_ptr, out_ptr, ranges_ptr, scale_ptr, NUMEL, BLOCK: tl.cons
     tl.store(out_ptr + slot.to(tl.int64) * NUMEL + offs, acc * scale, mask=ok)
 
 
-@lru_cache(maxsize=2)
-def _kernels(interpret: bool) -> SimpleNamespace:
-    """The jitted kernels for one mode; ``interpret`` is only the cache key (Triton reads the env var)."""
-    del interpret
-    return SimpleNamespace(
-        shrink=triton.jit(_shrink_body),
-        expand=triton.jit(_expand_body),
-        outer=triton.jit(_outer_body),
-        reduce=triton.jit(_reduce_body),
-    )
-
-
+@lru_cache(maxsize=1)
 def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return bool(triton.knobs.runtime.interpret)
+    """True when Triton runs kernels in its CPU interpreter.
+
+    That mode is fixed when ``triton`` is first imported (``TRITON_INTERPRET=1`` in the environment then):
+    Triton's own library functions (``tl.zeros``, ...) are built for one mode at import, so the kernels
+    here are built for the same mode, whatever the variable says later.
+    """
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(tl.zeros, InterpretedFunction)
+
+
+@lru_cache(maxsize=1)
+def _kernels() -> SimpleNamespace:
+    """The kernels, built on first use for the mode Triton was imported in."""
+    if interpreting():
+        from triton.runtime.interpreter import InterpretedFunction as build
+    else:
+        from triton.runtime.jit import JITFunction as build
+    return SimpleNamespace(
+        shrink=build(_shrink_body),
+        expand=build(_expand_body),
+        outer=build(_outer_body),
+        reduce=build(_reduce_body),
+    )
 
 
 @dataclass(frozen=True)
@@ -278,7 +289,7 @@ def launch_shrink(
     rank, dim = w_KRI.shape[1], x_TI.shape[1]
     per_split = triton.cdiv(triton.cdiv(dim, tiles.split_k), tiles.block_k) * tiles.block_k
     grid = (num_blocks, tiles.split_k, triton.cdiv(rank, tiles.block_r))
-    _kernels(interpreting()).shrink[grid](
+    _kernels().shrink[grid](
         x_TI,
         w_KRI,
         out_PTR,
@@ -311,7 +322,7 @@ def launch_expand(
         return
     width, rank = y_TN.shape[1], h_TR.shape[1]
     grid = (num_blocks, triton.cdiv(width, tiles.block_n))
-    _kernels(interpreting()).expand[grid](
+    _kernels().expand[grid](
         h_TR,
         w_KNR,
         y_TN,
@@ -346,7 +357,7 @@ def launch_outer(
         return torch.zeros(num_slots, rank, width, dtype=torch.float32, device=left_TR.device)
     part_CRN = torch.empty(num_chunks, rank, width, dtype=torch.float32, device=left_TR.device)
     grid = (num_chunks, triton.cdiv(width, tiles.block_n), triton.cdiv(rank, tiles.block_r))
-    k = _kernels(interpreting())
+    k = _kernels()
     k.outer[grid](
         left_TR,
         right_TN,
