@@ -41,7 +41,9 @@ async function fetchEvents(job) {
   // metrics events in ascending order from the last seen one; a step seen twice (a job resumed from a
   // checkpoint trains it again) keeps the newer loss
   let s = state.series.get(job.id);
-  if (!s) { s = { after: null, loss: new Map() }; state.series.set(job.id, s); }
+  if (!s) { s = { after: null, loss: new Map(), complete: false }; state.series.set(job.id, s); }
+  if (s.complete) return;  // a finished job's events were all read: no need to ask again
+  const finished = ["succeeded", "failed", "cancelled"].includes(job.status);
   for (;;) {
     let q = "?order=asc&limit=1000" + (s.after ? "&after=" + encodeURIComponent(s.after) : "");
     const page = await (await api("/v1/fine_tuning/jobs/" + job.id + "/events" + q)).json();
@@ -51,6 +53,7 @@ async function fetchEvents(job) {
     }
     if (!page.has_more) break;
   }
+  s.complete = finished;
 }
 
 function fmtLoss(x) { return x === undefined ? "-" : x.toFixed(4); }
