@@ -329,6 +329,22 @@ def test_dpo_orpo_and_sft_train_together(tmp_path, tiny_model_dir):
     assert "eval_reward_accuracy" in evals[0] and "eval_perplexity" not in evals[0]
     for name in "dos":
         assert (tmp_path / "run" / "adapters" / name / "adapter_model.safetensors").is_file()
+    # lorafleet eval on the saved DPO adapter reproduces the last in-training evaluation.
+    from lorafleet.config import load_config
+    from lorafleet.data.formats import load_examples
+    from lorafleet.lora import load_peft
+    from lorafleet.models.tokenizer import load_tokenizer
+    from lorafleet.train.evaluate import EvalJob, evaluate
+    from lorafleet.train.tasks import task_kind
+
+    cfg_obj = load_config(cfg)
+    task = cfg_obj.tasks[0]
+    model = load_model(tiny_model_dir)
+    load_peft(model, tmp_path / "run" / "adapters" / "d", "d")
+    held_out = load_examples(cfg_obj.datasets[1], load_tokenizer(tiny_model_dir), task.max_seq_len)
+    again = evaluate(model, [EvalJob("d", "d", task_kind(task), held_out)], max_tokens=100)["d"]
+    assert again.loss == pytest.approx(evals[0]["eval_loss"], rel=1e-6)
+    assert again.metrics["reward_accuracy"] == pytest.approx(evals[0]["eval_reward_accuracy"])
 
 
 def test_train_preference_row_missing_rejected(tmp_path, tiny_model_dir, capsys):

@@ -266,9 +266,10 @@ class Engine:
         """
         if task.name in self._tasks:
             raise ValueError(f"a task named {task.name!r} already exists; task names must be unique")
+        # The held-out set first: a bad eval file must not leave the task's adapter on the model.
+        held_out = load_examples(eval_dataset, self.tokenizer, task.max_seq_len) if eval_dataset else None
         t = build_task(self.cfg, self.model, self.tokenizer, dataset, adapter, task, self._arrivals)
-        if eval_dataset is not None:
-            held_out = load_examples(eval_dataset, self.tokenizer, task.max_seq_len)
+        if held_out is not None:
             early = EarlyStopping(task.early_stopping_patience)
             t.evaluation = TaskEvaluation(held_out, task.eval_every_steps, early)
         self._arrivals += 1
