@@ -178,6 +178,12 @@ class FusedBatch:
     ) -> torch.Tensor:
         """Causal attention inside each sequence; returns [T, H, D]. ``layer_idx`` is for caches."""
         del layer_idx
+        if q_THD.is_cuda:  # no padding on a GPU when a varlen kernel is there (models/varlen.py)
+            from .models.varlen import varlen_attention
+
+            o = varlen_attention(q_THD, k_TKD, v_TKD, self.cu_seqlens, max(self.seq_lens), sliding_window)
+            if o is not None:
+                return o
         t, h, d = q_THD.shape
         if self.num_sequences == 1 and sliding_window is None:
             o = F.scaled_dot_product_attention(

@@ -1,0 +1,60 @@
+"""Activation recomputation per decoder layer (``pipeline.recompute: true``), applied from outside the model.
+
+    from lorafleet.parallel.recompute import apply_recompute
+    apply_recompute(stage_model)      # each layer keeps only its input; the backward reruns its forward
+
+A stage keeps ``pipeline.max_in_flight`` micro-batches between forward and backward, each holding every
+activation of every layer it runs; with recomputation a layer keeps only its input hidden states [T, E]
+and runs its forward again, inside the backward, to rebuild the rest (about one more forward per step).
+
+``apply_recompute`` puts a ``torch.utils.checkpoint`` call (non-reentrant, RNG state preserved, so
+adapter dropout draws the same masks again and gradients are exact) in front of each ``DecoderLayer``'s
+forward, as an attribute of that layer instance: the model's classes, modules and parameter names stay as
+they are (checkpoints and PEFT keys do not change). Under ``torch.no_grad`` the layer runs plainly.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+__all__ = ["apply_recompute", "is_recomputed", "remove_recompute"]
+
+
+def _checkpointed(forward, layer: nn.Module, *args, **kwargs):
+    if not torch.is_grad_enabled():
+        return forward(layer, *args, **kwargs)
+    return checkpoint(forward, layer, *args, use_reentrant=False, **kwargs)
+
+
+def _layers(model: nn.Module) -> list[nn.Module]:
+    layers = getattr(model, "layers", None)
+    if not isinstance(layers, nn.ModuleDict):
+        raise ValueError(
+            "recompute applies to a lorafleet Decoder (a model with a .layers ModuleDict), "
+            f"got {type(model).__name__}"
+        )
+    return list(layers.values())
+
+
+def apply_recompute(model: nn.Module) -> int:
+    """Recompute every decoder layer of ``model`` in the backward; returns how many layers (idempotent)."""
+    layers = _layers(model)
+    for layer in layers:
+        if not is_recomputed(layer):
+            layer.forward = partial(_checkpointed, type(layer).forward, layer)
+    return len(layers)
+
+
+def remove_recompute(model: nn.Module) -> None:
+    """Undo ``apply_recompute``: every layer keeps its activations again."""
+    for layer in _layers(model):
+        layer.__dict__.pop("forward", None)
+
+
+def is_recomputed(layer: nn.Module) -> bool:
+    """True when ``apply_recompute`` wrapped this layer."""
+    return "forward" in layer.__dict__
