@@ -315,3 +315,19 @@ def test_cli_bad_input_clear_errors(setup, tmp_path):
                                                                                               micro_batch_size=2)))
     err = _cli_error(other)
     assert "incompatible" in err and "batch_size" in err
+
+
+def test_forget_drops_finished_tasks_only(setup, tmp_path):
+    from lorafleet.config import load_config
+    from lorafleet.train.engine import Engine
+
+    tmp, model_dir = setup
+    (tmp_path / "init").mkdir()
+    os.symlink(tmp / "init" / "a", tmp_path / "init" / "a")
+    cfg = load_config(_config(tmp_path, model_dir, {"a": TASKS["a"]}, a={"max_steps": 1}))
+    engine = Engine(cfg, tensorboard=False)
+    with pytest.raises(ValueError, match="queued"):
+        engine.forget("a")
+    engine.run()
+    assert engine.forget("a").status == "succeeded"
+    assert "a" not in engine.states

@@ -284,6 +284,15 @@ class Engine:
         if t.state.status in ("queued", "running"):
             self._finish(t, "cancelled", None, export=False)
 
+    def forget(self, name: str) -> TaskState:
+        """Drop a finished task (its examples and state) so a long-lived engine does not grow; returns its state."""
+        t = self._tasks[name]
+        if t.state.status in ("queued", "running"):
+            raise ValueError(f"task {name!r} is {t.state.status}; cancel it or let it finish before forgetting it")
+        del self._tasks[name]
+        self._waited.pop(name, None)
+        return t.state
+
     def run_once(self) -> bool:
         """One fused micro-batch and the optimizer steps it completes; False when no task has work."""
         live = [t for t in self._tasks.values() if t.state.status in ("queued", "running")]
