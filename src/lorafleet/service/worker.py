@@ -127,6 +127,10 @@ class Worker:
             if job is None or job.status not in ACTIVE_STATUSES:
                 self.engine.cancel_task(job_id)
                 self._held.discard(job_id)
+        # finished jobs live on in the store; the engine lets go of their data so it does not grow
+        for name, st in list(self.engine.states.items()):
+            if name not in self._held and st.status not in ("queued", "running"):
+                self.engine.forget(name)
 
     def _configs(self, job):
         files = {}
