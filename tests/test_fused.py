@@ -60,6 +60,8 @@ def _segments(mix: str, names: list[str]) -> tuple[list[Segment], int]:
     for name, n in lengths:
         segs.append(Segment(name, cursor, cursor + n))
         cursor += n
+    if mix == "skewed":  # segments need not be listed in row order (masks are drawn in row order)
+        segs.reverse()
     return segs, cursor
 
 

@@ -10,11 +10,14 @@ segment.
 computes is ``reference_fused_lora`` (the ``Semantics:`` there is the contract); the fast path below computes
 the same thing with fewer passes over memory and an exact hand-written backward.
 
-Fast path (training, ``_FusedLoRAFunction``):
-    forward   y = x W^T + b for all T rows (one matmul); per segment h = drop(x_S) A^T [S, R] and an
-              in-place ``addmm_`` of scale * h B^T into the segment's rows of y (no [S, O] temporary).
-    backward  dx = g W for all T rows (one matmul, DoRA rows pre-scaled by m/||W'||); per segment
-              u = g_S B [S, R], dB = s g_S^T h, dA = s u^T drop(x_S), dx_S += s u A in place.
+Fast path (training, ``_FusedLoRAFunction``; s = scaling, h = drop(x_S) A^T [S, R]):
+    forward   each plain-LoRA segment writes b + (s h) B^T into its rows of y; the other rows get b (or 0);
+              then ONE GEMM for all T rows accumulates x W^T onto y (beta = 1: reading y inside a
+              compute-bound GEMM is nearly free, where ``y_S += ...`` after it would be one more read and
+              write of the rows). DoRA rows are rescaled in place after the GEMM.
+    backward  each segment writes its low-rank term s (g_S B) A into its rows of dx (the other rows 0),
+              then ONE GEMM for all T rows accumulates g W onto dx (DoRA rows of g pre-scaled by
+              m / ||W + sBA||); dB = g_S^T (s h), dA = (s g_S B)^T drop(x_S).
     The dropout mask is drawn once in the forward with torch's RNG (the same draw as ``F.dropout``) and
     kept as a bool tensor only when dropout > 0 in training mode; the dropped-out input is rebuilt from
     x and the mask when the backward needs it. Without grad (``torch.no_grad``, inference mode, KV-cache
@@ -25,7 +28,7 @@ Memory saved for the backward, per token of a segment, per adapted module (bytes
 ``torch.autograd.graph.saved_tensors_hooks`` in tests/test_fused.py, CPU):
 
     adapter              plain autograd (reference_fused_lora)        fused       saved per token
-    LoRA, dropout 0      e*R (h = x A^T)                              e*R         0
+    LoRA, dropout 0      e*R (h)                                      e*R (s h)   0
     LoRA, dropout > 0    e*I (dropout noise) + e*I (dropped x) + e*R  I + e*R     (2e - 1) * I
     DoRA, dropout 0      2*e*O (base and LoRA outputs) + e*R          e*R         2e * O
     DoRA, dropout > 0    2*e*I + 2*e*O + e*R                          I + e*R     (2e - 1) * I + 2e * O
@@ -97,11 +100,11 @@ def reference_fused_lora(layer: FusedLoRALinear, x_TI: torch.Tensor, batch: Batc
 
     Semantics:
         y = F.linear(x, W, b)                              # every row, adapter or not
-        for (name, start, end) in batch.segments:          # rows of no adapter, or of an adapter that
+        for (name, start, end) in sorted(batch.segments):  # rows of no adapter, or of an adapter that
             if name not in layer.lora_A: continue          # does not target this layer: base only
             s, p = scaling(name), dropout(name) if layer.training else 0.0
             xs = x[start:end]
-            xd = F.dropout(xs, p)                          # one mask, drawn in segment order
+            xd = F.dropout(xs, p)                          # one mask per segment, in row order
             lora = xd @ A.T @ B.T                          # A, B cast to x's dtype
             if kind(name) == "lora":
                 y[start:end] += s * lora
@@ -109,7 +112,8 @@ def reference_fused_lora(layer: FusedLoRALinear, x_TI: torch.Tensor, batch: Batc
                 n = ||W + s * B @ A|| per output row, detached
                 c = m / n
                 base = y[start:end] - b if p == 0 else xd @ W.T   # PEFT reuses the base output
-                y[start:end] += (c - 1) * base + c * s * lora      # only when there is no dropout
+                y[start:end] += (c - 1) * base + c * s * lora      # only when there is no dropout;
+                                                                   # the bias is never rescaled
     Gradients flow to x and to every adapter's A, B and m; W and b are frozen.
     """
     if batch is None or not layer.specs:
@@ -168,6 +172,19 @@ def _dora_scale(magnitude_O: torch.Tensor, norm_O: torch.Tensor, dtype: torch.dt
     return (magnitude_O.detach().to(ct) / norm_O.to(ct)).to(dtype)
 
 
+def _gaps(plan: _Plan, num_rows: int, lora_only: bool) -> list[tuple[int, int]]:
+    """Row ranges outside the segments (outside the plain-LoRA segments when ``lora_only``)."""
+    gaps, cursor = [], 0
+    for start, end, k in plan.segments:
+        if not lora_only or plan.slots[k].kind == "lora":
+            if start > cursor:
+                gaps.append((cursor, start))
+            cursor = end
+    if cursor < num_rows:
+        gaps.append((cursor, num_rows))
+    return gaps
+
+
 def _fused_forward(
     x_TI: torch.Tensor,
     weight_OI: torch.Tensor,
@@ -175,10 +192,15 @@ def _fused_forward(
     plan: _Plan,
     params: tuple[torch.Tensor, ...],
 ) -> tuple[torch.Tensor, list[torch.Tensor | None], list[torch.Tensor | None]]:
-    """y [T, O], the per-segment (mask, h) pairs and the per-slot DoRA norms; runs without autograd."""
+    """y [T, O], the per-segment (mask, s * h) pairs and the per-slot DoRA norms; runs without autograd.
+
+    The low-rank terms of plain-LoRA segments are written into y first and the base GEMM accumulates onto
+    them (beta = 1): its read of y hides behind its arithmetic, where a separate ``y += ...`` would be one
+    more read and write of those rows.
+    """
     dt = x_TI.dtype
-    weight_OI = dense_weight(weight_OI, dt)  # a quantized base (models/quant.py): dense for this call only
-    y_TO = F.linear(x_TI, weight_OI, bias_O)
+    t = x_TI.shape[0]
+    y_TO = torch.empty(t, weight_OI.shape[0], dtype=dt, device=x_TI.device)
     norms: list[torch.Tensor | None] = [
         dora_weight_norm(weight_OI, params[s.first], params[s.first + 1], s.scaling, dt)
         if s.kind == "dora"
@@ -188,32 +210,47 @@ def _fused_forward(
     saved: list[torch.Tensor | None] = []
     for start, end, k in plan.segments:
         slot = plan.slots[k]
-        a_RI, b_OR = params[slot.first].to(dt), params[slot.first + 1].to(dt)
+        as_RI = params[slot.first].to(dt) * slot.scaling
         x_SI = x_TI[start:end]
         mask_SI = None
         xd_SI = x_SI
         if slot.dropout > 0:
             mask_SI = draw_dropout_mask(x_SI, slot.dropout)
             xd_SI = x_SI.mul(mask_SI).mul_(1.0 / (1.0 - slot.dropout))
-        h_SR = xd_SI @ a_RI.t()
-        y_SO = y_TO[start:end]
+        hs_SR = xd_SI @ as_RI.t()  # scaling * h
         if slot.kind == "lora":
-            y_SO.addmm_(h_SR, b_OR.t(), alpha=slot.scaling)
-        else:
-            c_O = _dora_scale(params[slot.first + 2], norms[k], dt)
-            bc_OR = b_OR * (c_O * slot.scaling)[:, None]
-            if mask_SI is None:
-                # (c - 1) * (y - b) + y == c * (y - b) + b: rescale the base rows in place.
-                if bias_O is not None:
-                    y_SO.sub_(bias_O)
-                y_SO.mul_(c_O)
-                y_SO.addmm_(h_SR, bc_OR.t())
-                if bias_O is not None:
-                    y_SO.add_(bias_O)
+            b_OR = params[slot.first + 1].to(dt)
+            if bias_O is None:
+                torch.mm(hs_SR, b_OR.t(), out=y_TO[start:end])
             else:
-                extra_SO = (xd_SI @ weight_OI.t()).mul_(c_O - 1)
-                y_SO.add_(extra_SO.addmm_(h_SR, bc_OR.t()))
-        saved += [mask_SI, h_SR]
+                torch.addmm(bias_O, hs_SR, b_OR.t(), out=y_TO[start:end])
+        saved += [mask_SI, hs_SR]
+    for start, end in _gaps(plan, t, lora_only=True):
+        if bias_O is None:
+            y_TO[start:end].zero_()
+        else:
+            y_TO[start:end].copy_(bias_O.expand(end - start, -1))
+    y_TO.addmm_(x_TI, weight_OI.t())
+    for i, (start, end, k) in enumerate(plan.segments):
+        slot = plan.slots[k]
+        if slot.kind != "dora":
+            continue
+        mask_SI, hs_SR = saved[2 * i], saved[2 * i + 1]
+        c_O = _dora_scale(params[slot.first + 2], norms[k], dt)
+        bc_OR = params[slot.first + 1].to(dt) * c_O[:, None]
+        y_SO = y_TO[start:end]
+        if mask_SI is None:
+            # y + (c - 1) * (y - b) == c * (y - b) + b: rescale the base rows in place.
+            if bias_O is not None:
+                y_SO.sub_(bias_O)
+            y_SO.mul_(c_O)
+            y_SO.addmm_(hs_SR, bc_OR.t())
+            if bias_O is not None:
+                y_SO.add_(bias_O)
+        else:
+            xd_SI = x_TI[start:end].mul(mask_SI).mul_(1.0 / (1.0 - slot.dropout))
+            extra_SO = (xd_SI @ weight_OI.t()).mul_(c_O - 1)
+            y_SO.add_(extra_SO.addmm_(hs_SR, bc_OR.t()))
     return y_TO, saved, norms
 
 
@@ -222,7 +259,8 @@ class _FusedLoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_TI, weight_OI, bias_O, plan: _Plan, *params):
-        y_TO, saved, norms = _fused_forward(x_TI, weight_OI, bias_O, plan, params)
+        # A quantized base (models/quant.py) is dequantized for this call only; the quantized one is saved.
+        y_TO, saved, norms = _fused_forward(x_TI, dense_weight(weight_OI, x_TI.dtype), bias_O, plan, params)
         need_params = any(ctx.needs_input_grad[4:])
         ctx.plan = plan
         ctx.num_params = len(params)
@@ -237,67 +275,65 @@ class _FusedLoRAFunction(torch.autograd.Function):
         plan: _Plan = ctx.plan
         n = ctx.num_params
         x_TI, weight_OI, *rest = ctx.saved_tensors
+        weight_OI = dense_weight(weight_OI, g_TO.dtype)
         params, rest = rest[:n], rest[n:]
         saved, norms = rest[: 2 * len(plan.segments)], rest[2 * len(plan.segments) :]
         dt = g_TO.dtype
-        weight_OI = dense_weight(weight_OI, dt)
         g_TO = g_TO.contiguous()
+        t = g_TO.shape[0]
         scales = [
             _dora_scale(params[s.first + 2], norms[k], dt) if s.kind == "dora" else None
             for k, s in enumerate(plan.slots)
         ]
-
-        dx_TI = None
-        if ctx.needs_input_grad[0]:
-            gw_TO = g_TO
-            plain_dora = [
-                (a, b, k)
-                for i, (a, b, k) in enumerate(plan.segments)
-                if scales[k] is not None and saved[2 * i] is None
-            ]
-            if plain_dora:
-                # Without dropout a DoRA row's base term is c * (x W^T): scale g once, one matmul for all.
-                gw_TO = g_TO.clone()
-                for a, b, k in plain_dora:
-                    gw_TO[a:b].mul_(scales[k])
-            dx_TI = gw_TO @ weight_OI
-
+        need_dx = ctx.needs_input_grad[0]
+        dx_TI = torch.empty(t, weight_OI.shape[1], dtype=dt, device=g_TO.device) if need_dx else None
+        gw_TO = g_TO  # what goes through W for all rows at once
         grads: list[torch.Tensor | None] = [None] * n
         for i, (start, end, k) in enumerate(plan.segments):
             slot, c_O = plan.slots[k], scales[k]
-            mask_SI, h_SR = saved[2 * i], saved[2 * i + 1]
+            mask_SI, hs_SR = saved[2 * i], saved[2 * i + 1]
             s = slot.scaling
+            keep = 1.0 / (1.0 - slot.dropout) if mask_SI is not None else 1.0
             a_RI, b_OR = params[slot.first].to(dt), params[slot.first + 1].to(dt)
             g_SO = g_TO[start:end]
             bc_OR = b_OR if c_O is None else b_OR * c_O[:, None]
-            u_SR = g_SO @ bc_OR
-            keep = 1.0 / (1.0 - slot.dropout) if mask_SI is not None else 1.0
+            us_SR = (g_SO @ bc_OR).mul_(s)  # scaling * (g c) B: the gradient of h
             needs = ctx.needs_input_grad[4 + slot.first : 4 + slot.first + (3 if c_O is not None else 2)]
+            xd_SI = None
             if any(needs):
                 x_SI = x_TI[start:end]
                 xd_SI = x_SI if mask_SI is None else x_SI.mul(mask_SI).mul_(keep)
-                p_OR = g_SO.t() @ h_SR
-                d_b = p_OR * s if c_O is None else p_OR * (c_O * s)[:, None]
-                d_a = (u_SR.t() @ xd_SI).mul_(s)
-                new = [d_a, d_b]
+                ps_OR = (hs_SR.t() @ g_SO).t()  # scaling * g^T h
+                new = [us_SR.t() @ xd_SI, ps_OR if c_O is None else ps_OR * c_O[:, None]]
                 if c_O is not None:
-                    base_SO = xd_SI @ weight_OI.t()
                     ct = torch.promote_types(dt, torch.float32)
-                    dm = (g_SO * base_SO).sum(0).to(ct) + s * (b_OR * p_OR).sum(1).to(ct)
+                    base_SO = xd_SI @ weight_OI.t()
+                    dm = (g_SO * base_SO).sum(0).to(ct) + (b_OR * ps_OR).sum(1).to(ct)
                     new.append(dm / norms[k].to(ct))
                 for j, d in enumerate(new):
-                    p = params[slot.first + j]
-                    d = d.to(p.dtype)
+                    d = d.to(params[slot.first + j].dtype)
                     grads[slot.first + j] = d if grads[slot.first + j] is None else grads[slot.first + j] + d
-            if dx_TI is not None:
-                dx_SI = dx_TI[start:end]
-                if mask_SI is None:
-                    dx_SI.addmm_(u_SR, a_RI, alpha=s)
+            if dx_TI is None:
+                continue
+            dx_SI = dx_TI[start:end]
+            if c_O is not None and mask_SI is None:
+                # Without dropout a DoRA row's base term is c * (x W^T): g goes through W scaled by c.
+                if gw_TO is g_TO:
+                    gw_TO = g_TO.clone()
+                gw_TO[start:end].mul_(c_O)
+            if mask_SI is None:
+                torch.mm(us_SR, a_RI, out=dx_SI)
+            else:
+                if c_O is None:
+                    torch.mm(us_SR, a_RI, out=dx_SI)
                 else:
-                    t_SI = (u_SR @ a_RI).mul_(s)
-                    if c_O is not None:
-                        t_SI.addmm_(g_SO * (c_O - 1), weight_OI)
-                    dx_SI.add_(t_SI.mul_(mask_SI).mul_(keep))
+                    torch.mm(g_SO * (c_O - 1), weight_OI, out=dx_SI)
+                    dx_SI.addmm_(us_SR, a_RI)
+                dx_SI.mul_(mask_SI).mul_(keep)
+        if dx_TI is not None:
+            for start, end in _gaps(plan, t, lora_only=False):
+                dx_TI[start:end].zero_()
+            dx_TI.addmm_(gw_TO, weight_OI)
         return (dx_TI, None, None, None, *grads)
 
 
@@ -369,9 +405,9 @@ class FusedLoRALinear(Linear):
     ) -> tuple[_Plan, tuple[torch.Tensor, ...]] | None:
         if batch is None or not self.specs:
             return None
-        segments = [
+        segments = sorted(
             (s.start, s.end, s.adapter) for s in batch.segments if s.adapter in self.specs and s.end > s.start
-        ]
+        )
         if not segments:
             return None
         if x_TI.dim() != 2:
@@ -416,7 +452,7 @@ class FusedLoRALinear(Linear):
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
             return _FusedLoRAFunction.apply(x, self.weight, self.bias, plan, *params)
         with torch.no_grad():
-            return _fused_forward(x, self.weight, self.bias, plan, params)[0]
+            return _fused_forward(x, dense_weight(self.weight, x.dtype), self.bias, plan, params)[0]
 
     def extra_repr(self) -> str:
         kinds = ", ".join(f"{n}:{s.kind}/r{s.rank}" for n, s in self.specs.items())
