@@ -101,6 +101,30 @@ class _Case:
         for p in self.params:
             p.grad = None
 
+    def check(self) -> None:
+        """The three adapter variants compute the same output and input gradient (so no one does less work)."""
+        outs = {}
+        for name, fwd in [
+            ("fused", lambda: self.fused(self.x, self.batch)),
+            ("peft", lambda: self.peft(self.x, adapter_names=self.peft_names)),
+            ("separate", lambda: torch.cat([self._separate_rows(k) for k in range(len(self.bounds))])),
+        ]:
+            self._clear()
+            y = fwd()
+            y.backward(self.grad)
+            outs[name] = (y.detach().float(), self.x.grad.float())
+        tol = 1e-4 if self.x.dtype == torch.float32 else 3e-2
+        for name in ("peft", "separate"):
+            for got, want in zip(outs[name], outs["fused"]):
+                rel = ((got - want).norm() / want.norm()).item()
+                if rel > tol:
+                    raise AssertionError(f"{name} differs from fused by {rel:.2e} (relative)")
+
+    def _separate_rows(self, k: int) -> torch.Tensor:
+        (s, e), a, b = self.bounds[k], self.sep_a[k], self.sep_b[k]
+        xk = self.x[s:e]
+        return F.linear(xk, self.weight) + F.linear(F.linear(xk, a), b) * self.scaling
+
     def base(self) -> None:
         F.linear(self.x, self.weight).backward(self.grad)
 
@@ -127,14 +151,15 @@ class _Case:
 
 def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
-    # CPU time of this process is immune to other processes taking the cores, but it counts every thread's
-    # time (spinning ones included), so it is meaningful with one thread only.
+    # This process's CPU time leaves out the time other processes hold the cores (not their pressure on
+    # caches and memory), but it counts every thread's time, spinning ones too: one thread only.
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     variants = ["base", "fused", "peft", "separate"]
     results = []
     for dname in args.dtypes:
         for k in args.ks:
             case = _Case(args.tokens, args.dim, args.rank, k, _DTYPES[dname], device)
+            case.check()
             fns = {
                 "base": case.base,
                 "fused": case.run_fused,
