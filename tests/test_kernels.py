@@ -111,6 +111,10 @@ def test_segmented_ops_equal_references(dtype, tiles):
     outside = torch.ones(t, dtype=torch.bool)
     outside[rows] = False
     assert torch.equal(y_got[outside], y[outside])  # rows of no segment are untouched
+    bias = torch.randn(O, generator=g).to(dtype)
+    y_new = segmented_expand(y.clone(), h_ref, b, segs, scales_k, accumulate=False, bias_O=bias, tiles=tiles)
+    y_new_ref = reference_segmented_expand(y, h_ref, b, segs, scales, accumulate=False, bias_O=bias)
+    assert _rel(y_new, y_new_ref) < TOL[dtype] and torch.equal(y_new[outside], y[outside])
 
     # Transposed views, as the backward passes them: u = g B (shrink with B^T), dx += u A (expand with A^T).
     u = segmented_shrink(y, b.transpose(1, 2), segs, tiles=tiles)

@@ -94,6 +94,7 @@ def _expand_body(
     h_ptr,
     w_ptr,
     y_ptr,
+    bias_ptr,
     blocks_ptr,
     scale_ptr,
     N_DIM,
@@ -110,8 +111,13 @@ def _expand_body(
     BLOCK_R: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
 ):
-    """y[rows, n] += scale[slot] * sum_r h[rows, r] * w[slot, n, r] (rows of one block, one column tile)."""
+    """y[rows, n] (+)= scale[slot] * sum_r h[rows, r] * w[slot, n, r] (+ bias[n]), one block, one column tile.
+
+    ``ACCUMULATE``: add to y (read and write it); else overwrite y's rows without reading them.
+    """
     blk = tl.program_id(0)
     nblk = tl.program_id(1)
     start = tl.load(blocks_ptr + 3 * blk).to(tl.int64)
@@ -141,10 +147,14 @@ def _expand_body(
             h_t = h_t.to(tl.float32)
             w_t = w_t.to(tl.float32)
         acc += tl.dot(h_t, w_t, input_precision=PRECISION)
+    out = acc * scale
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     y_at = y_ptr + rows[:, None] * stride_yt + cols[None, :] * stride_yn
     io_ok = row_ok[:, None] & col_ok[None, :]
-    y_t = tl.load(y_at, mask=io_ok, other=0.0).to(tl.float32)
-    tl.store(y_at, (y_t + acc * scale).to(y_ptr.dtype.element_ty), mask=io_ok)
+    if ACCUMULATE:
+        out += tl.load(y_at, mask=io_ok, other=0.0).to(tl.float32)
+    tl.store(y_at, out.to(y_ptr.dtype.element_ty), mask=io_ok)
 
 
 def _outer_body(
@@ -316,8 +326,10 @@ def launch_expand(
     blocks: torch.Tensor,
     num_blocks: int,
     tiles: Tiles,
+    accumulate: bool,
+    bias_N: torch.Tensor | None,
 ) -> None:
-    """``y_TN[rows] += scale[slot] * h_TR[rows] @ w_KNR[slot]^T`` in place, for the rows of every block."""
+    """``y_TN[rows] (+)= scale[slot] * h_TR[rows] @ w_KNR[slot]^T (+ bias)`` in place, rows of every block."""
     if num_blocks == 0:
         return
     width, rank = y_TN.shape[1], h_TR.shape[1]
@@ -326,6 +338,7 @@ def launch_expand(
         h_TR,
         w_KNR,
         y_TN,
+        y_TN if bias_N is None else bias_N,
         blocks,
         scales_K,
         width,
@@ -336,6 +349,8 @@ def launch_expand(
         BLOCK_M=tiles.block_m,
         BLOCK_N=tiles.block_n,
         BLOCK_R=tiles.block_r,
+        ACCUMULATE=accumulate,
+        HAS_BIAS=bias_N is not None,
         **_flags(h_TR.dtype),
         **_launch_opts(tiles),
     )

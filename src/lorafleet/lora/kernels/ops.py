@@ -11,9 +11,10 @@ launch (``segmented_outer`` uses a second, tiny launch for its deterministic red
 ``triton_fused_lora`` is the GPU fast path of ``FusedLoRALinear`` (``lorafleet.lora.fused``); it computes
 ``reference_fused_lora`` for LoRA adapters (DoRA stays on the PyTorch path):
 
-    forward   y = x W^T + b (one cuBLAS GEMM), h = shrink(drop(x), A) [T, R] (one launch), then
-              expand(y, h, B) adds s_k * h B_k^T into the GEMM's output rows in place (one launch)
-    backward  dx = g W (one GEMM), u = shrink(g, B^T) [T, R], dx += expand(u, A) (one launch each);
+    forward   h = shrink(drop(x), A) [T, R] (one launch); expand writes y = s_k * h B_k^T + b into every
+              segment row (one launch, y not read); then the base GEMM accumulates y += x W^T (cuBLAS,
+              beta = 1), so the low-rank update costs no extra pass over y
+    backward  u = shrink(g, B^T) [T, R], dx = expand(u, A) (dropout rows masked), then dx += g W (GEMM);
               dB_k = s_k * sum over slot k's rows of g^T h and dA_k = s_k * sum of u^T drop(x)
               (``segmented_outer``: float32 partials per row chunk, summed per slot in chunk order)
 
@@ -30,7 +31,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ...models.quant import dense_weight
@@ -80,17 +80,23 @@ def reference_segmented_expand(
     b_KOR: torch.Tensor,
     segments: Sequence[SegmentSpec],
     scales: Sequence[float],
+    accumulate: bool = True,
+    bias_O: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """A new y [T, O] with each segment's low-rank update added.
+    """A new y [T, O] with each segment's low-rank update added (or written, ``accumulate=False``).
 
     Semantics:
         y = y.clone()
         for start, end, k in segments:
-            y[start:end] += scales[k] * h[start:end] @ b[k].T
+            lora = scales[k] * h[start:end] @ b[k].T + (bias if bias is not None else 0)
+            y[start:end] = y[start:end] + lora if accumulate else lora
     """
     y_TO = y_TO.clone()
     for start, end, k in segments:
-        y_TO[start:end] += scales[k] * (h_TR[start:end] @ b_KOR[k].to(h_TR.dtype).t())
+        lora_SO = scales[k] * (h_TR[start:end] @ b_KOR[k].to(h_TR.dtype).t())
+        if bias_O is not None:
+            lora_SO = lora_SO + bias_O
+        y_TO[start:end] = y_TO[start:end] + lora_SO if accumulate else lora_SO
     return y_TO
 
 
@@ -221,23 +227,27 @@ def segmented_expand(
     segments: Sequence[SegmentSpec],
     scales_K: torch.Tensor,
     *,
+    accumulate: bool = True,
+    bias_O: torch.Tensor | None = None,
     tiles=None,
 ) -> torch.Tensor:
     """``reference_segmented_expand`` in one Triton launch, *in place* on ``y_TO`` (returned).
 
     Args:
-        y_TO: [T, O] output rows, updated in place (e.g. the base GEMM's output).
+        y_TO: [T, O] output rows, updated in place (rows outside every segment are never touched).
         h_TR: [T, R] in y's dtype.
         b_KOR: [K, O, R] stacked adapter B matrices in y's dtype (any strides).
         segments: ``(start, end, slot)`` row ranges, disjoint.
         scales_K: [K] float32 scaling of each slot, on y's device.
+        accumulate: add to y's rows; False writes them without reading y (y may be uninitialised there).
+        bias_O: [O] added to every segment row, or None.
     """
     from ._triton import launch_expand
 
     segs = _check(segments, y_TO.shape[0], b_KOR.shape[0])
     tiles = tiles or _tiles(y_TO.shape[0], h_TR.shape[1], y_TO.shape[1], y_TO.device)
     tab = _tables(segs, b_KOR.shape[0], tiles.block_m, tiles.chunk_rows, y_TO.device)
-    launch_expand(y_TO, h_TR, b_KOR, scales_K, tab.blocks, tab.num_blocks, tiles)
+    launch_expand(y_TO, h_TR, b_KOR, scales_K, tab.blocks, tab.num_blocks, tiles, accumulate, bias_O)
     return y_TO
 
 
@@ -361,14 +371,34 @@ def _rebuild_dropped(x_TI: torch.Tensor, masks: Sequence[torch.Tensor | None], c
     return xd_TI
 
 
+def _gaps(segments: Sequence[SegmentSpec], num_rows: int) -> list[tuple[int, int]]:
+    """Row ranges outside every segment (rows of no adapter, or of one this layer does not hold)."""
+    gaps, cursor = [], 0
+    for start, end, _ in sorted(segments):
+        if start > cursor:
+            gaps.append((cursor, start))
+        cursor = end
+    if cursor < num_rows:
+        gaps.append((cursor, num_rows))
+    return gaps
+
+
 def _forward(x_TI, weight_OI, bias_O, call: _Call, params):
     dt = x_TI.dtype
     a_KRI, b_KOR = _stack(params, call, dt)
     scales_K = torch.tensor(call.scalings, dtype=torch.float32, device=x_TI.device)
     xd_TI, masks = _dropout(x_TI, call)
-    y_TO = F.linear(x_TI, dense_weight(weight_OI, dt), bias_O)
     h_TR = segmented_shrink(xd_TI, a_KRI, call.segments)
-    segmented_expand(y_TO, h_TR, b_KOR, call.segments, scales_K)
+    # The low-rank terms (and the bias) are written first and the base GEMM accumulates onto them (beta = 1),
+    # where its read of y hides behind its arithmetic; adding them after the GEMM would read y once more.
+    y_TO = torch.empty(x_TI.shape[0], b_KOR.shape[1], dtype=dt, device=x_TI.device)
+    segmented_expand(y_TO, h_TR, b_KOR, call.segments, scales_K, accumulate=False, bias_O=bias_O)
+    for start, end in _gaps(call.segments, x_TI.shape[0]):
+        if bias_O is None:
+            y_TO[start:end].zero_()
+        else:
+            y_TO[start:end].copy_(bias_O.expand(end - start, -1))
+    y_TO.addmm_(x_TI, dense_weight(weight_OI, dt).t())
     return y_TO, h_TR, masks, a_KRI, b_KOR, scales_K
 
 
@@ -407,17 +437,16 @@ class _TritonLoRAFunction(torch.autograd.Function):
         u_TR = segmented_shrink(g_TO, b_KOR.transpose(1, 2), call.segments)
         dx_TI = None
         if ctx.needs_input_grad[0]:
-            dx_TI = g_TO @ dense_weight(weight_OI, dt)
-            a_KIR = a_KRI.transpose(1, 2)
-            if all(m is None for m in masks):
-                segmented_expand(dx_TI, u_TR, a_KIR, call.segments, scales_K)
-            else:
-                # Dropout scales the adapters' input gradient by the mask: expand into a scratch buffer.
-                lora_TI = segmented_expand(torch.zeros_like(dx_TI), u_TR, a_KIR, call.segments, scales_K)
-                for (start, end, slot), mask_SI in zip(call.segments, masks):
-                    if mask_SI is not None:
-                        lora_TI[start:end].mul_(mask_SI).mul_(1.0 / (1.0 - call.dropouts[slot]))
-                dx_TI.add_(lora_TI)
+            # As in the forward: the adapters' share first, then the GEMM g W accumulates onto it.
+            weight_OI = dense_weight(weight_OI, dt)
+            dx_TI = torch.empty(g_TO.shape[0], weight_OI.shape[1], dtype=dt, device=g_TO.device)
+            segmented_expand(dx_TI, u_TR, a_KRI.transpose(1, 2), call.segments, scales_K, accumulate=False)
+            for start, end in _gaps(call.segments, g_TO.shape[0]):
+                dx_TI[start:end].zero_()
+            for (start, end, slot), mask_SI in zip(call.segments, masks):
+                if mask_SI is not None:  # dropout scales the adapters' input gradient by its mask
+                    dx_TI[start:end].mul_(mask_SI).mul_(1.0 / (1.0 - call.dropouts[slot]))
+            dx_TI.addmm_(g_TO, weight_OI)
         grads: list[torch.Tensor | None] = [None] * ctx.num_params
         if x_TI is not None:
             xd_TI = _rebuild_dropped(x_TI, masks, call)
