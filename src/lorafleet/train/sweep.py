@@ -113,15 +113,18 @@ def sweep_problems(cfg: Any) -> list[tuple[Loc, str]]:
         if total > limit and not t.sweep.queue:
             sizes = " x ".join(f"{k}: {len(getattr(t.sweep, k))}" for k in combos[0])
             others = total - counts[i]
+            head = f"expands to {counts[i]} combinations ({sizes})"
+            if others:
+                head += f"; with the run's other {others} task(s) that makes {total} tasks"
+            else:
+                head += f", so {total} tasks"
             problems.append(
                 (
                     loc,
-                    f"expands to {counts[i]} combinations ({sizes}); with the run's other {others} task(s) that "
-                    f"makes {total} tasks, but dispatcher.max_concurrent_tasks is {limit}, so {total - limit} of "
-                    f"them would wait for a free slot instead of training together. Raise "
-                    f"dispatcher.max_concurrent_tasks to {total} (each running task holds its adapter, optimizer "
-                    f"state and activations), shrink the sweep, or set tasks[{i}].sweep.queue: true to train "
-                    f"them {limit} at a time",
+                    f"{head}, but dispatcher.max_concurrent_tasks is {limit}, so {total - limit} of them would "
+                    f"wait for a free slot instead of training together. Raise dispatcher.max_concurrent_tasks "
+                    f"to {total} (each running task holds its adapter, optimizer state and activations), shrink "
+                    f"the sweep, or set tasks[{i}].sweep.queue: true to train them {limit} at a time",
                 )
             )
     return problems
