@@ -157,6 +157,12 @@ def _tables(
     return _Tables(table(blocks), len(blocks), table(chunks), len(chunks), table(ranges))
 
 
+@lru_cache(maxsize=256)
+def _scales(scalings: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """The slots' scalings [K] as a float32 tensor on ``device``, copied there once per distinct tuple."""
+    return torch.tensor(scalings, dtype=torch.float32).to(device)
+
+
 def _check(segments: Sequence[SegmentSpec], num_rows: int, num_slots: int) -> tuple[SegmentSpec, ...]:
     segs = tuple(sorted((int(a), int(b), int(k)) for a, b, k in segments))
     last = 0
@@ -386,7 +392,7 @@ def _gaps(segments: Sequence[SegmentSpec], num_rows: int) -> list[tuple[int, int
 def _forward(x_TI, weight_OI, bias_O, call: _Call, params):
     dt = x_TI.dtype
     a_KRI, b_KOR = _stack(params, call, dt)
-    scales_K = torch.tensor(call.scalings, dtype=torch.float32, device=x_TI.device)
+    scales_K = _scales(call.scalings, x_TI.device)
     xd_TI, masks = _dropout(x_TI, call)
     h_TR = segmented_shrink(xd_TI, a_KRI, call.segments)
     # The low-rank terms (and the bias) are written first and the base GEMM accumulates onto them (beta = 1),
