@@ -280,7 +280,9 @@ class SweepPoint(_Section):
     """Filled in by sweep expansion (not by hand): the task this one was expanded from, and its values."""
 
     task: str = Field(description="Name of the sweeping task in the config as written.")
-    values: dict[str, float] = Field(description="The swept values of this combination, e.g. {lr: 0.001}.")
+    values: dict[str, int | float] = Field(
+        description="The swept values of this combination, e.g. {lr: 0.001, rank: 8}."
+    )
 
 
 class TaskConfig(_Section):

@@ -222,8 +222,7 @@ def sweep_report(
         rows.sort(
             key=lambda r: (r["eval_loss"] is None or not math.isfinite(r["eval_loss"]), r["eval_loss"] or 0.0)
         )
-        for k, row in enumerate(rows, 1):
-            row["place"] = k
+        rows = [{"place": k, **row} for k, row in enumerate(rows, 1)]
         reports[group] = rows
         (output_dir / f"sweep-{group}.json").write_text(json.dumps(rows, indent=2) + "\n")
         keys = list(tasks[0].sweep_point.values)
@@ -270,7 +269,7 @@ def _plot(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_t, ax_e) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
+    fig, (ax_t, ax_e) = plt.subplots(1, 2, figsize=(13, 4.2), dpi=110)
     cmap = plt.get_cmap("viridis")
     by_name = {r["task"]: r for r in rows}
     for name in sorted(names, key=lambda n: by_name[n]["place"]):
@@ -279,7 +278,7 @@ def _plot(
         label = f"#{row['place']} {_label(row, keys)}"
         if train[name]:
             xs, ys = zip(*train[name])
-            ax_t.plot(xs, ys, color=color, linewidth=1.4, label=label)
+            ax_t.plot(xs, ys, color=color, linewidth=1.2, alpha=0.85, label=label)
         if evals[name]:
             xs, ys = zip(*evals[name])
             ax_e.plot(xs, ys, color=color, linewidth=1.4, marker="o", markersize=3, label=label)
@@ -289,7 +288,7 @@ def _plot(
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
     ax_t.set_ylabel("loss")
-    ax_e.legend(fontsize=7, loc="best")
+    ax_e.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
