@@ -188,7 +188,7 @@ def _rel_diff(a: dict, b: dict) -> float:
     return num / sum(float(b[k].norm() ** 2) for k in b) ** 0.5
 
 
-def _check_run(out: Path, reference: dict, num_stages: int) -> None:
+def _check_run(out: Path, reference: dict, num_stages: int, num_replicas: int = 1) -> None:
     """Same weights as the single process, PEFT layout, metrics of every step, per-stage outputs, a trace."""
     for name, ref in reference.items():
         folder = out / "adapters" / name
@@ -208,7 +208,9 @@ def _check_run(out: Path, reference: dict, num_stages: int) -> None:
     assert {e["tid"] for e in spans} == set(range(num_stages))
     assert {e["cat"] for e in spans if e["tid"] == num_stages - 1} >= {"forward+backward", "step"}
     assert {e["cat"] for e in spans if e["tid"] == 0} >= {"forward", "backward", "step"}
-    assert set(trace["otherData"]["summary"]) == {f"replica 0 stage {s}" for s in range(num_stages)}
+    want = {f"replica {r} stage {s}" for r in range(num_replicas) for s in range(num_stages)}
+    assert set(trace["otherData"]["summary"]) == want
+    assert {e["pid"] for e in spans} == set(range(num_replicas))
 
 
 def _memory_shares(text: str, num_stages: int) -> list[float]:
@@ -239,10 +241,10 @@ def test_two_stages_via_nproc_equal_single_process(setup):
     assert "lorafleet summary" in proc.stdout and "succeeded" in proc.stdout
 
 
-def test_three_stages_with_boundaries_equal_single_process(setup):
+def test_three_stages_with_boundaries_and_recompute_equal_single_process(setup):
     tmp, write_config, reference = setup
     out = tmp / "p3"
-    cfg = write_config(tmp / "p3.yaml", out, boundaries=[2, 4], max_in_flight=2)
+    cfg = write_config(tmp / "p3.yaml", out, boundaries=[2, 4], max_in_flight=2, recompute=True)
     results = _wait_all(_spawn(cfg, 3, _free_port()))
     for rc, _, err in results:
         assert rc == 0, err[-3000:]
@@ -250,6 +252,19 @@ def test_three_stages_with_boundaries_equal_single_process(setup):
     text = "".join(o for _, o, _ in results)
     assert "layers [2, 4)" in text
     assert all(20 < s < 47 for s in _memory_shares(text, 3))
+
+
+@pytest.mark.slow
+def test_two_replicas_of_two_stages_split_the_tasks(setup):
+    """WORLD_SIZE 4 = 2 replicas x 2 stages: each pipeline trains every other task, exchanging nothing."""
+    tmp, write_config, reference = setup
+    out = tmp / "replicas"
+    cfg = write_config(tmp / "replicas.yaml", out, stages=2)
+    results = _wait_all(_spawn(cfg, 4, _free_port()))
+    for rc, _, err in results:
+        assert rc == 0, err[-3000:]
+    _check_run(out, reference, 2, num_replicas=2)
+    assert "4 processes = 2 replica(s) x 2 stages" in results[0][1]
 
 
 @pytest.mark.slow
@@ -301,6 +316,22 @@ def test_dead_stage_stops_the_others_and_the_rerun_resumes(setup):
         assert _rel_diff(got, ref) <= 1e-5, name
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (one per stage, NCCL)")
+def test_two_stages_on_cuda_nccl_equal_single_process(setup):
+    tmp, write_config, reference = setup
+    out = tmp / "cuda"
+    cfg = write_config(tmp / "cuda.yaml", out)
+    data = yaml.safe_load(cfg.read_text())
+    data["base_model"]["device"] = "cuda"
+    cfg.write_text(yaml.safe_dump(data))
+    for rc, _, err in _wait_all(_spawn(cfg, 2, _free_port())):
+        assert rc == 0, err[-3000:]
+    for name, ref in reference.items():  # TF32 off by default in torch: float32 matmuls stay exact enough
+        got = load_file(str(out / "adapters" / name / "adapter_model.safetensors"))
+        assert _rel_diff(got, ref) <= 1e-4, name
+
+
 def test_impossible_topology_is_refused_with_the_arithmetic(setup, monkeypatch, capsys):
     tmp, write_config, _ = setup
     monkeypatch.setenv("WORLD_SIZE", "3")
@@ -312,3 +343,9 @@ def test_impossible_topology_is_refused_with_the_arithmetic(setup, monkeypatch, 
     cfg = write_config(tmp / "bad.yaml", tmp / "bad")
     assert cli_main(["train", str(cfg), "--no-progress"]) == 2
     assert f"pipeline.stages (8) > num_hidden_layers ({LAYERS})" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    data = yaml.safe_load(write_config(tmp / "bad.yaml", tmp / "bad").read_text())
+    data["tasks"][1]["eval_dataset"] = "a"
+    (tmp / "bad.yaml").write_text(yaml.safe_dump(data))
+    assert cli_main(["train", str(tmp / "bad.yaml"), "--no-progress"]) == 2
+    assert "tasks[1].eval_dataset: held-out evaluation" in capsys.readouterr().err

@@ -1,6 +1,6 @@
 """Pipeline parallelism applied from outside the single-device model: topology, partition, schedule.
 
-    torchrun --nproc-per-node 2 -m lorafleet train CONFIG.yaml     # or: lorafleet train CONFIG.yaml --nproc 2
+torchrun --nproc-per-node 2 -m lorafleet train CONFIG.yaml     # or: lorafleet train CONFIG.yaml --nproc 2
 """
 
 from .partition import StageCosts, balance, edges_from_boundaries, estimate_costs, stage_cost

@@ -9,7 +9,9 @@ Legend: T tokens of a micro-batch, E hidden size.
 
 Every rank runs one stage: the layers ``[a, b)`` that ``Topology`` gives it (loaded for that range only),
 its slice of every adapter with that slice's optimizer and schedule, and the loop below. The model code is
-unchanged: a stage is ``Decoder.forward_packed`` over its range plus a send and a receive.
+unchanged: a stage is ``Decoder.forward_packed`` over its range plus a send and a receive. With
+``WORLD_SIZE = R x P`` there are R independent pipelines, each training every R-th task of the config:
+tasks share no parameter, so replicas exchange nothing until the final summary.
 
 Schedule (per stage, never a global flush):
 
@@ -33,6 +35,11 @@ Exactness: a task's gradient depends only on its own examples (adapters share no
 stays inside sequences, losses are divided by the denominators of the whole step), so any grouping into
 fused micro-batches and any interleaving gives the single-process result up to float rounding.
 
+Options (the config's ``pipeline:`` section): ``stages`` and ``boundaries`` (see ``Topology``),
+``max_in_flight`` as above, ``recompute`` (activation checkpointing of every layer of the stage, applied
+from outside with ``torch.distributed._composable.checkpoint``: parameter names, hence PEFT keys, do not
+change). ``base_model.quantize`` quantizes the stage's projections as the engine does.
+
 Outputs: per-stage checkpoints (``checkpoints/<task>/stage-<s>-of-<P>/step-N``), one PEFT folder per
 adapter written by the first stage from every stage's slice (the slices travel back with the gradients),
 ``metrics.jsonl`` from the last stage, and ``trace.json``: every stage's forward, backward and optimizer
@@ -52,6 +59,7 @@ import pickle
 import queue
 import threading
 import time
+import traceback
 from collections import OrderedDict, deque
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
@@ -67,7 +75,7 @@ from ..lora import remove_adapter, save_peft
 from ..metrics import MetricsWriter
 from ..models import Decoder, load_model, read_model_config
 from ..train.checkpoint import load_checkpoint, save_checkpoint
-from ..train.dispatcher import plan_next
+from ..train.dispatcher import next_waited, plan_next
 from ..train.engine import TaskState, build_task, pack_plan, resolve_device
 from ..train.optim import grad_norm_sq
 from ..train.tasks import task_kind
@@ -256,8 +264,7 @@ class _InFlight:
 class _StageTask:
     """A task as one stage sees it: the engine's task (its slice of the adapter) plus pipeline bookkeeping."""
 
-    core: Any  # the engine's task: cfg, spec, kind, examples, params, optimizer, scheduler, state, pending
-    index: int  # position in the config (checkpoint and replica assignment)
+    core: Any  # the engine's task: cfg, spec, examples, params, optimizer, scheduler, state, pending
     kind: Any  # train.tasks kind (loss on the last stage)
     norm: Any = None  # the current step's denominators (StepNorm), known on the first and last stages
     awaiting_norm: bool = False  # stepped once the first stage announces the total gradient norm
@@ -272,9 +279,10 @@ class PipelineResult:
     """What a pipeline run returns on every rank; ``states`` and ``trace`` are complete on rank 0 only."""
 
     states: dict[str, TaskState]
-    trace: list[dict[str, Any]]
+    trace: list[dict[str, Any]]  # spans of every stage (see ``trace_summary``)
+    finish_s: dict[str, float]  # when each task finished, in seconds since its replica's loop began
     topology: Topology
-    wall_s: float
+    wall_s: float  # this rank's loop, from the first plan to the end of the run
 
 
 class _Stage:
@@ -287,7 +295,6 @@ class _Stage:
         self.device = topo.torch_device
         self.progress = progress
         self.output_dir = Path(cfg.output_dir)
-        self.transport = _Transport(topo, links)
         self.metrics = MetricsWriter(self.output_dir, tensorboard=True) if topo.is_last else None
         self.tasks: dict[str, _StageTask] = {}
         datasets = {d.name: d for d in cfg.datasets}
@@ -296,7 +303,7 @@ class _Stage:
             if topo.replica_of_task(i) != topo.replica:
                 continue
             core = build_task(cfg, model, tokenizer, datasets[task.dataset], adapters[task.adapter], task, i)
-            self.tasks[task.name] = _StageTask(core=core, index=i, kind=task_kind(task))
+            self.tasks[task.name] = _StageTask(core=core, kind=task_kind(task))
         self.inflight: OrderedDict[int, _InFlight] = OrderedDict()
         self.fwd_ready: deque[_Message] = deque()
         self.bwd_ready: deque[_Message] = deque()
@@ -311,12 +318,14 @@ class _Stage:
         self.exported: set[str] = set()
         self._stop_ack: list[_Message] = []
         self.trace: list[dict[str, Any]] = []
-        self.t0 = time.time()
-        self.last_dispatch = 0.0
+        self.waited: dict[str, int] = {}  # dispatcher fairness, as the engine keeps it
+        # Last: every mistake in data or adapters is raised above, before any thread waits on a link.
+        self.transport = _Transport(topo, links)
 
     # -- the loop ---------------------------------------------------------------------------------------------
 
     def run(self) -> None:
+        self.t_start = time.time()
         self._resume()
         topo = self.topo
         limit = self.cfg.pipeline.max_in_flight
@@ -328,6 +337,8 @@ class _Stage:
                 topo.is_last or len(self.inflight) < limit or self.fwd_ready[0].kind == "stop"
             ):
                 msg = self.fwd_ready.popleft()
+                # Applied in order: every earlier micro-batch has passed its forward here by now.
+                self._apply_announcements(msg.meta)
                 if msg.kind == "stop":
                     self._on_stop(msg)
                     return
@@ -347,7 +358,6 @@ class _Stage:
             if msg.kind in ("abort", "lost"):
                 self._fail_from_neighbour(msg)
             elif msg.kind in ("fwd", "stop"):
-                self._apply_announcements(msg.meta)
                 self.fwd_ready.append(msg)
             elif msg.kind == "bwd":
                 self.bwd_ready.append(msg)
@@ -360,12 +370,13 @@ class _Stage:
     def _dispatch(self) -> bool:
         """First stage: plan, pack and forward the next micro-batch; False when no task can run now."""
         seed = self.cfg.seed
-        live = [t for t in self.tasks.values() if t.core.state.status in ("queued", "running")]
+        live = [t for t in self.tasks.values() if _live(t)]
+        views = [t.core.view(seed, self.waited.get(t.core.cfg.name, 0)) for t in live]
+        limit = self.cfg.dispatcher.max_concurrent_tasks
         plan = plan_next(
-            [t.core.view(seed) for t in live],
-            max_tokens=self.cfg.dispatcher.max_tokens_per_micro_batch,
-            max_concurrent=self.cfg.dispatcher.max_concurrent_tasks,
+            views, max_tokens=self.cfg.dispatcher.max_tokens_per_micro_batch, max_concurrent=limit
         )
+        self.waited = next_waited(views, plan, max_concurrent=limit)
         if not plan:
             return False
         now = time.time()
@@ -383,7 +394,6 @@ class _Stage:
             "ends": [item.task for item in plan if item.ends_step],
         }
         self.next_mb += 1
-        self.last_dispatch = now
         self._run_forward(meta, batch, batch.input_ids)
         return True
 
@@ -398,6 +408,8 @@ class _Stage:
         for name in tasks:
             if name in self.tasks:
                 self.tasks[name].inflight += 1
+                if self.tasks[name].core.started_at is None:
+                    self.tasks[name].core.started_at = time.time()
                 if meta["step_norms"].get(name) is not None:
                     self.tasks[name].norm = meta["step_norms"][name]
         if self.topo.is_last:
@@ -539,7 +551,6 @@ class _Stage:
             self._save(t)
         if done:
             self._queue_export(t)
-            t.finished_at = time.time()
             self._retire(t, "succeeded", None)
         else:
             core.begin_step(self.cfg.seed)
@@ -558,7 +569,7 @@ class _Stage:
             "tokens": core.step_tokens,
         }
         record.update(t.step_metrics)
-        record["elapsed_s"] = round(time.time() - self.t0, 4)
+        record["elapsed_s"] = round(time.time() - (core.started_at or time.time()), 4)
         if grad_norm is not None:
             record["grad_norm"] = grad_norm
         self.metrics.write(record)
@@ -597,10 +608,13 @@ class _Stage:
         if t.retired:
             return
         t.retired = True
+        t.finished_at = time.time()
         t.core.state.status, t.core.state.error = status, error
         t.core.pending = []
         if self.topo.is_first:
             self.announce_retired[t.core.cfg.name] = (status, error)
+            if t.core.started_at is not None:  # its wall time in the pipeline: tokens/s in the summary
+                t.core.state.busy_s = time.time() - t.core.started_at
 
     def _remove_retired(self) -> None:
         for t in self.tasks.values():
@@ -686,18 +700,14 @@ class _Stage:
 
     # -- the end of the run and faults -----------------------------------------------------------------------------
 
-    _stop_ack: list[_Message]
-
     def _stop(self) -> None:
         """First stage: no work left and nothing in flight; tell the others and collect what they hold."""
-        self._stop_ack = []
         meta = {"announce_norms": self.announce_norms, "announce_retired": self.announce_retired}
         if not self.topo.is_last:
             self._send("next", "stop", meta)
             self._await_stop_ack()
 
     def _on_stop(self, msg: _Message) -> None:
-        self._stop_ack = []
         if not self.topo.is_last:
             self._send("next", "stop", msg.meta)
             self._await_stop_ack()
@@ -788,6 +798,13 @@ def run_pipeline(cfg: RunConfig, progress: bool = False, timeout_s: float = 1800
     from ..metrics import plot_curves, read_metrics
     from ..models.tokenizer import load_tokenizer
 
+    evaluated = [f"tasks[{i}].eval_dataset" for i, t in enumerate(cfg.tasks) if t.eval_dataset is not None]
+    if evaluated:
+        raise ValueError(
+            f"{', '.join(evaluated)}: held-out evaluation (and early stopping) runs in the single-process engine "
+            "only, not in a pipeline yet; train this config in one process (without torchrun) or remove "
+            "eval_dataset"
+        )
     device = resolve_device(cfg.base_model.device)
     model_cfg = read_model_config(cfg.base_model.path)
     topo = Topology.from_env(model_cfg, cfg.pipeline, device=device.type)
@@ -805,6 +822,16 @@ def run_pipeline(cfg: RunConfig, progress: bool = False, timeout_s: float = 1800
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.base_model.dtype]
     first, last = topo.layers
     model = load_model(cfg.base_model.path, dtype, topo.torch_device, first, last)
+    if cfg.base_model.quantize is not None:  # as the engine does: the stage's projections, before adapters
+        from ..models.quant import quantize_model
+
+        quantize_model(model, cfg.base_model.quantize)
+    if cfg.pipeline.recompute:
+        # Activation checkpointing per layer, applied from outside; parameter names (PEFT keys) unchanged.
+        from torch.distributed._composable import checkpoint
+
+        for layer in model.layers.values():
+            checkpoint(layer)
     base_params = _param_count(model)
     stage = _Stage(cfg, topo, links, model, load_tokenizer(cfg.base_model.path), progress)
     print(_memory_line(topo, model_cfg, dtype, base_params, _param_count(model) - base_params), flush=True)
@@ -814,6 +841,7 @@ def run_pipeline(cfg: RunConfig, progress: bool = False, timeout_s: float = 1800
     except PipelineError:
         raise
     except Exception as e:
+        traceback.print_exc()
         try:
             stage._abort(f"stage {topo.stage} (rank {topo.rank}) failed: {type(e).__name__}: {e}")
         except PipelineError as pe:
@@ -821,15 +849,24 @@ def run_pipeline(cfg: RunConfig, progress: bool = False, timeout_s: float = 1800
     wall = time.time() - tic
     if stage.metrics is not None:
         stage.metrics.close()
-    mine = (topo.replica, topo.stage, {n: asdict(t.core.state) for n, t in stage.tasks.items()}, stage.trace)
+    finish = {n: t.finished_at - stage.t_start for n, t in stage.tasks.items() if t.finished_at is not None}
+    mine = (
+        topo.replica,
+        topo.stage,
+        {n: asdict(t.core.state) for n, t in stage.tasks.items()},
+        stage.trace,
+        finish,
+    )
     gathered: list[Any] = [None] * topo.world_size if topo.rank == 0 else []
     dist.gather_object(mine, gathered if topo.rank == 0 else None, dst=0)
     states: dict[str, TaskState] = {}
     events: list[dict[str, Any]] = []
+    finish_s: dict[str, float] = {}
     if topo.rank == 0:
         states = _merge_states(gathered, topo.num_stages, [t.name for t in cfg.tasks])
-        for replica, _, _, trace in gathered:
+        for replica, s, _, trace, finished in gathered:
             events.extend({**e, "replica": replica} for e in trace)
+            finish_s.update(finished if s == 0 else {})
         out = Path(cfg.output_dir)
         (out / "trace.json").write_text(json.dumps(_chrome_trace(events, topo)))
         records = read_metrics(out / "metrics.jsonl")
@@ -837,7 +874,7 @@ def run_pipeline(cfg: RunConfig, progress: bool = False, timeout_s: float = 1800
             plot_curves(records, out / "loss.png")
     dist.barrier()
     dist.destroy_process_group()
-    return PipelineResult(states=states, trace=events, topology=topo, wall_s=wall)
+    return PipelineResult(states=states, trace=events, finish_s=finish_s, topology=topo, wall_s=wall)
 
 
 def _param_count(model: torch.nn.Module) -> int:
@@ -858,8 +895,8 @@ def _memory_line(topo: Topology, model_cfg, dtype: torch.dtype, base: int, adapt
 
 def _merge_states(gathered: list[Any], num_stages: int, order: list[str]) -> dict[str, TaskState]:
     """Each task's state: status and steps from its first stage, loss and tokens from its last."""
-    first = {n: st for _, s, states, _ in gathered if s == 0 for n, st in states.items()}
-    last = {n: st for _, s, states, _ in gathered if s == num_stages - 1 for n, st in states.items()}
+    first = {n: st for _, s, states, *_ in gathered if s == 0 for n, st in states.items()}
+    last = {n: st for _, s, states, *_ in gathered if s == num_stages - 1 for n, st in states.items()}
     out = {}
     for name in order:
         st = TaskState(**first[name])
