@@ -331,3 +331,20 @@ def test_forget_drops_finished_tasks_only(setup, tmp_path):
     engine.run()
     assert engine.forget("a").status == "succeeded"
     assert "a" not in engine.states
+
+
+def test_adapter_dropout_is_active_in_training(setup, tmp_path):
+    """With dropout > 0 the trained weights differ from dropout 0 (the engine trains in training mode)."""
+    tmp, model_dir = setup
+    results = {}
+    for p in (0.0, 0.5):
+        run = tmp_path / f"p{p}"
+        run.mkdir()
+        (run / "init").mkdir()
+        os.symlink(tmp / "init" / "a", run / "init" / "a")
+        cfg = yaml.safe_load(_config(run, model_dir, {"a": TASKS["a"]}, a={"max_steps": 2}).read_text())
+        cfg["adapters"][0]["dropout"] = p
+        (run / "c.yaml").write_text(yaml.safe_dump(cfg))
+        assert cli_main(["train", str(run / "c.yaml"), "--no-progress"]) == 0
+        results[p] = load_file(str(run / "run" / "adapters" / "a" / "adapter_model.safetensors"))
+    assert _rel_diff(results[0.5], results[0.0]) > 1e-4

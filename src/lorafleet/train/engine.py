@@ -226,6 +226,7 @@ class Engine:
             from ..models.quant import quantize_model
 
             quantize_model(self.model, cfg.base_model.quantize)
+        self.model.train()  # adapter dropout is active in training mode only (evaluation switches to eval)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.base_model.path)
         self.output_dir = Path(cfg.output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
