@@ -36,9 +36,9 @@ stays inside sequences, losses are divided by the denominators of the whole step
 fused micro-batches and any interleaving gives the single-process result up to float rounding.
 
 Options (the config's ``pipeline:`` section): ``stages`` and ``boundaries`` (see ``Topology``),
-``max_in_flight`` as above, ``recompute`` (activation checkpointing of every layer of the stage, applied
-from outside with ``torch.distributed._composable.checkpoint``: parameter names, hence PEFT keys, do not
-change). ``base_model.quantize`` quantizes the stage's projections as the engine does.
+``max_in_flight`` as above, ``recompute`` (``recompute.apply_recompute``: every layer of the stage keeps only
+its input and reruns its forward in the backward). ``base_model.quantize`` quantizes the stage's projections
+as the engine does.
 
 Outputs: per-stage checkpoints (``checkpoints/<task>/stage-<s>-of-<P>/step-N``), one PEFT folder per
 adapter written by the first stage from every stage's slice (the slices travel back with the gradients),
@@ -61,7 +61,7 @@ import threading
 import time
 import traceback
 from collections import OrderedDict, deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -78,7 +78,6 @@ from ..train.checkpoint import load_checkpoint, save_checkpoint
 from ..train.dispatcher import next_waited, plan_next
 from ..train.engine import TaskState, build_task, pack_plan, resolve_device
 from ..train.optim import grad_norm_sq
-from ..train.tasks import task_kind
 from .topology import Links, Topology
 
 __all__ = ["PipelineError", "PipelineResult", "run_pipeline", "trace_summary"]
@@ -262,15 +261,16 @@ class _InFlight:
 
 @dataclass
 class _StageTask:
-    """A task as one stage sees it: the engine's task (its slice of the adapter) plus pipeline bookkeeping."""
+    """A task as one stage sees it: the engine's task (its slice of the adapter) plus pipeline bookkeeping.
 
-    core: Any  # the engine's task: cfg, spec, examples, params, optimizer, scheduler, state, pending
-    kind: Any  # train.tasks kind (loss on the last stage)
-    norm: Any = None  # the current step's denominators (StepNorm), known on the first and last stages
+    ``core.step_norm`` (the step's denominators) is computed by the first stage and sent to the last one,
+    which computes the losses; ``core.step_loss``, ``step_tokens`` and ``step_metrics`` add up there.
+    """
+
+    core: Any  # the engine's task: cfg, spec, kind, examples, params, optimizer, scheduler, state, pending
     awaiting_norm: bool = False  # stepped once the first stage announces the total gradient norm
     inflight: int = 0  # micro-batches on this stage with a segment of this task
     retired: bool = False  # finished or failed: no later micro-batch contains it
-    step_metrics: dict[str, float] = field(default_factory=dict)
     finished_at: float | None = None
 
 
@@ -303,7 +303,7 @@ class _Stage:
             if topo.replica_of_task(i) != topo.replica:
                 continue
             core = build_task(cfg, model, tokenizer, datasets[task.dataset], adapters[task.adapter], task, i)
-            self.tasks[task.name] = _StageTask(core=core, kind=task_kind(task))
+            self.tasks[task.name] = _StageTask(core=core)
         self.inflight: OrderedDict[int, _InFlight] = OrderedDict()
         self.fwd_ready: deque[_Message] = deque()
         self.bwd_ready: deque[_Message] = deque()
@@ -390,7 +390,7 @@ class _Stage:
         meta = {
             "mb": self.next_mb,
             "batch": _batch_meta(batch),
-            "step_norms": {item.task: self.tasks[item.task].norm for item in plan},
+            "step_norms": {item.task: self.tasks[item.task].core.step_norm for item in plan},
             "ends": [item.task for item in plan if item.ends_step],
         }
         self.next_mb += 1
@@ -411,7 +411,7 @@ class _Stage:
                 if self.tasks[name].core.started_at is None:
                     self.tasks[name].core.started_at = time.time()
                 if meta["step_norms"].get(name) is not None:
-                    self.tasks[name].norm = meta["step_norms"][name]
+                    self.tasks[name].core.step_norm = meta["step_norms"][name]
         if self.topo.is_last:
             self._forward_backward_last(meta, batch, x, tasks, ends)
             return
@@ -439,14 +439,14 @@ class _Stage:
             t = self.tasks.get(name)
             if t is None or not _live(t):
                 continue
-            share = t.kind.loss(self.model.lm_head, hidden, batch, name, t.norm)
+            share = t.core.kind.loss(self.model.lm_head, hidden, batch, name, t.core.step_norm)
             if not torch.isfinite(share.loss):
                 self._report_failure(t, f"loss became {float(share.loss)} at step {t.core.state.step + 1}")
                 continue
             t.core.step_loss += float(share.loss.detach())
             t.core.step_tokens += share.tokens
             for k, v in share.metrics.items():
-                t.step_metrics[k] = t.step_metrics.get(k, 0.0) + v
+                t.core.step_metrics[k] = t.core.step_metrics.get(k, 0.0) + v
             total = share.loss if total is None else total + share.loss
         if total is not None and total.requires_grad:
             total.backward()
@@ -554,7 +554,6 @@ class _Stage:
             self._retire(t, "succeeded", None)
         else:
             core.begin_step(self.cfg.seed)
-            t.norm = _step_norm(core, self.cfg.seed) if self.topo.is_first else t.norm
 
     def _log_step(self, t: _StageTask, lr: float, grad_norm: float | None) -> None:
         core = t.core
@@ -568,7 +567,7 @@ class _Stage:
             "lr": lr,
             "tokens": core.step_tokens,
         }
-        record.update(t.step_metrics)
+        record.update(t.core.step_metrics)
         record["elapsed_s"] = round(time.time() - (core.started_at or time.time()), 4)
         if grad_norm is not None:
             record["grad_norm"] = grad_norm
@@ -579,7 +578,6 @@ class _Stage:
                 f"loss {loss:.4f}",
                 flush=True,
             )
-        core.step_loss, core.step_tokens, t.step_metrics = 0.0, 0, {}
 
     def _report_failure(self, t: _StageTask, reason: str) -> None:
         """A failure seen here: the first stage decides, the others tell it with the next backward message."""
@@ -694,7 +692,6 @@ class _Stage:
                     self._retire(t, "succeeded", None)
                     continue
             t.core.begin_step(self.cfg.seed)
-            t.norm = _step_norm(t.core, self.cfg.seed)
         self.announce_retired = {}  # every stage resumed the same, nothing to announce
         self._remove_retired()
 
@@ -826,12 +823,10 @@ def run_pipeline(cfg: RunConfig, progress: bool = False, timeout_s: float = 1800
         from ..models.quant import quantize_model
 
         quantize_model(model, cfg.base_model.quantize)
-    if cfg.pipeline.recompute:
-        # Activation checkpointing per layer, applied from outside; parameter names (PEFT keys) unchanged.
-        from torch.distributed._composable import checkpoint
+    if cfg.pipeline.recompute:  # per-layer activation checkpointing; parameter names (PEFT keys) unchanged
+        from .recompute import apply_recompute
 
-        for layer in model.layers.values():
-            checkpoint(layer)
+        apply_recompute(model)
     base_params = _param_count(model)
     stage = _Stage(cfg, topo, links, model, load_tokenizer(cfg.base_model.path), progress)
     print(_memory_line(topo, model_cfg, dtype, base_params, _param_count(model) - base_params), flush=True)
@@ -968,8 +963,3 @@ def _union(spans: list[tuple[float, float]], lo: float, hi: float) -> float:
             total += b - a
             end = b
     return total
-
-
-def _step_norm(core, seed: int):
-    """The denominators of a task's current step (``train/tasks.py``), sent to the last stage."""
-    return task_kind(core.cfg).step_norm([core.example_at(p, seed) for p in core.pending])
