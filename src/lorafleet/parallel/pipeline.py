@@ -823,6 +823,7 @@ def run_pipeline(cfg: RunConfig, progress: bool = False, timeout_s: float = 1800
         from ..models.quant import quantize_model
 
         quantize_model(model, cfg.base_model.quantize)
+    model.train()  # as the engine: adapter dropout is active in training mode only
     if cfg.pipeline.recompute:  # per-layer activation checkpointing; parameter names (PEFT keys) unchanged
         from .recompute import apply_recompute
 
