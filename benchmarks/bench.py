@@ -14,13 +14,15 @@ float32 and bfloat16, and the real SmolLM2-135M. Every contender trains the same
     peft_sequential  transformers + PEFT, one adapter after another, padded batches  (vs_peft.py)
     peft_parallel    N such processes at once, one adapter each, cores / N threads   (when memory allows)
     mlora            the mlora 0.5.2 package in its own venv                          (mlora_runner.py)
-    fsdp, lorafleet_pipeline                                                           (pipeline.py, when it lands)
+    fsdp, lorafleet_pipeline  torch FSDP2 (fully_shard) and lorafleet's pipeline over 2 processes: the full run
+                     starts benchmarks/pipeline.py (its own workload and table, owned there) and embeds
+                     its results/pipeline.json; --no-pipeline skips it
 
 The sequential PEFT run trains the largest N's adapters once per repeat; the run of N adapters is its first
 N adapters (their times add up: that is what "one after another" means). Metrics per contender: real
 tokens/s (no padding), makespan, average task completion time, peak resident memory per process and in
-total, and MFU = matmul FLOPs/s (``common.train_flops``) over the matmul peak measured at the start of this
-run, per dtype. Each figure is the median of ``--repeats`` runs with min and max; contenders are
+total, and MFU = matmul FLOPs/s (``common.train_flops``) over the matmul peak that this run measures (at its
+start and before every scenario; the best measurement counts), per dtype. Each figure is the median of ``--repeats`` runs with min and max; contenders are
 interleaved run by run, and the ratios (lorafleet over each contender) are taken within each repeat.
 
 Writes ``<out-dir>/<name>.json`` (every run), ``<name>.md`` (the tables, the targets and whether they are
@@ -34,6 +36,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -86,13 +89,17 @@ class Plan:
     hyper: Hyper = field(default_factory=Hyper)
     mlora: bool = True
     parallel: bool = True
+    pipeline: bool = False
+    warmup: bool = True  # one untimed run per worker first (allocator, kernels)
+    peak_seconds: float = 1.0  # per matmul size, for the peak
 
 
-def plan_for(mode: str, repeats: int | None, mlora: bool, parallel: bool) -> Plan:
+def plan_for(mode: str, repeats: int | None, mlora: bool, parallel: bool, pipeline: bool = True) -> Plan:
     """The scenarios of ``full``, ``quick`` or ``smoke``; ``repeats`` overrides the mode's default."""
     if mode == "smoke":
         scenarios = (Scenario("tiny", "float32", (1, 2), extras_at=(2,)),)
-        return Plan("bench_smoke", scenarios, repeats or 1, Hyper(steps=1), mlora=False, parallel=parallel)
+        return Plan("bench_smoke", scenarios, repeats or 1, Hyper(steps=1), mlora=False, parallel=parallel,
+                    warmup=False, peak_seconds=0.2)  # fmt: skip
     if mode == "quick":
         scenarios = (
             Scenario("synthetic", "float32", (1, 4), extras_at=(4,)),
@@ -105,7 +112,9 @@ def plan_for(mode: str, repeats: int | None, mlora: bool, parallel: bool) -> Pla
         Scenario("synthetic", "bfloat16", (1, 2, 4, 8), extras_at=(4,)),
         Scenario("smollm2", "bfloat16", (4,)),
     )
-    return Plan("bench", scenarios, repeats or 3, Hyper(steps=1), mlora=mlora, parallel=parallel)
+    return Plan(
+        "bench", scenarios, repeats or 3, Hyper(steps=1), mlora=mlora, parallel=parallel, pipeline=pipeline
+    )
 
 
 def _log(msg: str) -> None:
@@ -144,8 +153,11 @@ def _run_scenario(
     tag = f"{sc.model}-{sc.dtype}"
     try:
         _log(f"{tag}: starting workers")
+        pending: list[tuple[str, Worker]] = []  # load requests sent, replies not yet read: loads overlap
         for kind in ("lorafleet", "peft_sequential"):
-            group.workers[kind] = start_worker(kind, model_dir, sc.dtype, threads, f"{kind}-{tag}", logs)
+            w = start_worker(kind, model_dir, sc.dtype, threads, f"{kind}-{tag}", logs, wait=False)
+            group.workers[kind] = w
+            pending.append((kind, w))
         for n in sc.extras_at:
             if plan.parallel:
                 need = int(n * _model_bytes(model_dir, sc.dtype) * 2.5)
@@ -156,10 +168,14 @@ def _run_scenario(
                     )
                 else:
                     per = max(1, threads // n)
-                    group.workers[f"peft_parallel@{n}"] = [
-                        start_worker("peft_single", model_dir, sc.dtype, per, f"peft_single{i}-{tag}", logs)
+                    ws = [
+                        start_worker(
+                            "peft_single", model_dir, sc.dtype, per, f"peft_single{i}-{tag}", logs, False
+                        )
                         for i in range(n)
                     ]
+                    group.workers[f"peft_parallel@{n}"] = ws
+                    pending.extend((f"peft_parallel@{n}", w) for w in ws)
             if plan.mlora:
                 try:
                     import mlora_runner
@@ -167,22 +183,29 @@ def _run_scenario(
                     mlora_runner.ensure_venv(_log)
                     w = Worker(mlora_runner.worker_argv(), env=mlora_runner.worker_env(threads),
                                name=f"mlora-{tag}", log_dir=logs)  # fmt: skip
-                    try:
-                        w.call(
-                            {"op": "load", "model_dir": str(model_dir), "dtype": sc.dtype, "threads": threads}
-                        )
-                    except WorkerError:
-                        w.close()
-                        raise
                     group.workers[f"mlora@{n}"] = w
+                    w.send({"op": "load", "model_dir": str(model_dir), "dtype": sc.dtype, "threads": threads})
+                    pending.append((f"mlora@{n}", w))
                 except (RuntimeError, OSError) as e:
                     skipped[f"mlora@{n}"] = (
                         f"mlora could not run here: {str(e).strip().splitlines()[0][:300]}"
                     )
-        _log(f"{tag}: warm-up")
-        for w in group.workers.values():
-            for one in w if isinstance(w, list) else [w]:
-                one.call(run_request(paths_all[:1], examples_all[:1], warm, -1, scratch))
+        for key, w in pending:
+            try:
+                w.receive()
+            except WorkerError as e:
+                if not key.startswith("mlora"):
+                    raise
+                w.close()
+                del group.workers[key]
+                skipped[key] = f"mlora could not run here: {str(e).strip().splitlines()[0][:300]}"
+        if plan.warmup:
+            _log(f"{tag}: warm-up")
+            live = [one for w in group.workers.values() for one in (w if isinstance(w, list) else [w])]
+            for one in live:  # at once: nothing is measured yet
+                one.send(run_request(paths_all[:1], examples_all[:1], warm, -1, scratch))
+            for one in live:
+                one.receive()
         biggest = max(sc.adapters)
         for r in range(plan.repeats):
             for n in sc.adapters:
@@ -262,9 +285,19 @@ def run_plan(plan: Plan, cache: Path, on_scenario=None) -> dict[str, Any]:
 
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
+    # The peak is measured at the start and again before every scenario, and the best measurement counts:
+    # on a shared machine one measurement can land in a busy moment and make MFU look too good.
+    samples: dict[str, list[float]] = {"float32": [], "bfloat16": []}
+    peaks: dict[str, float] = {}
+
+    def measure_peaks() -> None:
+        for dt in samples:
+            samples[dt].append(measure_matmul_peak(dt, seconds=plan.peak_seconds))
+            peaks[dt] = max(samples[dt])
+        _log("matmul peak so far: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peaks.items()))
+
     _log(f"{plan.name}: measuring the matmul peak ({threads} threads)")
-    peaks = {dt: measure_matmul_peak(dt) for dt in ("float32", "bfloat16")}
-    _log("peaks: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peaks.items()))
+    measure_peaks()
     biggest = max(n for sc in plan.scenarios for n in sc.adapters)
     hyper = plan.hyper
     paths = prepare_workload(cache / "workload", biggest, hyper.steps * hyper.batch_size)
@@ -288,21 +321,54 @@ def run_plan(plan: Plan, cache: Path, on_scenario=None) -> dict[str, Any]:
             "scenarios": len(plan.scenarios),
             "hyper": hyper.to_json(),
             "repeats": plan.repeats,
-            "matmul_peak_flops": peaks,
+            "matmul_peak_flops": dict(peaks),
+            "matmul_peak_samples": {k: list(v) for k, v in samples.items()},
             "skipped": skipped,
-            "pipeline": "benchmarks/pipeline.py (FSDP and lorafleet pipelined) has not landed yet; not measured",
+            "pipeline": None,
             "summary": summarize_runs(runs, peaks, configs),
             "runs": [x.__dict__ for x in runs],
         }
 
     for i, sc in enumerate(plan.scenarios):
+        if i > 0:
+            measure_peaks()
         configs[sc.model] = json.loads((prepare_model(sc.model, cache) / "config.json").read_text())
         got = _run_scenario(sc, plan, cache, examples, paths, threads)
         runs.extend(got["runs"])
         skipped.update({f"{sc.model}/{sc.dtype}/{k}": v for k, v in got["skipped"].items()})
         if on_scenario is not None and i + 1 < len(plan.scenarios):
             on_scenario(report(i + 1))
-    return report(len(plan.scenarios))
+    final = report(len(plan.scenarios))
+    if plan.pipeline:
+        final["pipeline"] = run_pipeline_bench(plan.repeats)
+    return final
+
+
+PIPELINE_SCRIPT = Path(__file__).resolve().parent / "pipeline.py"
+
+
+def run_pipeline_bench(repeats: int) -> dict[str, Any]:
+    """Run benchmarks/pipeline.py (pipeline vs one process vs FSDP) and return its results/pipeline.json."""
+    if not PIPELINE_SCRIPT.is_file():
+        return {"error": "benchmarks/pipeline.py is not in this checkout"}
+    _log(f"pipeline and FSDP: {PIPELINE_SCRIPT.name} --repeats {repeats}")
+    proc = subprocess.run([sys.executable, str(PIPELINE_SCRIPT), "--repeats", str(repeats)], text=True,
+                          capture_output=True)  # fmt: skip
+    if proc.returncode != 0:
+        tail = (proc.stdout + proc.stderr).strip().splitlines()[-5:]
+        return {"error": f"pipeline.py exited with {proc.returncode}: " + " / ".join(tail)}
+    return load_pipeline_json(RESULTS_DIR / "pipeline.json")
+
+
+def load_pipeline_json(path: Path) -> dict[str, Any]:
+    """pipeline.py's report (rows of contender, tokens_per_s, vs_fsdp, ...), or {"error": why not}."""
+    try:
+        data = json.loads(path.read_text())
+        rows = {r["contender"]: r for r in data["rows"]}
+        return {"source": str(path.name), "date": data.get("date"), "model": data.get("model"),
+                "tasks": data.get("tasks"), "repeats": data.get("repeats"), "rows": rows}  # fmt: skip
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return {"error": f"no usable {path.name}: {type(e).__name__}: {e}"}
 
 
 def summarize_runs(runs: list[RunResult], peaks: dict[str, float], configs: dict[str, dict]) -> list[dict]:
@@ -394,7 +460,13 @@ def targets(report: dict) -> list[tuple[str, str, str]]:
             )
             out.append((f"{model} {dtype}: memory of 8 adapters <= 1.3x that of 1", f"{ratio:.2f}x",
                         _verdict(1.3, ratio)))  # fmt: skip
-    out.append(("pipeline >= 1.3x FSDP", "not measured", report.get("pipeline", "")))
+    pipe = report.get("pipeline") or {"error": "not run (--no-pipeline, --quick or --smoke)"}
+    row = (pipe.get("rows") or {}).get("pipeline")
+    if row and "vs_fsdp" in row:
+        out.append((f"{pipe.get('model')} float32: pipeline >= 1.3x FSDP ({pipe.get('tasks')} tasks, 2 processes)",
+                    f"{row['vs_fsdp']:.2f}x", _verdict(row["vs_fsdp"], 1.3)))  # fmt: skip
+    else:
+        out.append(("pipeline >= 1.3x FSDP", "not measured", pipe.get("error", "")))
     return out
 
 
@@ -415,7 +487,8 @@ def render_markdown(report: dict) -> str:
         f"{', '.join(f'{x:.1f}' for x in (m['load_average'] or []))} (a shared machine: compare ratios, "
         f"which were measured side by side, rather than absolute rates).",
         f"Command: `{report['command'].strip()}` ({report['repeats']} run(s) per figure: median [min-max]; "
-        f"{report['wall_s'] / 60:.0f} min).{partial} Matmul peak measured at the start: "
+        f"{report['wall_s'] / 60:.0f} min).{partial} Matmul peak (the best of "
+        f"{len(report.get('matmul_peak_samples', {}).get('float32', [0]))} measurement(s) during the run): "
         + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in report["matmul_peak_flops"].items())
         + ".",
         "",
@@ -433,6 +506,21 @@ def render_markdown(report: dict) -> str:
             f"({r['processed_tokens']}) | {_mmm(r['tokens_per_s'])} | {r['makespan_s']['median']:.1f} | "
             f"{r['avg_completion_s']['median']:.1f} | {rss} | {_mmm(r['mfu'], '{:.0f}', 100)}% | {sp} |"
         )
+    pipe = report.get("pipeline") or {}
+    if pipe.get("rows"):
+        lines += [
+            "",
+            f"Pipeline and FSDP (benchmarks/pipeline.py, {pipe.get('model')}, {pipe.get('tasks')} tasks, float32, "
+            f"{pipe.get('date')}, median of {pipe.get('repeats')}):",
+            "",
+            "| contender | processes | tokens/s | vs FSDP | avg completion s |",
+            "|---|---|---|---|---|",
+        ]
+        for name, r in pipe["rows"].items():
+            lines.append(
+                f"| {name} | {r.get('processes', '?')} | {r.get('tokens_per_s', 0):.1f} | "
+                f"{r.get('vs_fsdp', 0):.2f}x | {r.get('avg_completion_s', 0):.1f} |"
+            )
     if report["skipped"]:
         lines += ["", "Not measured:", ""]
         lines += [f"- {k}: {v}" for k, v in report["skipped"].items()]
@@ -501,13 +589,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=None, help="runs per figure (default 3; quick and smoke 1)")
     p.add_argument("--no-mlora", action="store_true", help="skip the mlora package (and its venv install)")
     p.add_argument("--no-parallel", action="store_true", help="skip N PEFT processes at once")
+    p.add_argument(
+        "--no-pipeline", action="store_true", help="skip benchmarks/pipeline.py (pipeline vs FSDP)"
+    )
+    p.add_argument("--render", type=Path, default=None, metavar="JSON",
+                   help="only rewrite the Markdown and charts of an earlier run's JSON (a full run without "
+                   "pipeline results takes the current results/pipeline.json)")  # fmt: skip
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     p.add_argument("--cache-dir", type=Path, default=CACHE_DIR, help="models, workload, logs, the mlora venv")
     args = p.parse_args(argv)
     if args.repeats is not None and args.repeats < 1:
         raise SystemExit(f"--repeats must be >= 1, got {args.repeats}")
+    if args.render is not None:
+        report = json.loads(args.render.read_text())
+        if report["benchmark"] == "bench" and not (report.get("pipeline") or {}).get("rows"):
+            report["pipeline"] = load_pipeline_json(RESULTS_DIR / "pipeline.json")
+        prefix = args.render.with_suffix("")
+        args.render.write_text(json.dumps(report, indent=2) + "\n")
+        Path(f"{prefix}.md").write_text(render_markdown(report))
+        render_charts(report, prefix)
+        print(render_markdown(report))
+        return 0
     plan = plan_for("smoke" if args.smoke else "quick" if args.quick else "full", args.repeats,
-                    mlora=not args.no_mlora, parallel=not args.no_parallel)  # fmt: skip
+                    mlora=not args.no_mlora, parallel=not args.no_parallel,
+                    pipeline=not args.no_pipeline)  # fmt: skip
     args.out_dir.mkdir(parents=True, exist_ok=True)
     prefix = args.out_dir / plan.name
 

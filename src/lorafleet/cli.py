@@ -135,6 +135,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         forwarded += ["--repeats", str(args.repeats)]
     forwarded += ["--no-mlora"] if args.no_mlora else []
     forwarded += ["--no-parallel"] if args.no_parallel else []
+    forwarded += ["--no-pipeline"] if args.no_pipeline else []
     forwarded += ["--out-dir", args.out_dir] if args.out_dir else []
     forwarded += ["--cache-dir", args.cache_dir] if args.cache_dir else []
     return subprocess.call([sys.executable, str(script), *forwarded])
@@ -148,6 +149,9 @@ def _add_bench(sub) -> None:
     p.add_argument("--repeats", type=int, default=None, help="runs per figure (default 3)")
     p.add_argument("--no-mlora", action="store_true", help="skip the mlora package and its venv")
     p.add_argument("--no-parallel", action="store_true", help="skip N PEFT processes at once")
+    p.add_argument(
+        "--no-pipeline", action="store_true", help="skip benchmarks/pipeline.py (pipeline vs FSDP)"
+    )
     p.add_argument("--out-dir", default=None, help="default: benchmarks/results")
     p.add_argument("--cache-dir", default=None, help="default: benchmarks/.cache")
     p.set_defaults(func=_cmd_bench)
