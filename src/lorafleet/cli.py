@@ -3,6 +3,7 @@
     lorafleet demo                                   # the bundled demo (what `make demo` runs)
     lorafleet generate --model PATH --prompt TEXT    # KV-cache generation, chat template applied
     lorafleet train CONFIG.yaml                      # train every task of a config together
+    lorafleet train CONFIG.yaml --nproc 2            # the same as a 2-stage pipeline (starts torchrun)
     lorafleet eval CONFIG.yaml                       # each task's saved adapter on its eval_dataset
     lorafleet generate --model PATH --prompt TEXT --adapter base --adapter DIR   # answers side by side
     lorafleet serve --base-model PATH --data-dir DIR # fine-tuning service: REST API, dashboard, worker
