@@ -1,9 +1,14 @@
 """A 2-stage LoRA-aware pipeline against one process and against FSDP, with the same adapters, data and steps.
 
-Run from the repository root (CPU; about 10 minutes on 2 cores with SmolLM2-135M):
+Run from the repository root (CPU, SmolLM2-135M; a few minutes per repeat on 2 idle cores):
 
-    .venv/bin/python benchmarks/pipeline.py                      # SmolLM2-135M, 4 tasks, P = 2
-    .venv/bin/python benchmarks/pipeline.py --model synthetic --tasks 6 --steps 3 --repeats 2
+    .venv/bin/python benchmarks/pipeline.py --repeats 2            # 4 tasks, P = 2 -> results/pipeline.{json,md}
+    .venv/bin/python benchmarks/pipeline.py --max-tokens 480 --skip single --out pipeline_480
+    .venv/bin/python benchmarks/pipeline.py --model synthetic --tasks 6 --steps 3
+
+The default token budget of a fused micro-batch (``--max-tokens 160``) holds one task's micro-batch of 4
+chatterbot examples, so consecutive micro-batches mostly belong to different tasks; with 480, three or four
+tasks share every micro-batch (more efficient matmuls, but their steps all end together).
 
 Every contender trains the same config (``common.prepare_workload``: 4+ tasks of real chatterbot text, the
 SmolLM2 tokenizer, rank 16 on q/k/v/o, batch 8 in micro-batches of 4, AdamW, float32) from the same base
@@ -47,7 +52,14 @@ from common import RESULTS_DIR, machine_info, prepare_model, prepare_workload
 CONTENDERS = {"single": (1, None), "single-1-thread": (1, 1), "pipeline": (None, 1), "fsdp": (None, 1)}
 
 
-def write_config(folder: Path, model: Path, num_tasks: int, steps: int, max_tokens: int) -> Path:
+def write_config(
+    folder: Path,
+    model: Path,
+    num_tasks: int,
+    steps: int,
+    max_tokens: int,
+    boundaries: list[int] | None = None,
+) -> Path:
     """The benchmark's run config (YAML) and its data, in ``folder``."""
     import yaml
 
@@ -86,7 +98,7 @@ def write_config(folder: Path, model: Path, num_tasks: int, steps: int, max_toke
             for n in names
         ],  # fmt: skip
         "dispatcher": {"max_concurrent_tasks": num_tasks, "max_tokens_per_micro_batch": max_tokens},
-        "pipeline": {"stages": 2, "max_in_flight": 4},
+        "pipeline": {"max_in_flight": 4, "boundaries": boundaries},  # stages: one per process
     }
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -335,7 +347,10 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2", choices=["smollm2", "synthetic"])
     parser.add_argument("--tasks", type=int, default=4, help="tasks (adapters) trained together")
     parser.add_argument("--steps", type=int, default=4, help="optimizer steps per task")
-    parser.add_argument("--max-tokens", type=int, default=320, help="dispatcher.max_tokens_per_micro_batch")
+    parser.add_argument("--max-tokens", type=int, default=160, help="dispatcher.max_tokens_per_micro_batch")
+    parser.add_argument(
+        "--boundaries", type=int, nargs="+", default=None, help="pipeline.boundaries (default: by cost)"
+    )
     parser.add_argument("--repeats", type=int, default=1, help="interleaved runs of every contender")
     parser.add_argument("--nproc", type=int, default=2, help="processes of the pipeline and of FSDP")
     parser.add_argument(
@@ -359,7 +374,7 @@ def main() -> None:
     for repeat in range(args.repeats):
         for contender in [c for c in CONTENDERS if c not in args.skip]:
             folder = work / f"{contender}-{repeat}"
-            cfg = write_config(folder, model, args.tasks, args.steps, args.max_tokens)
+            cfg = write_config(folder, model, args.tasks, args.steps, args.max_tokens, args.boundaries)
             print(f"[{repeat + 1}/{args.repeats}] {contender} ...", flush=True)
             r = _run(contender, cfg, folder / "result.json", args.nproc)
             r["tokens_per_s"] = r["tokens"] / r["wall_s"]
@@ -373,8 +388,8 @@ def main() -> None:
     rows = []
     # The better of the two single-process runs: on a loaded machine one thread can beat two.
     singles = [c for c in ("single", "single-1-thread") if runs[c]]
-    single_tps = max(statistics.median(r["tokens_per_s"] for r in runs[c]) for c in singles)
-    fsdp_tps = statistics.median(r["tokens_per_s"] for r in runs["fsdp"])
+    single_tps = max((statistics.median(r["tokens_per_s"] for r in runs[c]) for c in singles), default=None)
+    fsdp_tps = statistics.median(r["tokens_per_s"] for r in runs["fsdp"]) if runs["fsdp"] else None
     for contender in [c for c in CONTENDERS if runs[c]]:
         rs = runs[contender]
         tps = statistics.median(r["tokens_per_s"] for r in rs)
@@ -387,9 +402,11 @@ def main() -> None:
             "wall_s": statistics.median(r["wall_s"] for r in rs),
             "tokens_per_s": tps,
             "avg_completion_s": statistics.median(r["avg_completion_s"] for r in rs),
-            "vs_single": tps / single_tps,
-            "vs_fsdp": tps / fsdp_tps,
-            "max_rel_diff_vs_single": _rel_diff(adapters[contender], adapters[singles[0]]),
+            "vs_single": tps / single_tps if single_tps else None,
+            "vs_fsdp": tps / fsdp_tps if fsdp_tps else None,
+            "max_rel_diff_vs_single": _rel_diff(adapters[contender], adapters[singles[0]])
+            if singles
+            else None,
         }
         if contender == "pipeline":
             idle = [r["idle"] for r in rs]
@@ -435,10 +452,14 @@ def _markdown(report: dict[str, Any]) -> str:
         idle = ", ".join(f"{100 * v:.0f}%" for v in r.get("steady_idle_fraction", {}).values()) or "-"
         lines.append(
             f"| {r['contender']} | {r['processes']} x {r['threads_per_process']} | {r['tokens_per_s']:.1f} | "
-            f"{r['vs_single']:.2f}x | {r['vs_fsdp']:.2f}x | {r['avg_completion_s']:.1f} | {idle} | "
-            f"{r['max_rel_diff_vs_single']:.1e} |"
+            f"{_fmt(r['vs_single'], '{:.2f}x')} | {_fmt(r['vs_fsdp'], '{:.2f}x')} | {r['avg_completion_s']:.1f} | "
+            f"{idle} | {_fmt(r['max_rel_diff_vs_single'], '{:.1e}')} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else spec.format(value)
 
 
 if __name__ == "__main__":

@@ -661,6 +661,7 @@ class _Stage:
             "fingerprint": self._fingerprint(t),
             "status": core.state.status,
             "tokens": core.state.tokens,
+            "last_loss": core.state.last_loss,
         }
         optim = {"optimizer": core.optimizer.state_dict(), "scheduler": core.scheduler.state_dict()}
         save_checkpoint(
@@ -687,6 +688,7 @@ class _Stage:
                 core.optimizer.load_state_dict(optim["optimizer"])
                 core.scheduler.load_state_dict(optim["scheduler"])
                 core.state.step, core.state.tokens = state["step"], state.get("tokens", 0)
+                core.state.last_loss = state.get("last_loss")
                 if core.state.step >= core.state.total_steps:
                     self._queue_export(t)
                     self._retire(t, "succeeded", None)
