@@ -373,9 +373,12 @@ def load_pipeline_json(path: Path) -> dict[str, Any]:
 
 def summarize_runs(runs: list[RunResult], peaks: dict[str, float], configs: dict[str, dict]) -> list[dict]:
     """One row per (model, dtype, N, contender): medians, min/max, MFU, memory, and lorafleet's speedup."""
+    order: dict[tuple[str, str], int] = {}  # scenarios in the order they ran
+    for x in runs:
+        order.setdefault((x.model, x.dtype), len(order))
     keys = sorted(
         {(x.model, x.dtype, x.num_adapters, x.contender) for x in runs},
-        key=lambda k: (k[0], k[1], k[2], CONTENDERS.index(k[3])),
+        key=lambda k: (order[k[0], k[1]], k[2], CONTENDERS.index(k[3])),
     )
     rows = []
     for model, dtype, n, contender in keys:
@@ -460,7 +463,7 @@ def targets(report: dict) -> list[tuple[str, str, str]]:
             )
             out.append((f"{model} {dtype}: memory of 8 adapters <= 1.3x that of 1", f"{ratio:.2f}x",
                         _verdict(1.3, ratio)))  # fmt: skip
-    pipe = report.get("pipeline") or {"error": "not run (--no-pipeline, --quick or --smoke)"}
+    pipe = _pipeline_part(report)
     row = (pipe.get("rows") or {}).get("pipeline")
     if row and "vs_fsdp" in row:
         out.append((f"{pipe.get('model')} float32: pipeline >= 1.3x FSDP ({pipe.get('tasks')} tasks, 2 processes)",
@@ -468,6 +471,13 @@ def targets(report: dict) -> list[tuple[str, str, str]]:
     else:
         out.append(("pipeline >= 1.3x FSDP", "not measured", pipe.get("error", "")))
     return out
+
+
+def _pipeline_part(report: dict) -> dict[str, Any]:
+    pipe = report.get("pipeline")
+    if isinstance(pipe, dict):
+        return pipe
+    return {"error": pipe or "not run (--no-pipeline, --quick or --smoke)"}
 
 
 def _verdict(value: float, target: float) -> str:
@@ -493,7 +503,7 @@ def render_markdown(report: dict) -> str:
         + ".",
         "",
         "| model | dtype | N | contender | real tokens (processed) | tokens/s | makespan s | avg completion s "
-        "| peak RSS GiB per process (total) | MFU | lorafleet speedup |",
+        "| peak RSS GiB per process (total) | MFU | lorafleet speedup (per repeat) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["summary"]:
@@ -506,7 +516,13 @@ def render_markdown(report: dict) -> str:
             f"({r['processed_tokens']}) | {_mmm(r['tokens_per_s'])} | {r['makespan_s']['median']:.1f} | "
             f"{r['avg_completion_s']['median']:.1f} | {rss} | {_mmm(r['mfu'], '{:.0f}', 100)}% | {sp} |"
         )
-    pipe = report.get("pipeline") or {}
+    lines += [
+        "",
+        "tokens/s, MFU: median [min-max] over the repeats. lorafleet speedup: lorafleet's tokens/s over the "
+        "contender's within each repeat (the two ran minutes apart, under the same stretch of load), median "
+        "[min-max] of those ratios; on a machine whose load swings it can differ from the ratio of the medians.",
+    ]
+    pipe = _pipeline_part(report)
     if pipe.get("rows"):
         lines += [
             "",
@@ -530,7 +546,7 @@ def render_markdown(report: dict) -> str:
 
 
 def render_charts(report: dict, prefix: Path) -> list[Path]:
-    """tokens/s by N per dtype, all contenders at N=4, and lorafleet's peak memory by N."""
+    """tokens/s by N for every contender, per (model, dtype); peak memory by N (lorafleet, PEFT sequential)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -550,10 +566,12 @@ def render_charts(report: dict, prefix: Path) -> list[Path]:
             med = [p[1]["median"] for p in pts]
             err = [[p[1]["median"] - p[1]["min"] for p in pts], [p[1]["max"] - p[1]["median"] for p in pts]]
             ax.errorbar(xs, med, yerr=err, marker="o", capsize=3, label=contender)
+        ns = sorted({r["num_adapters"] for r in rows if (r["model"], r["dtype"]) == (model, dtype)})
         ax.set_title(f"{model} {dtype}")
         ax.set_xlabel("adapters N")
-        ax.set_ylabel("real tokens/s")
+        ax.set_ylabel("real tokens/s (median, min-max)")
         ax.set_xscale("log", base=2)
+        ax.set_xticks(ns, [str(n) for n in ns])
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -564,13 +582,17 @@ def render_charts(report: dict, prefix: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for model, dtype in groups:
-        pts = sorted((r["num_adapters"], r["peak_rss_bytes_per_process"]["median"] / GiB) for r in rows
-                     if (r["model"], r["dtype"], r["contender"]) == (model, dtype, "lorafleet"))  # fmt: skip
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"lorafleet {model} {dtype}")
+        for contender, style in (("lorafleet", "-"), ("peft_sequential", "--")):
+            pts = sorted((r["num_adapters"], r["peak_rss_bytes_per_process"]["median"] / GiB) for r in rows
+                         if (r["model"], r["dtype"], r["contender"]) == (model, dtype, contender))  # fmt: skip
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o",
+                        label=f"{contender} {model} {dtype}")  # fmt: skip
+    ns = sorted({r["num_adapters"] for r in rows})
     ax.set_xlabel("adapters N")
-    ax.set_ylabel("peak RSS GiB")
+    ax.set_ylabel("peak RSS GiB (median)")
     ax.set_xscale("log", base=2)
+    ax.set_xticks(ns, [str(n) for n in ns])
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -602,8 +624,15 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--repeats must be >= 1, got {args.repeats}")
     if args.render is not None:
         report = json.loads(args.render.read_text())
-        if report["benchmark"] == "bench" and not (report.get("pipeline") or {}).get("rows"):
+        pipe = report.get("pipeline")
+        if report["benchmark"] == "bench" and not (isinstance(pipe, dict) and pipe.get("rows")):
             report["pipeline"] = load_pipeline_json(RESULTS_DIR / "pipeline.json")
+        runs = [RunResult(**x) for x in report["runs"]]
+        models = {x.model for x in runs}
+        folders = {m: args.cache_dir / m / "config.json" for m in models}
+        if all(f.is_file() for f in folders.values()):  # the summary again, by this version's rules
+            configs = {m: json.loads(f.read_text()) for m, f in folders.items()}
+            report["summary"] = summarize_runs(runs, report["matmul_peak_flops"], configs)
         prefix = args.render.with_suffix("")
         args.render.write_text(json.dumps(report, indent=2) + "\n")
         Path(f"{prefix}.md").write_text(render_markdown(report))
