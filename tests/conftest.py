@@ -12,10 +12,16 @@ qwen3 (q/k norm, head_dim != hidden / heads), smollm2 (tied embeddings).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# Without CUDA, the Triton kernels are checked in Triton's interpreter. Triton fixes its mode when first
+# imported (``import peft`` imports it), so the whole session runs in that mode from the start.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 TINY_FAMILIES = ("llama2", "llama3", "mistral", "qwen2", "qwen3", "smollm2")
 TINY_VOCAB = 320  # the tokenizer uses ids < 300; the rest are unused rows, as in real models
