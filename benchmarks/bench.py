@@ -39,7 +39,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -91,6 +91,7 @@ class Plan:
     parallel: bool = True
     pipeline: bool = False
     warmup: bool = True  # one untimed run per worker first (allocator, kernels)
+    threads: int | None = None  # torch threads per contender process (None: every core)
     peak_seconds: float = 1.0  # per matmul size, for the peak
 
 
@@ -283,7 +284,7 @@ def run_plan(plan: Plan, cache: Path, on_scenario=None) -> dict[str, Any]:
 
     from lorafleet.models.tokenizer import load_tokenizer
 
-    threads = os.cpu_count() or 1
+    threads = plan.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     # The peak is measured at the start and again before every scenario, and the best measurement counts:
     # on a shared machine one measurement can land in a busy moment and make MFU look too good.
@@ -642,6 +643,8 @@ def main(argv: list[str] | None = None) -> int:
     plan = plan_for("smoke" if args.smoke else "quick" if args.quick else "full", args.repeats,
                     mlora=not args.no_mlora, parallel=not args.no_parallel,
                     pipeline=not args.no_pipeline)  # fmt: skip
+    if args.threads is not None:
+        plan = replace(plan, threads=args.threads)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     prefix = args.out_dir / plan.name
 

@@ -384,11 +384,16 @@ def to_result(contender: str, model: str, dtype: str, repeat: int, reply: dict[s
     )
 
 
-def compare(model: str, dtype: str, num_adapters: int, repeats: int, hyper: Hyper) -> dict[str, Any]:
-    """lorafleet vs PEFT sequential on one scenario; returns the report (runs, medians, ratios, MFU)."""
+def compare(
+    model: str, dtype: str, num_adapters: int, repeats: int, hyper: Hyper, threads: int | None = None
+) -> dict[str, Any]:
+    """lorafleet vs PEFT sequential on one scenario; returns the report (runs, medians, ratios, MFU).
+
+    ``threads``: torch threads of each contender (default: every core).
+    """
     from lorafleet.models.tokenizer import load_tokenizer
 
-    threads = os.cpu_count() or 1
+    threads = threads or os.cpu_count() or 1
     model_dir = prepare_model(model)
     config = json.loads((model_dir / "config.json").read_text())
     paths = prepare_workload(CACHE_DIR / "workload", num_adapters, hyper.steps * hyper.batch_size)
@@ -457,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=2, help="optimizer steps per adapter")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="one run instead of --repeats")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per contender (default: cores)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "vs_peft.json")
     args = p.parse_args(argv)
     if args.worker:
@@ -467,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     repeats = 1 if args.quick else args.repeats
     print(f"vs_peft: {args.adapters} adapters, {args.model}, {args.dtype}, {repeats} run(s)", flush=True)
-    report = compare(args.model, args.dtype, args.adapters, repeats, Hyper(steps=args.steps))
+    report = compare(args.model, args.dtype, args.adapters, repeats, Hyper(steps=args.steps), args.threads)
     s = report["summary"]
     print("| contender | tokens/s (median [min, max]) | MFU | peak RSS |")
     print("|---|---|---|---|")

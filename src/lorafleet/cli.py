@@ -137,6 +137,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     forwarded += ["--no-mlora"] if args.no_mlora else []
     forwarded += ["--no-parallel"] if args.no_parallel else []
     forwarded += ["--no-pipeline"] if args.no_pipeline else []
+    forwarded += ["--threads", str(args.threads)] if args.threads is not None else []
     forwarded += ["--out-dir", args.out_dir] if args.out_dir else []
     forwarded += ["--cache-dir", args.cache_dir] if args.cache_dir else []
     return subprocess.call([sys.executable, str(script), *forwarded])
@@ -153,6 +154,7 @@ def _add_bench(sub) -> None:
     p.add_argument(
         "--no-pipeline", action="store_true", help="skip benchmarks/pipeline.py (pipeline vs FSDP)"
     )
+    p.add_argument("--threads", type=int, default=None, help="torch threads per contender (default: cores)")
     p.add_argument("--out-dir", default=None, help="default: benchmarks/results")
     p.add_argument("--cache-dir", default=None, help="default: benchmarks/.cache")
     p.set_defaults(func=_cmd_bench)
