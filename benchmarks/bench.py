@@ -615,6 +615,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--no-pipeline", action="store_true", help="skip benchmarks/pipeline.py (pipeline vs FSDP)"
     )
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per contender (default: every core; 1 is steadier on a busy machine)")  # fmt: skip
     p.add_argument("--render", type=Path, default=None, metavar="JSON",
                    help="only rewrite the Markdown and charts of an earlier run's JSON (a full run without "
                    "pipeline results takes the current results/pipeline.json)")  # fmt: skip

@@ -459,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", choices=["synthetic", "smollm2"], default="synthetic")
     p.add_argument("--dtype", choices=_DTYPES, default="float32")
     p.add_argument("--adapters", type=int, default=4)
-    p.add_argument("--steps", type=int, default=2, help="optimizer steps per adapter")
+    p.add_argument("--steps", type=int, default=1, help="optimizer steps per adapter")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="one run instead of --repeats")
     p.add_argument("--threads", type=int, default=None, help="torch threads per contender (default: cores)")
