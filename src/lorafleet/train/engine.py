@@ -62,10 +62,18 @@ STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 
 
 def resolve_device(device: str) -> torch.device:
+    """The torch device of ``base_model.device``; on CPU also flushes denormal floats to zero.
+
+    Adam's second moments of near-zero gradients sink into denormal floats, which x86 CPUs process about
+    a hundred times slower; flushing them changes results by less than 1e-38 and made the demo's optimizer
+    steps several times faster.
+    """
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("base_model.device is 'cuda' but no CUDA device is available; use device: cpu or auto")
+    if device == "cpu":
+        torch.set_flush_denormal(True)
     return torch.device(device)
 
 
