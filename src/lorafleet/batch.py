@@ -6,10 +6,11 @@ K key/value heads, D head dim, L the longest sequence.
 A ``FusedBatch`` holds the real tokens of several sequences in one flat stream. Sequence boundaries are
 ``cu_seqlens`` (cumulative lengths, as in varlen attention kernels); adapter *segments* are contiguous token
 ranges, each owned by one adapter (or by none: a reference pass through the frozen base). The linear layers
-never see padding. Attention is the only place where sequences must not mix: ``attention`` gathers each
-sequence's tokens into a padded [S, H, L, D] view, applies a causal mask that also hides the padding, runs one
-``scaled_dot_product_attention`` call and scatters the real rows back, so no token attends across a
-sequence boundary.
+never see padding. Attention is the only place where sequences must not mix: ``attention`` groups the
+sequences by length, gathers each group's tokens into a padded [s, H, n, D] view, applies a causal mask that
+also hides the padding, runs one ``scaled_dot_product_attention`` call per group and puts the real rows back
+in order, so no token attends across a sequence boundary and short sequences are not padded to the longest.
+(On CUDA a varlen kernel, when installed, needs no padding at all: ``models/varlen.py``.)
 """
 
 from __future__ import annotations
@@ -62,7 +63,9 @@ class FusedBatch:
     segments: tuple[Segment, ...] = ()
     labels: torch.Tensor | None = None
     sequences: tuple[SequenceInfo, ...] = field(default_factory=tuple)
-    _masks: dict[int | None, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _masks: dict[tuple[int, int | None], torch.Tensor] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     @staticmethod
     def from_sequences(
@@ -142,31 +145,49 @@ class FusedBatch:
         )
 
     @cached_property
-    def _padded_layout(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(gather index [S, L] into T+1 rows (T = a zero row), scatter index [T] into S*L, key valid [S, L])."""
-        lens = self.seq_lens
-        s, n, t = len(lens), max(lens), self.num_tokens
-        dev = self.input_ids.device
-        lens_t = torch.tensor(lens, device=dev)
-        col = torch.arange(n, device=dev)
-        valid = col[None, :] < lens_t[:, None]
-        gather = torch.where(valid, self.cu_seqlens[:-1, None] + col[None, :], torch.full_like(valid, t, dtype=torch.long))
-        scatter = (torch.arange(s, device=dev)[:, None] * n + col[None, :])[valid]
-        return gather, scatter, valid
+    def _buckets(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Sequences grouped by length, each group one padded attention call.
 
-    def _mask(self, sliding_window: int | None) -> torch.Tensor:
-        """[S, 1, L, L] boolean: query i sees key j iff j <= i, j is real and (i - j) < window."""
-        if sliding_window in self._masks:
-            return self._masks[sliding_window]
-        _, _, valid = self._padded_layout
-        n = valid.shape[1]
-        i = torch.arange(n, device=valid.device)
-        allowed = i[None, :] <= i[:, None]
-        if sliding_window is not None:
-            allowed = allowed & ((i[:, None] - i[None, :]) < sliding_window)
-        mask = (allowed[None] & valid[:, None, :])[:, None]
-        self._masks[sliding_window] = mask
-        return mask
+        Per group: (gather index [s, n] into T+1 rows (row T is a zero row), its real tokens' positions in
+        the batch [t_g], key valid [s, n]). Sequences are sorted by length and a group grows while its
+        padded attention work (s * n^2) stays within twice the work of its real sequences (sum of l^2),
+        so a few long sequences do not make every short one pay for their length.
+        """
+        lens = self.seq_lens
+        t, dev = self.num_tokens, self.input_ids.device
+        groups: list[list[int]] = []
+        real = 0
+        for i in sorted(range(len(lens)), key=lens.__getitem__):
+            n = lens[i]
+            if groups and (len(groups[-1]) + 1) * n * n <= 2 * (real + n * n):
+                groups[-1].append(i)
+                real += n * n
+            else:
+                groups.append([i])
+                real = n * n
+        out = []
+        for members in groups:
+            idx = torch.tensor(members, device=dev)
+            glens = torch.tensor([lens[i] for i in members], device=dev)
+            col = torch.arange(int(glens.max()), device=dev)
+            valid = col[None, :] < glens[:, None]
+            pos = self.cu_seqlens[idx][:, None] + col[None, :]
+            gather = torch.where(valid, pos, torch.full_like(pos, t))
+            out.append((gather, pos[valid], valid))
+        return out
+
+    def _mask(self, group: int, sliding_window: int | None) -> torch.Tensor:
+        """[s, 1, n, n] boolean: query i sees key j iff j <= i, j is real and (i - j) < window."""
+        key = (group, sliding_window)
+        if key not in self._masks:
+            valid = self._buckets[group][2]
+            n = valid.shape[1]
+            i = torch.arange(n, device=valid.device)
+            allowed = i[None, :] <= i[:, None]
+            if sliding_window is not None:
+                allowed = allowed & ((i[:, None] - i[None, :]) < sliding_window)
+            self._masks[key] = (allowed[None] & valid[:, None, :])[:, None]
+        return self._masks[key]
 
     def attention(
         self,
@@ -184,7 +205,6 @@ class FusedBatch:
             o = varlen_attention(q_THD, k_TKD, v_TKD, self.cu_seqlens, max(self.seq_lens), sliding_window)
             if o is not None:
                 return o
-        t, h, d = q_THD.shape
         if self.num_sequences == 1 and sliding_window is None:
             o = F.scaled_dot_product_attention(
                 q_THD.transpose(0, 1)[None],
@@ -194,14 +214,16 @@ class FusedBatch:
                 enable_gqa=True,
             )
             return o[0].transpose(0, 1)
-        gather, scatter, _ = self._padded_layout
-        s, n = gather.shape
-
-        def pad(x: torch.Tensor) -> torch.Tensor:  # [T, *, D] -> [S, *, L, D]
-            x = torch.cat([x, x.new_zeros(1, *x.shape[1:])])
-            return x[gather].transpose(1, 2)
-
-        o = F.scaled_dot_product_attention(
-            pad(q_THD), pad(k_TKD), pad(v_TKD), attn_mask=self._mask(sliding_window), enable_gqa=True
-        )
-        return o.transpose(1, 2).reshape(s * n, h, d)[scatter]
+        q0, k0, v0 = (torch.cat([x, x.new_zeros(1, *x.shape[1:])]) for x in (q_THD, k_TKD, v_TKD))
+        outs, rows = [], []
+        for g, (gather, real, valid) in enumerate(self._buckets):
+            o = F.scaled_dot_product_attention(
+                q0[gather].transpose(1, 2),
+                k0[gather].transpose(1, 2),
+                v0[gather].transpose(1, 2),
+                attn_mask=self._mask(g, sliding_window),
+                enable_gqa=True,
+            )  # [s, H, n, D]
+            outs.append(o.transpose(1, 2)[valid])
+            rows.append(real)
+        return torch.cat(outs)[torch.argsort(torch.cat(rows))]
