@@ -18,9 +18,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from lorafleet.cli import main as cli_main
-
 from conftest import make_tiny_model
+from lorafleet.cli import main as cli_main
 
 PROMPTS = [
     "What is the capital of France?",
