@@ -14,9 +14,9 @@ adapters of rank r (x requires grad, as inside a network; the base weight is fro
     peft      PEFT's own ``lora.Linear`` with K adapters called with ``adapter_names`` (its mixed-batch loop)
     separate  each adapter's rows run on their own, as K single-adapter jobs would (plain autograd), summed
 
-Timings are the minimum over ``--reps`` repetitions (the variants are interleaved, so load from other
-processes spreads over all of them); every repetition is in the JSON written to
-benchmarks/results/fused_op.json (or ``--out``).
+Timings are the minimum over ``--reps`` repetitions; the variants and the cases are interleaved (every
+repetition visits every case), so load from other processes spreads over all of them. Every repetition is
+in the JSON written to benchmarks/results/fused_op.json (or ``--out``).
 """
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ def run(args: argparse.Namespace) -> dict:
     # caches and memory), but it counts every thread's time, spinning ones too: one thread only.
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     variants = ["base", "fused", "peft", "separate"]
-    results = []
+    cases = []
     for dname in args.dtypes:
         for k in args.ks:
             case = _Case(args.tokens, args.dim, args.rank, k, _DTYPES[dname], device)
@@ -169,24 +169,28 @@ def run(args: argparse.Namespace) -> dict:
             for _ in range(args.warmup):
                 for v in variants:
                     case.time(fns[v], clock)
-            times: dict[str, list[float]] = {v: [] for v in variants}
-            for _ in range(args.reps):
-                for v in variants:
-                    times[v].append(case.time(fns[v], clock))
-            best = {v: min(ts) for v, ts in times.items()}
-            row = {
-                "dtype": dname,
-                "K": k,
-                "ms": {v: 1e3 * best[v] for v in variants},
-                "median_ms": {v: 1e3 * statistics.median(times[v]) for v in variants},
-                "all_ms": {v: [1e3 * t for t in ts] for v, ts in times.items()},
-                "lora_overhead": best["fused"] / best["base"] - 1.0,
-                "speedup_vs_peft": best["peft"] / best["fused"],
-                "speedup_vs_separate": best["separate"] / best["fused"],
-            }
-            results.append(row)
-            print(_format_row(row), flush=True)
-            del case
+            cases.append((dname, k, case, fns, {v: [] for v in variants}))
+    # Repetition-major order: each repetition visits every case, so a burst of load from other processes
+    # spoils one sample of many cases rather than every sample of one.
+    for _ in range(args.reps):
+        for _, _, case, fns, times in cases:
+            for v in variants:
+                times[v].append(case.time(fns[v], clock))
+    results = []
+    for dname, k, _, _, times in cases:
+        best = {v: min(ts) for v, ts in times.items()}
+        row = {
+            "dtype": dname,
+            "K": k,
+            "ms": {v: 1e3 * best[v] for v in variants},
+            "median_ms": {v: 1e3 * statistics.median(times[v]) for v in variants},
+            "all_ms": {v: [1e3 * t for t in ts] for v, ts in times.items()},
+            "lora_overhead": best["fused"] / best["base"] - 1.0,
+            "speedup_vs_peft": best["peft"] / best["fused"],
+            "speedup_vs_separate": best["separate"] / best["fused"],
+        }
+        results.append(row)
+        print(_format_row(row), flush=True)
     return {
         "benchmark": "fused_op",
         "date": datetime.now(UTC).strftime("%Y-%m-%d"),
