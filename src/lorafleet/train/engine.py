@@ -27,6 +27,7 @@ from __future__ import annotations
 import time
 import zlib
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,25 +57,45 @@ from .evaluate import EarlyStopping, EvalJob, TaskEvaluation, eval_record, evalu
 from .optim import build_optimizer, build_scheduler
 from .tasks import StepNorm, TaskKind, pack_groups, task_kind
 
-__all__ = ["Engine", "TaskState", "adapter_spec", "build_task", "pack_plan", "resolve_device"]
+__all__ = [
+    "Engine",
+    "TaskState",
+    "adapter_spec",
+    "build_task",
+    "flush_denormals",
+    "pack_plan",
+    "resolve_device",
+]
 
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 
 
 def resolve_device(device: str) -> torch.device:
-    """The torch device of ``base_model.device``; on CPU also flushes denormal floats to zero.
-
-    Adam's second moments of near-zero gradients sink into denormal floats, which x86 CPUs process about
-    a hundred times slower; flushing them changes results by less than 1e-38 and made the demo's optimizer
-    steps several times faster.
-    """
+    """The torch device of ``base_model.device``."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("base_model.device is 'cuda' but no CUDA device is available; use device: cpu or auto")
-    if device == "cpu":
-        torch.set_flush_denormal(True)
+        raise ValueError(
+            "base_model.device is 'cuda' but no CUDA device is available; use device: cpu or auto"
+        )
     return torch.device(device)
+
+
+@contextmanager
+def flush_denormals(device: torch.device):
+    """Flush denormal floats to zero on CPU while training, and turn it off again afterwards.
+
+    Adam's second moments of near-zero gradients sink into denormal floats, which x86 CPUs process about a
+    hundred times slower; flushing them changes results by less than 1e-38 and made the demo's optimizer
+    steps several times faster. The setting is per process, so it is scoped to the training work.
+    """
+    if device.type != "cpu" or not torch.set_flush_denormal(True):
+        yield
+        return
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
 
 
 def adapter_spec(cfg: AdapterConfig) -> AdapterSpec:
@@ -297,17 +318,25 @@ class Engine:
         """Drop a finished task (its examples and state) so a long-lived engine does not grow; returns its state."""
         t = self._tasks[name]
         if t.state.status in ("queued", "running"):
-            raise ValueError(f"task {name!r} is {t.state.status}; cancel it or let it finish before forgetting it")
+            raise ValueError(
+                f"task {name!r} is {t.state.status}; cancel it or let it finish before forgetting it"
+            )
         del self._tasks[name]
         self._waited.pop(name, None)
         return t.state
 
     def run_once(self) -> bool:
         """One fused micro-batch and the optimizer steps it completes; False when no task has work."""
+        with flush_denormals(self.device):
+            return self._run_once()
+
+    def _run_once(self) -> bool:
         live = [t for t in self._tasks.values() if t.state.status in ("queued", "running")]
         views = [t.view(self.cfg.seed, self._waited.get(t.cfg.name, 0)) for t in live]
         limit = self.cfg.dispatcher.max_concurrent_tasks
-        plan = plan_next(views, max_tokens=self.cfg.dispatcher.max_tokens_per_micro_batch, max_concurrent=limit)
+        plan = plan_next(
+            views, max_tokens=self.cfg.dispatcher.max_tokens_per_micro_batch, max_concurrent=limit
+        )
         self._waited = next_waited(views, plan, max_concurrent=limit)
         if not plan:
             return False
@@ -496,7 +525,9 @@ class Engine:
             state = {k: p.detach().cpu() for k, p in t.params.items()}
             if t.evaluation is not None and t.evaluation.best_state is not None:
                 state = t.evaluation.best_state  # early stopping keeps the best evaluated adapter
-            save_peft(self.output_dir / "adapters" / t.spec.name, t.spec, state, str(self.cfg.base_model.path))
+            save_peft(
+                self.output_dir / "adapters" / t.spec.name, t.spec, state, str(self.cfg.base_model.path)
+            )
         remove_adapter(self.model, t.spec.name)
         t.params, t.optimizer, t.pending = {}, None, []
         self._emit({"type": "status", "task": t.cfg.name, "status": status, "error": error})
