@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -194,7 +195,7 @@ def run(args: argparse.Namespace) -> dict:
     return {
         "benchmark": "fused_op",
         "date": datetime.now(UTC).strftime("%Y-%m-%d"),
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {device}",
+        "machine": f"{_cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, {device}",
         "torch": torch.__version__,
         "tokens": args.tokens,
         "dim": args.dim,
@@ -203,6 +204,16 @@ def run(args: argparse.Namespace) -> dict:
         "clock": args.clock,
         "results": results,
     }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 _HEADER = (
