@@ -805,8 +805,6 @@ def run_pipeline(cfg: RunConfig, progress: bool = False, timeout_s: float = 1800
             "eval_dataset"
         )
     device = resolve_device(cfg.base_model.device)
-    if device.type == "cpu":  # a dedicated torchrun process: see train.engine.flush_denormals for why
-        torch.set_flush_denormal(True)
     model_cfg = read_model_config(cfg.base_model.path)
     topo = Topology.from_env(model_cfg, cfg.pipeline, device=device.type)
     if topo.num_replicas > len(cfg.tasks):

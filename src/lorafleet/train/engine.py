@@ -27,7 +27,6 @@ from __future__ import annotations
 import time
 import zlib
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,7 +61,6 @@ __all__ = [
     "TaskState",
     "adapter_spec",
     "build_task",
-    "flush_denormals",
     "pack_plan",
     "resolve_device",
 ]
@@ -79,23 +77,6 @@ def resolve_device(device: str) -> torch.device:
             "base_model.device is 'cuda' but no CUDA device is available; use device: cpu or auto"
         )
     return torch.device(device)
-
-
-@contextmanager
-def flush_denormals(device: torch.device):
-    """Flush denormal floats to zero on CPU while training, and turn it off again afterwards.
-
-    Adam's second moments of near-zero gradients sink into denormal floats, which x86 CPUs process about a
-    hundred times slower; flushing them changes results by less than 1e-38 and made the demo's optimizer
-    steps several times faster. The setting is per process, so it is scoped to the training work.
-    """
-    if device.type != "cpu" or not torch.set_flush_denormal(True):
-        yield
-        return
-    try:
-        yield
-    finally:
-        torch.set_flush_denormal(False)
 
 
 def adapter_spec(cfg: AdapterConfig) -> AdapterSpec:
@@ -327,10 +308,6 @@ class Engine:
 
     def run_once(self) -> bool:
         """One fused micro-batch and the optimizer steps it completes; False when no task has work."""
-        with flush_denormals(self.device):
-            return self._run_once()
-
-    def _run_once(self) -> bool:
         live = [t for t in self._tasks.values() if t.state.status in ("queued", "running")]
         views = [t.view(self.cfg.seed, self._waited.get(t.cfg.name, 0)) for t in live]
         limit = self.cfg.dispatcher.max_concurrent_tasks
