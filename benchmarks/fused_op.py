@@ -5,6 +5,7 @@ Run from the repository root:
     .venv/bin/python benchmarks/fused_op.py --quick          # about 20 s on 2 CPU cores
     .venv/bin/python benchmarks/fused_op.py                  # T=4096, d=2048, r=16, K in {1,4,8,16}: minutes
     .venv/bin/python benchmarks/fused_op.py --device cuda    # on a GPU (default: cuda when present)
+    .venv/bin/python benchmarks/fused_op.py --merge a.json b.json   # best of several runs, on a busy machine
 
 Each case times one forward+backward of a [T, d] x [d, d] projection whose T rows are split evenly among K
 adapters of rank r (x requires grad, as inside a network; the base weight is frozen), for:
@@ -179,19 +180,8 @@ def run(args: argparse.Namespace) -> dict:
                 times[v].append(case.time(fns[v], clock))
     results = []
     for dname, k, _, _, times in cases:
-        best = {v: min(ts) for v, ts in times.items()}
-        row = {
-            "dtype": dname,
-            "K": k,
-            "ms": {v: 1e3 * best[v] for v in variants},
-            "median_ms": {v: 1e3 * statistics.median(times[v]) for v in variants},
-            "all_ms": {v: [1e3 * t for t in ts] for v, ts in times.items()},
-            "lora_overhead": best["fused"] / best["base"] - 1.0,
-            "speedup_vs_peft": best["peft"] / best["fused"],
-            "speedup_vs_separate": best["separate"] / best["fused"],
-        }
-        results.append(row)
-        print(_format_row(row), flush=True)
+        results.append(_row(dname, k, {v: [1e3 * t for t in ts] for v, ts in times.items()}))
+        print(_format_row(results[-1]), flush=True)
     return {
         "benchmark": "fused_op",
         "date": datetime.now(UTC).strftime("%Y-%m-%d"),
@@ -204,6 +194,42 @@ def run(args: argparse.Namespace) -> dict:
         "clock": args.clock,
         "results": results,
     }
+
+
+def _row(dname: str, k: int, all_ms: dict[str, list[float]]) -> dict:
+    best = {v: min(ts) for v, ts in all_ms.items()}
+    return {
+        "dtype": dname,
+        "K": k,
+        "ms": best,
+        "median_ms": {v: statistics.median(ts) for v, ts in all_ms.items()},
+        "all_ms": all_ms,
+        "lora_overhead": best["fused"] / best["base"] - 1.0,
+        "speedup_vs_peft": best["peft"] / best["fused"],
+        "speedup_vs_separate": best["separate"] / best["fused"],
+    }
+
+
+def merge(paths: list[Path]) -> dict:
+    """One report from several runs' JSON (same shapes and clock): per case, the minimum over all their reps."""
+    reports = [json.loads(p.read_text()) for p in paths]
+    setups = {(r["tokens"], r["dim"], r["rank"], r.get("clock", "wall")) for r in reports}
+    if len(setups) != 1:
+        raise SystemExit(f"--merge needs runs of one setup (tokens, dim, rank, clock); got {sorted(setups)}")
+    all_ms: dict[tuple[str, int], dict[str, list[float]]] = {}
+    for r in reports:
+        for row in r["results"]:
+            case = all_ms.setdefault((row["dtype"], row["K"]), {})
+            for v, ts in row["all_ms"].items():
+                case.setdefault(v, []).extend(ts)
+    results = [_row(dname, k, ms) for (dname, k), ms in all_ms.items()]
+    for row in results:
+        print(_format_row(row))
+    runs = [
+        {"file": str(p), "date": r["date"], "machine": r["machine"], "reps": r["reps"]}
+        for p, r in zip(paths, reports)
+    ]
+    return {**reports[-1], "reps": sum(r["reps"] for r in reports), "merged_from": runs, "results": results}
 
 
 def _cpu_name() -> str:
@@ -250,7 +276,20 @@ def main() -> None:
     )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "fused_op.json")
+    p.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        help="run nothing: combine earlier JSON reports (minimum over all their repetitions) into --out",
+    )
     args = p.parse_args()
+    if args.merge:
+        print(_HEADER)
+        report = merge(args.merge)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.out}")
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.clock == "cpu" and torch.get_num_threads() != 1:
