@@ -75,8 +75,7 @@ from ..lora import remove_adapter, save_peft
 from ..metrics import MetricsWriter
 from ..models import Decoder, load_model, read_model_config
 from ..train.checkpoint import load_checkpoint, save_checkpoint
-from ..train.dispatcher import next_waited, plan_next
-from ..train.engine import TaskState, build_task, pack_plan, resolve_device
+from ..train.engine import TaskState, build_task, pack_plan, plan_micro_batch, resolve_device
 from ..train.optim import grad_norm_sq
 from .topology import Links, Topology
 
@@ -370,13 +369,8 @@ class _Stage:
     def _dispatch(self) -> bool:
         """First stage: plan, pack and forward the next micro-batch; False when no task can run now."""
         seed = self.cfg.seed
-        live = [t for t in self.tasks.values() if _live(t)]
-        views = [t.core.view(seed, self.waited.get(t.core.cfg.name, 0)) for t in live]
-        limit = self.cfg.dispatcher.max_concurrent_tasks
-        plan = plan_next(
-            views, max_tokens=self.cfg.dispatcher.max_tokens_per_micro_batch, max_concurrent=limit
-        )
-        self.waited = next_waited(views, plan, max_concurrent=limit)
+        live = [t.core for t in self.tasks.values() if _live(t)]
+        plan, self.waited = plan_micro_batch(live, self.cfg, self.waited)
         if not plan:
             return False
         now = time.time()

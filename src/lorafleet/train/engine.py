@@ -62,6 +62,7 @@ __all__ = [
     "adapter_spec",
     "build_task",
     "pack_plan",
+    "plan_micro_batch",
     "resolve_device",
 ]
 
@@ -168,6 +169,19 @@ class _Task:
             "seed": seed,
             "max_seq_len": self.cfg.max_seq_len,
         }
+
+
+def plan_micro_batch(
+    live: list[_Task], cfg: RunConfig, waited: dict[str, int]
+) -> tuple[list[PlanItem], dict[str, int]]:
+    """The dispatcher's next fused micro-batch over ``live`` tasks, and the updated fairness counts.
+
+    Shared by the engine and the pipeline's first stage, so both schedule exactly alike.
+    """
+    views = [t.view(cfg.seed, waited.get(t.cfg.name, 0)) for t in live]
+    limit = cfg.dispatcher.max_concurrent_tasks
+    plan = plan_next(views, max_tokens=cfg.dispatcher.max_tokens_per_micro_batch, max_concurrent=limit)
+    return plan, next_waited(views, plan, max_concurrent=limit)
 
 
 def build_task(
@@ -309,12 +323,7 @@ class Engine:
     def run_once(self) -> bool:
         """One fused micro-batch and the optimizer steps it completes; False when no task has work."""
         live = [t for t in self._tasks.values() if t.state.status in ("queued", "running")]
-        views = [t.view(self.cfg.seed, self._waited.get(t.cfg.name, 0)) for t in live]
-        limit = self.cfg.dispatcher.max_concurrent_tasks
-        plan = plan_next(
-            views, max_tokens=self.cfg.dispatcher.max_tokens_per_micro_batch, max_concurrent=limit
-        )
-        self._waited = next_waited(views, plan, max_concurrent=limit)
+        plan, self._waited = plan_micro_batch(live, self.cfg, self._waited)
         if not plan:
             return False
         tic = time.perf_counter()
