@@ -425,3 +425,39 @@ def test_tokens_command(tmp_path):
     assert r.returncode == 2 and "not a valid name" in r.stderr
     r = run("revoke", "tok-nope")
     assert r.returncode == 2 and "no active token" in r.stderr
+
+
+def test_worker_stores_each_step_before_checkpointing_it(tmp_path, tiny_llama_dir, monkeypatch):
+    """A worker killed right after a checkpoint is written must not have lost that step's metrics: the
+    resumed job starts after the checkpoint and never trains (nor reports) that step again."""
+    from lorafleet.service.jobspec import EngineSettings
+    from lorafleet.service.worker import Worker
+    from lorafleet.train import engine as engine_mod
+
+    app = create_app(ServiceSettings(tmp_path / "data", str(tiny_llama_dir)))
+    store, dd = app.state.store, DataDir(tmp_path / "data")
+    _, secret = auth.create_token(store, "alice")
+    h = {"Authorization": f"Bearer {secret}"}
+    with TestClient(app) as client:
+        fid = _upload(client, h, _jsonl(ROWS)).json()["id"]
+        hp = {"batch_size": 2, "max_steps": 4, "save_every_steps": 2, "max_seq_len": 32}
+        r = client.post("/v1/fine_tuning/jobs", headers=h, json={"training_file": fid, "hyperparameters": hp})
+        job_id = r.json()["id"]
+
+    stored_at_save = []
+    real_save = engine_mod.save_checkpoint
+
+    def save_and_look(root, step, *args, **kwargs):
+        events, _ = store.list_events(job_id, None, 1000, True)
+        stored_at_save.append((step, [e.step for e in events if e.type == "metrics"]))
+        return real_save(root, step, *args, **kwargs)
+
+    monkeypatch.setattr(engine_mod, "save_checkpoint", save_and_look)
+    worker = Worker(store, dd, EngineSettings(base_model=str(tiny_llama_dir)), poll_interval=0.0)
+    worker._load_engine()
+    deadline = time.monotonic() + 120
+    while store.get_job_any(job_id).status != "succeeded" and time.monotonic() < deadline:
+        worker.sync()
+        worker._step()
+    assert store.get_job_any(job_id).status == "succeeded", store.get_job_any(job_id)
+    assert stored_at_save == [(2, [1, 2]), (4, [1, 2, 3, 4])]

@@ -13,8 +13,10 @@ Loop, top to bottom:
      holds checkpoints, so after a crash or SIGKILL every unfinished job goes on from its last checkpoint;
    - jobs the engine holds that the store says are ``cancelled``: ``Engine.cancel_task``;
 2. ``Engine.run_once()``: one fused micro-batch over all running jobs (plus due optimizer steps);
-3. the engine's events (steps, status changes, checkpoints) go to the store as they happen: statuses and
-   checkpoints at once, loss events batched once per micro-batch.
+3. the engine's events (steps, status changes, checkpoints) go to the store as they happen, each before the
+   engine goes on: a step's metrics are stored before that step's checkpoint is written, so a worker killed
+   at any moment loses no step that its checkpoints hold (a resumed job trains the steps after its last
+   checkpoint again, and their metrics events replace the earlier ones).
 
 Only one worker may run per data folder: it holds an exclusive ``flock`` on ``DATA_DIR/worker.lock`` (the
 kernel releases it when the process dies, even by SIGKILL). A heartbeat thread writes the worker's state to
@@ -64,6 +66,7 @@ class Worker:
         self._pending: list[EventRecord] = []
         self._progress: dict[str, tuple[int, int | None, int | None]] = {}
         self._last_loss: dict[str, float] = {}
+        self._last_metrics: dict[str, EventRecord] = {}  # each job's latest step event, which its eval joins
         self.state = "starting"
         self.message = ""
 
@@ -131,6 +134,8 @@ class Worker:
         for name, st in list(self.engine.states.items()):
             if name not in self._held and st.status not in ("queued", "running"):
                 self.engine.forget(name)
+                self._last_loss.pop(name, None)
+                self._last_metrics.pop(name, None)
 
     def _configs(self, job):
         files = {}
@@ -193,22 +198,25 @@ class Worker:
             # the task's own numbers (grad_norm; preference rewards and accuracies), as they are
             data.update({k: v for k, v in ev.items() if k not in _STEP_KEYS and isinstance(v, int | float)})
             self._last_loss[job_id] = ev["loss"]
-            self._pending.append(
-                EventRecord(
-                    job_id, "metrics", f"Step {ev['step']}/{st.total_steps}: training loss={ev['loss']:.4f}",
-                    time.time(), step=ev["step"], data=data,
-                )
+            rec = EventRecord(
+                job_id, "metrics", f"Step {ev['step']}/{st.total_steps}: training loss={ev['loss']:.4f}",
+                time.time(), step=ev["step"], data=data,
             )  # fmt: skip
+            self._last_metrics[job_id] = rec
+            self._pending.append(rec)
             self._progress[job_id] = (ev["step"], st.total_steps, st.tokens)
+            self._flush()  # stored before the engine may checkpoint this step
             return
         if kind == "eval":
-            # the evaluation after a step joins that step's metrics event (valid_loss, valid_*)
+            # the evaluation after a step joins that step's metrics event (valid_loss, valid_*): the store
+            # replaces the metrics event of a job and step with the later one
             valid = {f"valid_{k[5:]}": v for k, v in ev.items() if k.startswith("eval_")}
-            for rec in reversed(self._pending):
-                if rec.job_id == job_id and rec.type == "metrics" and rec.step == ev["step"]:
-                    rec.data.update(valid)
-                    rec.message += f", validation loss={ev['eval_loss']:.4f}"
-                    return
+            rec = self._last_metrics.get(job_id)
+            if rec is not None and rec.step == ev["step"]:
+                rec.data.update(valid)
+                rec.message += f", validation loss={ev['eval_loss']:.4f}"
+                self.store.add_events([rec])
+                return
             self._pending.append(
                 EventRecord(
                     job_id, "message", f"Step {ev['step']}: validation loss={ev['eval_loss']:.4f}", time.time(),
