@@ -48,14 +48,26 @@ COMPLETIONS = [
 
 
 def _write_data(path: Path, shift: int, n: int) -> None:
-    rows = [{"prompt": PROMPTS[(i + shift) % 10], "completion": COMPLETIONS[(i * 3 + shift) % 10]} for i in range(n)]
+    rows = [
+        {"prompt": PROMPTS[(i + shift) % 10], "completion": COMPLETIONS[(i * 3 + shift) % 10]}
+        for i in range(n)
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 # adapter name -> (rank, alpha, targets, lr, batch_size, micro_batch_size, rows, rslora)
 TASKS = {
     "a": (4, 8, ["q_proj", "v_proj"], 1e-2, 4, 4, 9, False),
-    "b": (8, 8, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], 5e-3, 4, 2, 7, True),
+    "b": (
+        8,
+        8,
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        5e-3,
+        4,
+        2,
+        7,
+        True,
+    ),
     "c": (2, 4, ["o_proj", "down_proj"], 2e-2, 2, 1, 5, False),
 }
 STEPS = 3
@@ -89,7 +101,9 @@ def _config(tmp: Path, model_dir: Path, tasks: dict, **task_overrides) -> Path:
     }
     for i, (name, (rank, alpha, targets, lr, bs, mbs, rows, rslora)) in enumerate(tasks.items()):
         _write_data(tmp / f"{name}.jsonl", i, rows)
-        cfg["datasets"].append({"name": name, "path": str(tmp / f"{name}.jsonl"), "format": "prompt_completion"})
+        cfg["datasets"].append(
+            {"name": name, "path": str(tmp / f"{name}.jsonl"), "format": "prompt_completion"}
+        )
         cfg["adapters"].append(
             {
                 "name": name,
@@ -146,7 +160,9 @@ def _peft_alone(model_dir: Path, tmp: Path, name: str, spec: tuple, shift: int) 
         for ids, lab in batch:
             logits = pm(torch.tensor([ids])).logits[0, :-1]
             target = torch.tensor(lab[1:])
-            total = total + torch.nn.functional.cross_entropy(logits, target, ignore_index=-100, reduction="sum")
+            total = total + torch.nn.functional.cross_entropy(
+                logits, target, ignore_index=-100, reduction="sum"
+            )
         (total / count).backward()
         opt.step()
         opt.zero_grad()
@@ -166,7 +182,7 @@ def setup(tmp_path_factory):
 
 
 def _rel_diff(a: dict, b: dict) -> float:
-    assert set(a) == set(b), (set(a) ^ set(b))
+    assert set(a) == set(b), set(a) ^ set(b)
     num = sum(float((a[k].float() - b[k].float()).norm() ** 2) for k in a) ** 0.5
     den = sum(float(b[k].float().norm() ** 2) for k in b) ** 0.5
     return num / den
@@ -310,8 +326,10 @@ def test_cli_bad_input_clear_errors(setup, tmp_path):
     # a finished run's checkpoints, then the same output folder with an incompatible adapter
     ok = variant("ok", lambda c: c["tasks"][0].update(max_steps=1))
     assert cli_main(["train", str(ok), "--no-progress"]) == 0
-    other = variant("other", lambda c: (c["tasks"][0].update(max_steps=1), c["tasks"][0].update(batch_size=2,
-                                                                                              micro_batch_size=2)))
+    other = variant(
+        "other",
+        lambda c: (c["tasks"][0].update(max_steps=1), c["tasks"][0].update(batch_size=2, micro_batch_size=2)),
+    )
     err = _cli_error(other)
     assert "incompatible" in err and "batch_size" in err
 

@@ -65,7 +65,9 @@ def cli_demo(args: argparse.Namespace) -> int:
     questions = write_demo_data(cfg, tokenizer)
     device = resolve_device(cfg.base_model.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.base_model.dtype]
-    console.print(f"[bold]lorafleet demo[/bold]: {len(cfg.tasks)} adapters on one {cfg.base_model.path} ({device})")
+    console.print(
+        f"[bold]lorafleet demo[/bold]: {len(cfg.tasks)} adapters on one {cfg.base_model.path} ({device})"
+    )
     model = load_model(cfg.base_model.path, dtype, device)
     engine = Engine(cfg, model=model, tokenizer=tokenizer)
     states = engine.run(progress=True)
@@ -77,7 +79,10 @@ def cli_demo(args: argparse.Namespace) -> int:
         load_peft(model, Path(cfg.output_dir) / "adapters" / name, name)
     prompts, rows, keys = [], [], []
     for ds_name, q in questions.items():
-        ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True), add_special_tokens=False)
+        ids = tokenizer.encode(
+            tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True),
+            add_special_tokens=False,
+        )
         for adapter in [None, *names]:
             prompts.append(ids)
             rows.append(adapter)

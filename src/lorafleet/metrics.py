@@ -65,7 +65,9 @@ def summary_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def plot_curves(records: list[dict[str, Any]], path: Path, key: str = "loss", title: str = "training loss") -> None:
+def plot_curves(
+    records: list[dict[str, Any]], path: Path, key: str = "loss", title: str = "training loss"
+) -> None:
     """One line per task of ``key`` against step, saved as a PNG."""
     import matplotlib
 

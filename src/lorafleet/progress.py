@@ -26,7 +26,9 @@ class ProgressView:
     def refresh(self) -> None:
         for name, st in self.engine.states.items():
             if name not in self._ids:
-                self._ids[name] = self._progress.add_task(name, total=st.total_steps, status="", loss="", tps="")
+                self._ids[name] = self._progress.add_task(
+                    name, total=st.total_steps, status="", loss="", tps=""
+                )
             tps = f"{st.tokens / st.busy_s:,.0f}" if st.busy_s > 0 else ""
             loss = f"{st.last_loss:.4f}" if st.last_loss is not None else ""
             self._progress.update(self._ids[name], completed=st.step, status=st.status, loss=loss, tps=tps)

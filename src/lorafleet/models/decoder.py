@@ -34,7 +34,12 @@ class BatchLike(Protocol):
     segments: tuple
 
     def attention(
-        self, q_THD: torch.Tensor, k_TKD: torch.Tensor, v_TKD: torch.Tensor, layer_idx: int, sliding_window: int | None
+        self,
+        q_THD: torch.Tensor,
+        k_TKD: torch.Tensor,
+        v_TKD: torch.Tensor,
+        layer_idx: int,
+        sliding_window: int | None,
     ) -> torch.Tensor: ...
 
 
@@ -45,7 +50,9 @@ class Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device), False)
-        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), False) if bias else None
+        self.bias = (
+            nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), False) if bias else None
+        )
 
     def forward(self, x: torch.Tensor, batch: BatchLike | None = None) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -153,7 +160,9 @@ class Decoder(nn.Module):
         self.first_layer, self.last_layer = first_layer, last_layer
         self.has_embed, self.has_head = first_layer == 0, last_layer == n
         self.embed_tokens = (
-            nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device) if self.has_embed else None
+            nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
+            if self.has_embed
+            else None
         )
         if self.embed_tokens is not None:
             self.embed_tokens.weight.requires_grad_(False)

@@ -88,7 +88,13 @@ class ModelConfig:
                 f"{', '.join(SUPPORTED_ARCHITECTURES)} (LLaMA 2/3, Mistral, Qwen2, Qwen3, SmolLM)"
             )
         model_type, flags = SUPPORTED_ARCHITECTURES[arch]
-        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        for key in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+        ):
             if key not in cfg:
                 raise UnsupportedModelError(f"config.json has no {key!r}: not a complete {arch} config")
         heads = cfg["num_attention_heads"]
@@ -96,7 +102,9 @@ class ModelConfig:
         theta = float(rope.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in _ROPE_TYPES:
-            raise UnsupportedModelError(f"rope scaling {rope_type!r} is not supported; supported: {_ROPE_TYPES}")
+            raise UnsupportedModelError(
+                f"rope scaling {rope_type!r} is not supported; supported: {_ROPE_TYPES}"
+            )
         attention_bias = bool(cfg.get("attention_bias", False))
         window = cfg.get("sliding_window")
         if model_type in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
@@ -105,7 +113,8 @@ class ModelConfig:
         if window is not None and not layer_types and model_type in ("qwen2", "qwen3"):
             keep = cfg.get("max_window_layers", cfg["num_hidden_layers"])
             layer_types = [
-                "sliding_attention" if i >= keep else "full_attention" for i in range(cfg["num_hidden_layers"])
+                "sliding_attention" if i >= keep else "full_attention"
+                for i in range(cfg["num_hidden_layers"])
             ]
         return ModelConfig(
             architecture=arch,

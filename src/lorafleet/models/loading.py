@@ -46,14 +46,18 @@ def resolve_model_path(path: str | Path) -> Path:
 def _check_path(path: str | Path) -> Path:
     p = resolve_model_path(path)
     if not p.exists():
-        raise ModelLoadError(f"model path {str(p)!r} does not exist; give a Hugging Face folder or a .gguf file")
+        raise ModelLoadError(
+            f"model path {str(p)!r} does not exist; give a Hugging Face folder or a .gguf file"
+        )
     if p.is_dir() and not (p / "config.json").is_file():
         raise ModelLoadError(
             f"model folder {str(p)!r} has no config.json; a Hugging Face model folder holds config.json, "
             "*.safetensors and tokenizer.json"
         )
     if p.is_file() and p.suffix != ".gguf":
-        raise ModelLoadError(f"model file {str(p)!r} is not a .gguf file; give a GGUF file or a Hugging Face folder")
+        raise ModelLoadError(
+            f"model file {str(p)!r} is not a .gguf file; give a GGUF file or a Hugging Face folder"
+        )
     return p
 
 
@@ -118,14 +122,18 @@ def _load_hf_weights(folder: Path, model: Decoder) -> None:
                     t = sf.get_tensor(key)
                     p = params[name]
                     if t.shape != p.shape:
-                        raise ModelLoadError(f"{f.name}: tensor {key} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
+                        raise ModelLoadError(
+                            f"{f.name}: tensor {key} has shape {tuple(t.shape)}, expected {tuple(p.shape)}"
+                        )
                     with torch.no_grad():
                         p.copy_(t.to(p.dtype))
                     loaded.add(name)
         except ModelLoadError:
             raise
         except (OSError, RuntimeError, ValueError, SafetensorError) as e:  # SafetensorError: a bad header
-            raise ModelLoadError(f"cannot read {f}: {e} (is the file complete? a truncated download fails here)") from e
+            raise ModelLoadError(
+                f"cannot read {f}: {e} (is the file complete? a truncated download fails here)"
+            ) from e
     missing = sorted(set(params) - loaded)
     if "lm_head.weight" in missing and model.config.tie_word_embeddings and model.embed_tokens is not None:
         missing.remove("lm_head.weight")  # shares embed_tokens.weight

@@ -47,7 +47,9 @@ def save_checkpoint(
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "adapter.safetensors"))
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "adapter.safetensors")
+    )
     torch.save(optim_state, tmp / "optimizer.pt")
     rng = torch.get_rng_state().tolist()
     (tmp / "state.json").write_text(json.dumps({**state, "step": step, "torch_rng": rng}))
@@ -66,7 +68,9 @@ def latest_checkpoint(root: Path) -> Path | None:
     """The newest complete checkpoint folder under ``root``, or None."""
     if not root.is_dir():
         return None
-    done = sorted(p for p in root.glob("step-*") if not p.name.endswith(".tmp") and (p / "state.json").is_file())
+    done = sorted(
+        p for p in root.glob("step-*") if not p.name.endswith(".tmp") and (p / "state.json").is_file()
+    )
     return done[-1] if done else None
 
 
@@ -76,7 +80,9 @@ def load_checkpoint(path: Path, fingerprint: dict[str, Any]) -> tuple[dict[str, 
     theirs = state.get("fingerprint", {})
     diffs = [k for k in sorted(set(theirs) | set(fingerprint)) if theirs.get(k) != fingerprint.get(k)]
     if diffs:
-        detail = "; ".join(f"{k}: checkpoint has {theirs.get(k)!r}, config has {fingerprint.get(k)!r}" for k in diffs)
+        detail = "; ".join(
+            f"{k}: checkpoint has {theirs.get(k)!r}, config has {fingerprint.get(k)!r}" for k in diffs
+        )
         raise CheckpointMismatchError(
             f"{path} belongs to another, incompatible run ({detail}). Use a new output_dir, or delete "
             f"{path.parent} to start this task from scratch."

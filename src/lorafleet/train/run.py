@@ -1,7 +1,7 @@
 """``lorafleet train``: load a config, train every task together, print the summary.
 
-    lorafleet train examples/demo.yaml
-    lorafleet train examples/demo.yaml --nproc 2     # a 2-stage pipeline (starts torchrun)
+lorafleet train examples/demo.yaml
+lorafleet train examples/demo.yaml --nproc 2     # a 2-stage pipeline (starts torchrun)
 """
 
 from __future__ import annotations
@@ -35,7 +35,9 @@ def print_summary(states: dict, output_dir: Path) -> None:
     for name, st in states.items():
         if st.error:
             console.print(f"[red]{name} failed:[/red] {st.error}")
-    console.print(f"adapters: {output_dir / 'adapters'}  metrics: {output_dir / 'metrics.jsonl'}  plot: {output_dir / 'loss.png'}")
+    console.print(
+        f"adapters: {output_dir / 'adapters'}  metrics: {output_dir / 'metrics.jsonl'}  plot: {output_dir / 'loss.png'}"
+    )
 
 
 def train(config_path: str | Path, progress: bool = True) -> dict:
