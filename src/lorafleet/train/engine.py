@@ -340,7 +340,7 @@ class Engine:
             t = self._tasks[item.task]
             share = t.kind.loss(self.model.lm_head, hidden, batch, t.cfg.name, t.step_norm)
             if not torch.isfinite(share.loss):
-                msg = f"loss became {float(share.loss)} at step {t.state.step + 1}"
+                msg = f"loss became {float(share.loss.detach())} at step {t.state.step + 1}"
                 self._finish(t, "failed", msg, export=False)
                 continue
             t.step_loss += float(share.loss.detach())

@@ -37,15 +37,17 @@ by the number of answer tokens; ``pi`` under the adapter, ``ref`` under the base
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..batch import IGNORE_INDEX, FusedBatch
 from ..data.formats import Example, PreferenceExample
+from .logprobs import target_logprobs
 
 __all__ = [
     "TASK_TYPES",
@@ -114,7 +116,7 @@ class TaskKind(Protocol):
 
     def loss(
         self,
-        lm_head: Callable[[torch.Tensor], torch.Tensor],
+        lm_head: nn.Module,
         hidden_TE: torch.Tensor,
         batch: FusedBatch,
         task: str,
@@ -155,7 +157,7 @@ def _rows(batch: FusedBatch, task: str, role: str) -> tuple[list[int], list[int]
 
 
 def _supervised_logps(
-    lm_head: Callable[[torch.Tensor], torch.Tensor],
+    lm_head: nn.Module,
     hidden_TE: torch.Tensor,
     labels_T: torch.Tensor,
     starts: list[int],
@@ -163,7 +165,7 @@ def _supervised_logps(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per sequence: the sum of its supervised tokens' log-probabilities [N] and their count [N].
 
-    The head runs on the supervised rows only (the [M, V] logits are the big tensor of a step).
+    The head runs on the supervised rows only, and ``target_logprobs`` never keeps their [M, V] logits.
     """
     dev = hidden_TE.device
     n = len(starts)
@@ -173,8 +175,7 @@ def _supervised_logps(
     labels_M = labels_T.to(dev)[rows_M]
     sup = labels_M != IGNORE_INDEX
     rows_M, seq_M, labels_M = rows_M[sup], seq_M[sup], labels_M[sup]
-    logits_MV = lm_head(hidden_TE[rows_M]).float()
-    logp_M = -F.cross_entropy(logits_MV, labels_M, reduction="none")
+    logp_M = target_logprobs(lm_head, hidden_TE[rows_M], labels_M)
     sums_N = torch.zeros(n, device=dev, dtype=logp_M.dtype).index_add(0, seq_M, logp_M)
     counts_N = torch.bincount(seq_M, minlength=n).to(logp_M.dtype)
     return sums_N, counts_N
@@ -238,8 +239,7 @@ class SFTKind:
         lo, hi = starts[0], ends[-1]
         labels_T = batch.labels[lo:hi].to(hidden_TE.device)
         sup = labels_T != IGNORE_INDEX
-        logits_MV = lm_head(hidden_TE[lo:hi][sup]).float()
-        ce_sum = F.cross_entropy(logits_MV, labels_T[sup], reduction="sum")
+        ce_sum = -target_logprobs(lm_head, hidden_TE[lo:hi][sup], labels_T[sup]).sum()
         share = ce_sum / max(1, norm.tokens)
         return TaskLoss(share, {}, hi - lo)
 
