@@ -296,6 +296,12 @@ def test_pipeline_boundaries_arithmetic():
     assert (cfg.pipeline.stages, cfg.pipeline.boundaries, cfg.pipeline.max_in_flight) == (2, [15], 6)
 
 
+def test_moved_field_says_where_it_went():
+    (msg,) = problems_of(with_("pipeline", {"recompute": True}))
+    assert msg.startswith("pipeline.recompute: moved to the top level: write `recompute: true`")
+    assert parse_config(with_("recompute", True)).recompute is True
+
+
 def test_file_level_errors(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")

@@ -125,7 +125,7 @@ def setup(tmp_path_factory):
         (tmp / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         _random_peft(tmp / "init", name, adapter, model_cfg, seed=i)
 
-    def write_config(path: Path, output_dir: Path, **pipeline) -> Path:
+    def write_config(path: Path, output_dir: Path, recompute: bool = False, **pipeline) -> Path:
         cfg = {
             "base_model": {"path": str(model_dir), "dtype": "float32", "device": "cpu"},
             "output_dir": str(output_dir),
@@ -144,6 +144,7 @@ def setup(tmp_path_factory):
             # Three slots: d waits in the queue and joins when a task finishes, while the pipeline runs.
             "dispatcher": {"max_concurrent_tasks": 3, "max_tokens_per_micro_batch": 96},
             "pipeline": pipeline,
+            "recompute": recompute,
         }
         path.write_text(yaml.safe_dump(cfg))
         return path

@@ -1,4 +1,4 @@
-"""Activation recomputation (``pipeline.recompute``): same loss and gradients, far fewer saved activations.
+"""Activation recomputation (the config's ``recompute``): same loss and gradients, far fewer saved activations.
 
 Oracle: the same model and batch without recomputation (plain autograd keeps every activation), with
 adapter dropout on, so that recomputation must redraw the very same masks.
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from lorafleet.batch import FusedBatch
 from lorafleet.lora import AdapterSpec, add_adapter
 from lorafleet.models import Decoder, ModelConfig
-from lorafleet.parallel.recompute import apply_recompute, is_recomputed, remove_recompute
+from lorafleet.models.recompute import apply_recompute, is_recomputed, remove_recompute
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -430,11 +430,6 @@ class PipelineConfig(_Section):
     max_in_flight: _Int = Field(
         4, gt=0, description="Most micro-batches between a stage's forward and its backward."
     )
-    recompute: bool = Field(
-        False,
-        description="Recompute each decoder layer's activations in the backward instead of keeping them "
-        "(activation checkpointing per layer): less memory per micro-batch in flight, about one more forward.",
-    )
 
     @_model_validator(mode="after")
     def _check(self) -> PipelineConfig:
@@ -477,6 +472,12 @@ class RunConfig(_Section):
     dispatcher: DispatcherConfig = Field(default_factory=DispatcherConfig, description="Scheduling limits.")
     pipeline: PipelineConfig = Field(
         default_factory=PipelineConfig, description="Pipeline-parallel settings."
+    )
+    recompute: bool = Field(
+        False,
+        description="Recompute each decoder layer's activations in the backward instead of keeping them "
+        "(activation checkpointing per layer), in one process and on every pipeline stage: a fused micro-batch "
+        "keeps only each layer's input, for about one more forward per step.",
     )
 
     @_model_validator(mode="after")
@@ -747,6 +748,8 @@ def _explain(err: dict) -> list[tuple[Loc, str]]:
         if isinstance(exc, _Problems):
             return [(loc + rel, msg) for rel, msg in exc.items]
         return [(loc, str(exc) if exc is not None else err["msg"])]
+    if kind == "extra_forbidden" and tuple(p for p in loc if not isinstance(p, int)) in _MOVED:
+        return [(loc, _MOVED[tuple(p for p in loc if not isinstance(p, int))])]
     if kind == "extra_forbidden":
         known = list(_model_at(loc[:-1]).model_fields) if _model_at(loc[:-1]) else []
         key = str(loc[-1])
@@ -774,6 +777,13 @@ def _explain(err: dict) -> list[tuple[Loc, str]]:
     if kind in _KIND:
         return [(loc, f"got {_short(value)} ({type(value).__name__}); use {_KIND[kind]}")]
     return [(loc, f"got {_short(value)}; {err['msg']}")]
+
+
+# fields that moved, with where they went
+_MOVED: dict[Loc, str] = {
+    ("pipeline", "recompute"): "moved to the top level: write `recompute: true` (not under pipeline:); it "
+    "applies to single-process runs and to every pipeline stage",
+}
 
 
 def _short(value: Any) -> str:

@@ -36,9 +36,9 @@ stays inside sequences, losses are divided by the denominators of the whole step
 fused micro-batches and any interleaving gives the single-process result up to float rounding.
 
 Options (the config's ``pipeline:`` section): ``stages`` and ``boundaries`` (see ``Topology``),
-``max_in_flight`` as above, ``recompute`` (``recompute.apply_recompute``: every layer of the stage keeps only
-its input and reruns its forward in the backward). ``base_model.quantize`` quantizes the stage's projections
-as the engine does.
+``max_in_flight`` as above. As in one process, the top-level ``recompute`` (``recompute.apply_recompute``:
+every layer of the stage keeps only its input and reruns its forward in the backward) and
+``base_model.quantize`` (the stage's projections) apply to each stage.
 
 Outputs: per-stage checkpoints (``checkpoints/<task>/stage-<s>-of-<P>/step-N``), one PEFT folder per
 adapter written by the first stage from every stage's slice (the slices travel back with the gradients),
@@ -820,8 +820,9 @@ def run_pipeline(cfg: RunConfig, progress: bool = False, timeout_s: float = 1800
 
         quantize_model(model, cfg.base_model.quantize)
     model.train()  # as the engine: adapter dropout is active in training mode only
-    if cfg.pipeline.recompute:  # per-layer activation checkpointing; parameter names (PEFT keys) unchanged
-        from .recompute import apply_recompute
+    torch.manual_seed(cfg.seed + topo.stage)  # as the engine: the config's seed fixes the dropout masks
+    if cfg.recompute:  # per-layer activation checkpointing; parameter names (PEFT keys) unchanged
+        from ..models.recompute import apply_recompute
 
         apply_recompute(model)
     base_params = _param_count(model)

@@ -49,6 +49,7 @@ from ..lora import (
 )
 from ..metrics import MetricsWriter
 from ..models import Decoder, load_model
+from ..models.recompute import apply_recompute, remove_recompute
 from ..models.tokenizer import load_tokenizer
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .dispatcher import PlanItem, TaskView, next_waited, plan_next
@@ -251,6 +252,11 @@ class Engine:
 
             quantize_model(self.model, cfg.base_model.quantize)
         self.model.train()  # adapter dropout is active in training mode only (evaluation switches to eval)
+        # adapter dropout draws from torch's RNG: the config's seed fixes it (a resumed task restores the
+        # RNG state of its checkpoint)
+        torch.manual_seed(cfg.seed)
+        # per-layer activation checkpointing as the config says (also on a model the caller passed in)
+        (apply_recompute if cfg.recompute else remove_recompute)(self.model)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.base_model.path)
         self.output_dir = Path(cfg.output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
