@@ -449,7 +449,7 @@ def _build_model(shape: dict, device, quantize: str | None, recompute: bool, ran
     from lorafleet.lora import AdapterSpec, add_adapter
     from lorafleet.models import Decoder, ModelConfig
     from lorafleet.models.quant import _quantize_projections, quantize_model
-    from lorafleet.parallel.recompute import apply_recompute
+    from lorafleet.models.recompute import apply_recompute
 
     cfg = ModelConfig(**shape)
     model = Decoder(cfg, dtype=torch.bfloat16, device=device)
