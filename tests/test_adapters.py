@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import make_tiny_model
 from lorafleet import FusedBatch, load_model
 from lorafleet.lora import (
     AdapterSpec,
@@ -31,22 +32,11 @@ ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pro
 
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        attention_bias=True,  # biases on q, k, v, o exercise DoRA's bias handling
-        mlp_bias=True,
-    )
     folder = tmp_path_factory.mktemp("tiny_llama")
-    LlamaForCausalLM(cfg).save_pretrained(folder)
+    make_tiny_model(
+        "llama2", folder, hidden_size=32, intermediate_size=48, vocab_size=96, max_position_embeddings=64,
+        attention_bias=True, mlp_bias=True,  # biases on q, k, v, o exercise DoRA's bias handling
+    )  # fmt: skip
     return folder
 
 

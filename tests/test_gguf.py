@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import lorafleet
-from conftest import CHATML_TEMPLATE, TINY_FAMILIES, TINY_VOCAB, make_tiny_model
+from conftest import CHATML_TEMPLATE, TINY_FAMILIES, TINY_VOCAB, assert_same_tokenizer, make_tiny_model
 from lorafleet.models import UnsupportedModelError, load_model, load_tokenizer
 from lorafleet.models.generate import generate
 from lorafleet.models.gguf import GGUFFile, read_gguf_config
@@ -223,21 +223,7 @@ _TEXTS = [
 
 
 def _assert_same_tokenizer(ours, ref, chat: bool = True) -> None:
-    for text in _TEXTS:
-        for special in (True, False):
-            assert ours.encode(text, add_special_tokens=special) == ref.encode(
-                text, add_special_tokens=special
-            ), text
-        ids = ref.encode(text)
-        for skip in (True, False):
-            assert ours.decode(ids, skip_special_tokens=skip) == ref.decode(ids, skip_special_tokens=skip), (
-                text
-            )
-    assert (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id) == (
-        ref.bos_token_id,
-        ref.eos_token_id,
-        ref.pad_token_id,
-    )
+    assert_same_tokenizer(ours, ref, _TEXTS)
     if chat:
         msgs = [{"role": "user", "content": "What is the capital of France?"}]
         long = [

@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 
+from conftest import make_tiny_model
 from lorafleet import FusedBatch, load_model
 from lorafleet.lora import (
     AdapterSpec,
@@ -33,21 +34,11 @@ SPECS = {
 
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        attention_bias=True,
-    )
     folder = tmp_path_factory.mktemp("tiny_llama")
-    LlamaForCausalLM(cfg).save_pretrained(folder)
+    make_tiny_model(
+        "llama2", folder, hidden_size=32, intermediate_size=48, vocab_size=64, max_position_embeddings=64,
+        attention_bias=True,
+    )  # fmt: skip
     return folder
 
 

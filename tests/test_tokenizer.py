@@ -7,7 +7,7 @@ import json
 import pytest
 
 import lorafleet
-from conftest import make_tiny_tokenizer
+from conftest import assert_same_tokenizer, make_tiny_tokenizer
 from lorafleet.models.tokenizer import Tokenizer
 
 _TEXTS = [
@@ -31,21 +31,7 @@ _CHATS = [
 
 
 def _assert_same(ours: Tokenizer, ref) -> None:
-    for text in _TEXTS:
-        for special in (True, False):
-            assert ours.encode(text, add_special_tokens=special) == ref.encode(
-                text, add_special_tokens=special
-            ), text
-        ids = ref.encode(text)
-        for skip in (True, False):
-            assert ours.decode(ids, skip_special_tokens=skip) == ref.decode(ids, skip_special_tokens=skip), (
-                text
-            )
-    assert (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id) == (
-        ref.bos_token_id,
-        ref.eos_token_id,
-        ref.pad_token_id,
-    )
+    assert_same_tokenizer(ours, ref, _TEXTS)
     if ref.chat_template:
         for chat in _CHATS:
             for gen in (True, False):

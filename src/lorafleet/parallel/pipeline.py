@@ -551,25 +551,12 @@ class _Stage:
 
     def _log_step(self, t: _StageTask, lr: float, grad_norm: float | None) -> None:
         core = t.core
-        loss = core.step_loss
-        core.state.last_loss = loss
-        core.state.tokens += core.step_tokens
-        record = {
-            "task": core.cfg.name,
-            "step": core.state.step,
-            "loss": loss,
-            "lr": lr,
-            "tokens": core.step_tokens,
-        }
-        record.update(t.core.step_metrics)
-        record["elapsed_s"] = round(time.time() - (core.started_at or time.time()), 4)
-        if grad_norm is not None:
-            record["grad_norm"] = grad_norm
+        record = core.step_record(lr, grad_norm, time.time())
         self.metrics.write(record)
         if self.progress:
             print(
                 f"[stage {self.topo.stage}] {core.cfg.name} step {core.state.step}/{core.state.total_steps} "
-                f"loss {loss:.4f}",
+                f"loss {record['loss']:.4f}",
                 flush=True,
             )
 

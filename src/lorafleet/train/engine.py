@@ -130,6 +130,25 @@ class _Task:
     kind: TaskKind | None = None
     evaluation: TaskEvaluation | None = None  # held-out set and early stopping (eval_dataset)
 
+    def step_record(self, lr: float, grad_norm: float | None, now: float) -> dict[str, Any]:
+        """After ``state.step`` was counted: add the step's loss and tokens to the state; its metrics record.
+
+        ``now`` on the clock that ``started_at`` was read from."""
+        self.state.last_loss = self.step_loss
+        self.state.tokens += self.step_tokens
+        record = {
+            "task": self.cfg.name,
+            "step": self.state.step,
+            "loss": self.step_loss,
+            "lr": lr,
+            "tokens": self.step_tokens,
+            **self.step_metrics,
+            "elapsed_s": round(now - (self.started_at if self.started_at is not None else now), 4),
+        }
+        if grad_norm is not None:
+            record["grad_norm"] = grad_norm
+        return record
+
     def example_at(self, position: int, seed: int) -> Example:
         """The example at position ``position`` of the task's endless stream (epochs back to back)."""
         n = len(self.examples)
@@ -419,20 +438,7 @@ class Engine:
         t.scheduler.step()
         t.optimizer.zero_grad(set_to_none=True)
         t.state.step += 1
-        loss = t.step_loss
-        t.state.last_loss = loss
-        t.state.tokens += t.step_tokens
-        record = {
-            "task": t.cfg.name,
-            "step": t.state.step,
-            "loss": loss,
-            "lr": lr,
-            "tokens": t.step_tokens,
-            **t.step_metrics,
-            "elapsed_s": round(time.perf_counter() - (t.started_at or time.perf_counter()), 4),
-        }
-        if grad_norm is not None:
-            record["grad_norm"] = grad_norm
+        record = t.step_record(lr, grad_norm, time.perf_counter())
         self.metrics.write(record)
         self._emit({"type": "step", **record})
         if not all(torch.isfinite(p).all() for p in params):
