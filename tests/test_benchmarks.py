@@ -127,3 +127,21 @@ def test_smoke_run_writes_results_and_every_contender_trains_the_same_tokens(tmp
     proc = subprocess.run(render, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "bench_smoke.md").read_text().splitlines()[3:] == md.splitlines()[3:]
+
+
+@pytest.mark.slow
+def test_memory_benchmark_runs_every_variant_on_the_same_work(tmp_path):
+    """benchmarks/memory.py on the tiny model: every variant and N in its own process, the same tokens
+    trained whatever the memory settings (they change memory, never the work), a table and its JSON."""
+    out = tmp_path / "memory.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "memory.py"), "--model", "tiny", "--repeats", "1",
+           "--threads", "1", "--out", str(out), "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["variants"]) == {"default", "budget 512", "recompute", "recompute + budget 512"}
+    for n in (1, 8):
+        runs = [r for r in report["runs"] if r["n"] == n]
+        assert len(runs) == 4 and len({r["tokens"] for r in runs}) == 1, runs
+        assert all(r["peak_rss_bytes"] > 0 and r["tokens_per_s"] > 0 for r in runs)
+    assert "| recompute + budget 512 |" in proc.stdout
