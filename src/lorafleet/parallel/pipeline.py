@@ -435,7 +435,9 @@ class _Stage:
                 continue
             share = t.core.kind.loss(self.model.lm_head, hidden, batch, name, t.core.step_norm)
             if not torch.isfinite(share.loss):
-                self._report_failure(t, f"loss became {float(share.loss)} at step {t.core.state.step + 1}")
+                self._report_failure(
+                    t, f"loss became {float(share.loss.detach())} at step {t.core.state.step + 1}"
+                )
                 continue
             t.core.step_loss += float(share.loss.detach())
             t.core.step_tokens += share.tokens
