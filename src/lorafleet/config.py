@@ -748,9 +748,10 @@ def _explain(err: dict) -> list[tuple[Loc, str]]:
         if isinstance(exc, _Problems):
             return [(loc + rel, msg) for rel, msg in exc.items]
         return [(loc, str(exc) if exc is not None else err["msg"])]
-    if kind == "extra_forbidden" and tuple(p for p in loc if not isinstance(p, int)) in _MOVED:
-        return [(loc, _MOVED[tuple(p for p in loc if not isinstance(p, int))])]
     if kind == "extra_forbidden":
+        moved = _MOVED.get(tuple(p for p in loc if not isinstance(p, int)))
+        if moved is not None:
+            return [(loc, moved)]
         known = list(_model_at(loc[:-1]).model_fields) if _model_at(loc[:-1]) else []
         key = str(loc[-1])
         close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)

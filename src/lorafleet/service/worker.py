@@ -63,9 +63,6 @@ class Worker:
         self.poll_interval = poll_interval
         self.engine: Any = None
         self._held: set[str] = set()  # job ids the engine holds and still trains (queued/running there)
-        self._pending: list[EventRecord] = []
-        self._progress: dict[str, tuple[int, int | None, int | None]] = {}
-        self._last_loss: dict[str, float] = {}
         self._last_metrics: dict[str, EventRecord] = {}  # each job's latest step event, which its eval joins
         self.state = "starting"
         self.message = ""
@@ -82,11 +79,9 @@ class Worker:
                     self.sync()
                     next_sync = time.monotonic() + self.poll_interval
                 busy = self._step() if self._held else False
-                self._flush()
                 if not busy:
                     stop.wait(self.poll_interval)
         finally:
-            self._flush()
             self.engine.metrics.close()
 
     def _load_engine(self) -> None:
@@ -134,7 +129,6 @@ class Worker:
         for name, st in list(self.engine.states.items()):
             if name not in self._held and st.status not in ("queued", "running"):
                 self.engine.forget(name)
-                self._last_loss.pop(name, None)
                 self._last_metrics.pop(name, None)
 
     def _configs(self, job):
@@ -197,15 +191,14 @@ class Worker:
             }
             # the task's own numbers (grad_norm; preference rewards and accuracies), as they are
             data.update({k: v for k, v in ev.items() if k not in _STEP_KEYS and isinstance(v, int | float)})
-            self._last_loss[job_id] = ev["loss"]
             rec = EventRecord(
                 job_id, "metrics", f"Step {ev['step']}/{st.total_steps}: training loss={ev['loss']:.4f}",
                 time.time(), step=ev["step"], data=data,
             )  # fmt: skip
             self._last_metrics[job_id] = rec
-            self._pending.append(rec)
-            self._progress[job_id] = (ev["step"], st.total_steps, st.tokens)
-            self._flush()  # stored before the engine may checkpoint this step
+            # stored now, before the engine may checkpoint this step
+            self.store.add_events([rec])
+            self.store.update_progress(job_id, ev["step"], st.total_steps, st.tokens)
             return
         if kind == "eval":
             # the evaluation after a step joins that step's metrics event (valid_loss, valid_*): the store
@@ -217,17 +210,17 @@ class Worker:
                 rec.message += f", validation loss={ev['eval_loss']:.4f}"
                 self.store.add_events([rec])
                 return
-            self._pending.append(
+            self.store.add_events([
                 EventRecord(
                     job_id, "message", f"Step {ev['step']}: validation loss={ev['eval_loss']:.4f}", time.time(),
                     data={"step": ev["step"], **valid},
                 )
-            )  # fmt: skip
+            ])  # fmt: skip
             return
-        self._flush()  # keep the store's order: earlier steps before this status or checkpoint
         now = time.time()
         if kind == "checkpoint":
-            metrics = {"train_loss": self._last_loss[job_id]} if job_id in self._last_loss else {}
+            last = self._last_metrics.get(job_id)
+            metrics = {"train_loss": last.data["train_loss"]} if last is not None else {}
             self.store.add_checkpoint(CheckpointRecord(job_id, ev["step"], ev["path"], now, metrics))
             self._event(job_id, f"Checkpoint saved at step {ev['step']}")
         elif kind == "early_stop":
@@ -257,14 +250,6 @@ class Worker:
                 self._held.discard(job_id)
             elif status == "cancelled":
                 self._held.discard(job_id)
-
-    def _flush(self) -> None:
-        if self._pending:
-            self.store.add_events(self._pending)
-            self._pending = []
-        for job_id, (step, total, tokens) in self._progress.items():
-            self.store.update_progress(job_id, step, total, tokens)
-        self._progress.clear()
 
     def _event(self, job_id: str, message: str, level: str = "info") -> None:
         self.store.add_events([EventRecord(job_id, "message", message, time.time(), level=level)])
