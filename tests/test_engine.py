@@ -351,22 +351,37 @@ def test_forget_drops_finished_tasks_only(setup, tmp_path):
     assert "a" not in engine.states
 
 
+def _train_variant(setup, run: Path, names: tuple[str, ...], steps: int, edit) -> dict[str, dict]:
+    """Train TASKS ``names`` (``steps`` each) through ``lorafleet train`` in ``run``, the config changed by
+    ``edit(cfg)``; returns each adapter's saved tensors."""
+    tmp, model_dir = setup
+    (run / "init").mkdir(parents=True)
+    for name in names:
+        os.symlink(tmp / "init" / name, run / "init" / name)
+    overrides = {n: {"max_steps": steps} for n in names}
+    cfg = yaml.safe_load(_config(run, model_dir, {n: TASKS[n] for n in names}, **overrides).read_text())
+    edit(cfg)
+    (run / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert cli_main(["train", str(run / "c.yaml"), "--no-progress"]) == 0
+    return {n: load_file(str(run / "run" / "adapters" / n / "adapter_model.safetensors")) for n in names}
+
+
+def _set_dropout(p: float):
+    def edit(cfg: dict) -> None:
+        for adapter in cfg["adapters"]:
+            adapter["dropout"] = p
+
+    return edit
+
+
 def test_adapter_dropout_is_active_in_training(setup, tmp_path):
     """With dropout > 0 the trained weights differ from dropout 0 (the engine trains in training mode), and the
     config's seed fixes the masks: the same config trained again in the same process ends the same."""
-    tmp, model_dir = setup
     results = {}
     for p in (0.0, 0.5, "0.5 again"):
-        run = tmp_path / f"p{p}"
-        run.mkdir()
-        (run / "init").mkdir()
-        os.symlink(tmp / "init" / "a", run / "init" / "a")
-        cfg = yaml.safe_load(_config(run, model_dir, {"a": TASKS["a"]}, a={"max_steps": 2}).read_text())
-        cfg["adapters"][0]["dropout"] = 0.5 if p == "0.5 again" else p
-        (run / "c.yaml").write_text(yaml.safe_dump(cfg))
         torch.rand(7)  # whatever ran before in the process
-        assert cli_main(["train", str(run / "c.yaml"), "--no-progress"]) == 0
-        results[p] = load_file(str(run / "run" / "adapters" / "a" / "adapter_model.safetensors"))
+        edit = _set_dropout(0.5 if p == "0.5 again" else p)
+        results[p] = _train_variant(setup, tmp_path / f"p{p}", ("a",), 2, edit)["a"]
     assert _rel_diff(results[0.5], results[0.0]) > 1e-4
     assert _rel_diff(results["0.5 again"], results[0.5]) == 0.0
 
@@ -374,24 +389,13 @@ def test_adapter_dropout_is_active_in_training(setup, tmp_path):
 def test_recompute_trains_the_same_weights(setup, tmp_path):
     """``recompute: true`` (per-layer activation checkpointing) changes memory, not results: with dropout on,
     two tasks in fused micro-batches end with the weights of the run that keeps every activation."""
-    tmp, model_dir = setup
     results = {}
     for recompute in (False, True):
-        run = tmp_path / f"r{recompute}"
-        (run / "init").mkdir(parents=True)
-        for name in ("a", "b"):
-            os.symlink(tmp / "init" / name, run / "init" / name)
-        tasks = {n: TASKS[n] for n in ("a", "b")}
-        cfg = yaml.safe_load(
-            _config(run, model_dir, tasks, a={"max_steps": 3}, b={"max_steps": 3}).read_text()
-        )
-        for adapter in cfg["adapters"]:
-            adapter["dropout"] = 0.3
-        cfg["recompute"] = recompute
-        (run / "c.yaml").write_text(yaml.safe_dump(cfg))
-        assert cli_main(["train", str(run / "c.yaml"), "--no-progress"]) == 0
-        results[recompute] = {
-            n: load_file(str(run / "run" / "adapters" / n / "adapter_model.safetensors")) for n in tasks
-        }
+
+        def edit(cfg: dict, recompute: bool = recompute) -> None:
+            _set_dropout(0.3)(cfg)
+            cfg["recompute"] = recompute
+
+        results[recompute] = _train_variant(setup, tmp_path / f"r{recompute}", ("a", "b"), 3, edit)
     for n in ("a", "b"):
         assert _rel_diff(results[True][n], results[False][n]) <= 1e-6, n
