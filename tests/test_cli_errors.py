@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_tiny_model
+from helpers import make_tiny_model
 from lorafleet.models import SUPPORTED_ARCHITECTURES
 
 

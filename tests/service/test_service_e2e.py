@@ -26,13 +26,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from helpers import REPO
 from lorafleet.service import auth
 from lorafleet.service.files import DataDir
 from lorafleet.service.store import SQLiteStore
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
 TERMINAL = ("succeeded", "failed", "cancelled")
 STEPS = 24  # per job of the two-tenant run: long enough that both are admitted while the other trains
 # jobs killed mid-training: long enough that the test sees them past a checkpoint and still running (a step of

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import TINY_VOCAB, make_tiny_model
+from helpers import TINY_VOCAB, make_tiny_model
 from lorafleet.batch import FusedBatch
 from lorafleet.models import load_model, load_tokenizer
 from lorafleet.models.generate import _sampling_probs, generate

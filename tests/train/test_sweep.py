@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers import REPO
 from lorafleet.config import ConfigError, load_config, parse_config
 from lorafleet.train.sweep import sweep_report
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sweep.yaml"
+EXAMPLE = REPO / "examples" / "sweep.yaml"
 
 
 def _base(tmp: Path, **sweep) -> dict:

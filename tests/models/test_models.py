@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lorafleet
-from conftest import TINY_FAMILIES, TINY_VOCAB, make_tiny_model
+from helpers import TINY_FAMILIES, TINY_VOCAB, make_tiny_model
 from lorafleet.batch import FusedBatch
 from lorafleet.models import load_model
 

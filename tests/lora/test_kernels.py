@@ -21,7 +21,6 @@ if "triton" not in sys.modules:
 
 import math
 import subprocess
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -29,6 +28,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from helpers import REPO
 from lorafleet.batch import FusedBatch, Segment
 from lorafleet.lora import AdapterSpec, FusedLoRALinear, add_adapter, reference_fused_lora
 from lorafleet.lora.kernels import (
@@ -61,9 +61,7 @@ def test_in_subprocess():
         pytest.skip("the kernel tests run in this process")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow", __file__]
-    done = subprocess.run(
-        cmd, env=env, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1]
-    )
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
     assert " passed" in done.stdout and "skipped" not in done.stdout, done.stdout[-2000:]
 

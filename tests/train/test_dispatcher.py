@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helpers import REPO
 from lorafleet.train.dispatcher import PlanItem, TaskView, active_tasks, admission, next_waited, plan_next
 
-DISPATCHER = Path(__file__).resolve().parents[1] / "src" / "lorafleet" / "train" / "dispatcher.py"
+DISPATCHER = REPO / "src" / "lorafleet" / "train" / "dispatcher.py"
 
 
 def view(name, pending, *, priority=0, arrival=0, mbs=4, started=False, waited=0):

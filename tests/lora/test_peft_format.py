@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import make_tiny_model
+from helpers import make_tiny_model
 from lorafleet import FusedBatch, load_model
 from lorafleet.lora import (
     AdapterSpec,

@@ -7,7 +7,7 @@ import json
 import pytest
 
 import lorafleet
-from conftest import assert_same_tokenizer, make_tiny_tokenizer
+from helpers import assert_same_tokenizer, make_tiny_tokenizer
 from lorafleet.models.tokenizer import Tokenizer
 
 _TEXTS = [

@@ -26,7 +26,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import make_tiny_model
+from helpers import make_tiny_model
 from lorafleet.cli import main as cli_main
 from lorafleet.lora import AdapterSpec, save_peft
 from lorafleet.lora.adapters import peft_key

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import lorafleet
-from conftest import CHATML_TEMPLATE, TINY_FAMILIES, TINY_VOCAB, assert_same_tokenizer, make_tiny_model
+from helpers import CHATML_TEMPLATE, TINY_FAMILIES, TINY_VOCAB, assert_same_tokenizer, make_tiny_model
 from lorafleet.models import UnsupportedModelError, load_model, load_tokenizer
 from lorafleet.models.generate import generate
 from lorafleet.models.gguf import GGUFFile, read_gguf_config

@@ -18,7 +18,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import make_tiny_model
+from helpers import make_tiny_model
 from lorafleet.cli import main as cli_main
 
 PROMPTS = [

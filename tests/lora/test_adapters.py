@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_tiny_model
+from helpers import make_tiny_model
 from lorafleet import FusedBatch, load_model
 from lorafleet.lora import (
     AdapterSpec,

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import make_tiny_tokenizer
+from helpers import make_tiny_tokenizer
 from lorafleet.config import DatasetConfig
 from lorafleet.data import (
     DataError,
