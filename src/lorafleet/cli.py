@@ -6,6 +6,7 @@
     lorafleet train CONFIG.yaml --nproc 2            # the same as a 2-stage pipeline (starts torchrun)
     lorafleet eval CONFIG.yaml                       # each task's saved adapter on its eval_dataset
     lorafleet generate --model PATH --prompt TEXT --adapter base --adapter DIR   # answers side by side
+    lorafleet export --adapter DIR --output PATH [--merge] [--gguf]   # PEFT / merged HF / llama.cpp GGUF
     lorafleet serve --base-model PATH --data-dir DIR # fine-tuning service: REST API, dashboard, worker
     lorafleet tokens create --tenant NAME --data-dir DIR   # an API token for the service
     lorafleet jobs create|list|show|cancel|download  # the service's command-line client
@@ -109,6 +110,12 @@ def _add_demo(sub) -> None:
     p.set_defaults(func=_cmd_demo)
 
 
+def _add_export(sub) -> None:
+    from .export import add_export_command
+
+    add_export_command(sub)
+
+
 def _add_service(sub) -> None:
     from .service.commands import add_jobs_command, add_serve_command, add_tokens_command
 
@@ -160,7 +167,15 @@ def _add_bench(sub) -> None:
     p.set_defaults(func=_cmd_bench)
 
 
-_COMMANDS: list[Callable] = [_add_demo, _add_train, _add_eval, _add_generate, _add_service, _add_bench]
+_COMMANDS: list[Callable] = [
+    _add_demo,
+    _add_train,
+    _add_eval,
+    _add_generate,
+    _add_export,
+    _add_service,
+    _add_bench,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

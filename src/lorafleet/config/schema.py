@@ -65,6 +65,11 @@ class BaseModelConfig(Section):
     device: Literal["cpu", "cuda", "auto"] = Field(
         "cpu", description="Where the model runs; auto picks cuda when available, else cpu."
     )
+    hf_id: str | None = Field(
+        None,
+        description="The base's Hugging Face id (owner/name), recorded as base_model_name_or_path in saved "
+        "adapters; None: the id in the model's metadata, else its absolute path.",
+    )
     quantize: Literal["nf4", "int8"] | None = Field(
         None,
         description="Store the frozen base's projections quantized (QLoRA) through bitsandbytes: nf4 (4-bit "
@@ -73,6 +78,13 @@ class BaseModelConfig(Section):
 
     @_model_validator(mode="after")
     def _check(self) -> BaseModelConfig:
+        if self.hf_id is not None:
+            from ..export.base_ref import check_hf_id
+
+            try:
+                check_hf_id(self.hf_id)
+            except ValueError as e:
+                raise Problems([(("hf_id",), str(e))]) from None
         if self.quantize is not None and self.device == "cpu":
             raise Problems(
                 [

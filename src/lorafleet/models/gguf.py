@@ -29,7 +29,7 @@ import torch
 from .families import SUPPORTED_ARCHITECTURES, ModelConfig, UnsupportedModelError
 from .loading import ModelLoadError
 
-__all__ = ["GGUFFile", "GGUFTensorInfo", "load_gguf_weights", "read_gguf_config"]
+__all__ = ["GGUF_LAYER_TENSORS", "GGUFFile", "GGUFTensorInfo", "load_gguf_weights", "read_gguf_config"]
 
 _MAGIC = b"GGUF"
 _DEFAULT_ALIGNMENT = 32
@@ -67,6 +67,8 @@ _LAYER_TENSORS = {
     "ffn_up.bias": "mlp.up_proj.bias",
     "ffn_down.bias": "mlp.down_proj.bias",
 }
+# Public for writers of GGUF files (lorafleet export), so both directions use one table.
+GGUF_LAYER_TENSORS = _LAYER_TENSORS
 _BLOCK = re.compile(r"^blk\.(\d+)\.(.+)$")
 
 

@@ -71,6 +71,7 @@ import torch.distributed as dist
 
 from ..batch import FusedBatch, Segment, SequenceInfo
 from ..config import RunConfig
+from ..export.base_ref import adapter_base
 from ..lora import remove_adapter, save_peft
 from ..metrics import MetricsWriter
 from ..models import Decoder, load_model, read_model_config
@@ -624,7 +625,7 @@ class _Stage:
                 self.output_dir / "adapters" / t.core.spec.name,
                 t.core.spec,
                 merged,
-                str(self.cfg.base_model.path),
+                adapter_base(self.cfg.base_model),
             )
             del self.collected[name]
             self.exported.add(name)

@@ -37,6 +37,7 @@ from ..batch import FusedBatch
 from ..config import AdapterConfig, DatasetConfig, RunConfig, TaskConfig, steps_for
 from ..data.formats import Example, load_examples
 from ..data.packing import pack
+from ..export.base_ref import adapter_base
 from ..lora import (
     AdapterSpec,
     adapter_parameters,
@@ -460,7 +461,9 @@ class Engine:
             improved, stop = ev.early.update(record["eval_loss"], t.state.step)
             if improved and ev.early.patience is not None:
                 ev.best_state = {k: p.detach().cpu().clone() for k, p in t.params.items()}
-                save_peft(self._ckpt_root(t) / "best", t.spec, ev.best_state, str(self.cfg.base_model.path))
+                save_peft(
+                    self._ckpt_root(t) / "best", t.spec, ev.best_state, adapter_base(self.cfg.base_model)
+                )
             if stop and t.state.step < t.state.total_steps:
                 ev.stopped_early = True
                 early = {"task": t.cfg.name, "step": t.state.step, "kind": "early_stop"}
@@ -524,7 +527,7 @@ class Engine:
             if t.evaluation is not None and t.evaluation.best_state is not None:
                 state = t.evaluation.best_state  # early stopping keeps the best evaluated adapter
             save_peft(
-                self.output_dir / "adapters" / t.spec.name, t.spec, state, str(self.cfg.base_model.path)
+                self.output_dir / "adapters" / t.spec.name, t.spec, state, adapter_base(self.cfg.base_model)
             )
         remove_adapter(self.model, t.spec.name)
         t.params, t.optimizer, t.pending = {}, None, []

@@ -1,0 +1,261 @@
+"""``lorafleet export``: an adapter folder as a PEFT folder, a merged model (HF or GGUF), or a llama.cpp adapter.
+
+    lorafleet export --adapter DIR --output OUT               # PEFT folder naming a resolvable base
+    lorafleet export --adapter DIR --output OUT --merge       # base + adapter as a HF safetensors folder
+    lorafleet export --adapter DIR --output OUT.gguf --gguf   # llama.cpp LoRA adapter
+    lorafleet export --adapter DIR --output OUT.gguf --merge --gguf   # merged GGUF model
+
+The base is the one the adapter records (``base_model_name_or_path``) or ``--base PATH``. Every output is
+written next to its destination and renamed into place, so a failed export leaves nothing half-written; an
+existing non-empty destination is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..lora.adapters import PEFT_PREFIX
+from ..lora.peft_format import CONFIG_NAME, read_peft, save_peft
+from ..models.families import ModelConfig
+from .base_ref import base_model_reference, check_hf_id, resolve_base
+
+__all__ = ["EXPORT_DTYPES", "ExportResult", "add_export_command", "export_adapter", "parse_size"]
+
+EXPORT_DTYPES = ("float32", "float16", "bfloat16")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What an export wrote: ``kind`` peft | hf | gguf-adapter | gguf-model, its path, its files and base."""
+
+    kind: str
+    path: Path
+    files: tuple[str, ...]
+    base: str
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes in ``"2GB"``, ``"500MB"``, ``"64KiB"`` or a plain number (decimal units as Hugging Face's)."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE.match(str(text))
+    if not m or float(m.group(1)) <= 0:
+        raise ValueError(f"max shard size {text!r} is not a size; write it as e.g. 2GB, 500MB or 64KiB")
+    return max(1, int(float(m.group(1)) * _UNITS[(m.group(2) or "B").lower()]))
+
+
+def _expected_shape(cfg: ModelConfig, module: str) -> tuple[int, int]:
+    """(out, in) of projection ``layers.N.<parent>.<proj>`` in a model of config ``cfg``."""
+    h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
+    shapes = {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q)}
+    shapes |= {"gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+    return shapes[module.rsplit(".", 1)[1]]
+
+
+def _check_fits(cfg: ModelConfig, name: str, state: dict[str, torch.Tensor], base: Path) -> None:
+    for key, t in state.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        module = key.removeprefix(PEFT_PREFIX).removesuffix(".lora_A.weight")
+        layer = int(module.split(".")[1])
+        b = state[key.replace(".lora_A.", ".lora_B.")]
+        want = _expected_shape(cfg, module)
+        if layer >= cfg.num_hidden_layers or (b.shape[0], t.shape[1]) != want:
+            raise ValueError(
+                f"adapter {name!r} does not fit the base {base}: {module} is [{b.shape[0]}, {t.shape[1]}] in the "
+                f"adapter, the base {'has no such layer' if layer >= cfg.num_hidden_layers else f'needs {list(want)}'};"
+                " pass --base PATH to the model it was trained on"
+            )
+
+
+def _check_destination(output: Path) -> None:
+    if output.is_dir() and any(output.iterdir()):
+        raise ValueError(f"{output} exists and is not empty; remove it or choose another --output")
+    if output.is_file():
+        raise ValueError(f"{output} exists; remove it or choose another --output")
+
+
+def _install(tmp: Path, output: Path) -> None:
+    """Move the finished ``tmp`` (file or folder) to ``output`` (an empty folder there is replaced)."""
+    if output.is_dir():
+        output.rmdir()
+    tmp.replace(output)
+
+
+def _recorded_base(adapter: Path) -> str | None:
+    cfg = json.loads((adapter / CONFIG_NAME).read_text())
+    value = cfg.get("base_model_name_or_path")
+    return value if isinstance(value, str) and value else None
+
+
+def _load_merged(adapter: Path, base: Path, name: str):
+    """The base at ``base`` loaded in float32 with the adapter folded into its weights."""
+    from ..models.gguf import GGUFFile
+    from ..models.loading import load_model
+    from .merge import merge_adapter
+
+    spec, state = read_peft(adapter, name)
+    model = load_model(base, dtype=torch.float32, device="cpu")
+    _check_fits(model.config, name, state, base)
+    if base.is_file() and "rope_freqs.weight" in GGUFFile(base).tensors:
+        raise ValueError(
+            f"{base} carries LLaMA 3 rope scaling as a rope_freqs tensor, which a merged export cannot describe "
+            "in config.json; merge into the Hugging Face folder of the same model instead (--base FOLDER)"
+        )
+    merge_adapter(model, spec, state)
+    return model
+
+
+def export_adapter(
+    adapter: str | Path,
+    output: str | Path,
+    *,
+    merge: bool = False,
+    gguf: bool = False,
+    base: str | Path | None = None,
+    hf_id: str | None = None,
+    dtype: str = "float32",
+    max_shard_size: str | int = "2GB",
+) -> ExportResult:
+    """Export the PEFT adapter folder ``adapter`` to ``output`` (see the module docstring for the four kinds).
+
+    ``base`` overrides the base the adapter records; ``hf_id`` the Hugging Face id written into a PEFT
+    export; ``dtype`` is the stored dtype of merged weights (GGUF: float32 or float16, norms stay float32);
+    ``max_shard_size`` bounds each safetensors shard of a merged HF folder.
+    """
+    from .gguf_out import GGUF_DTYPES, write_gguf_adapter, write_gguf_model
+    from .merge import write_hf_folder
+
+    adapter, output = Path(adapter).expanduser(), Path(output).expanduser()
+    if not adapter.is_dir():
+        raise ValueError(
+            f"adapter folder {str(adapter)!r} does not exist; give a PEFT adapter folder (--adapter)"
+        )
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; use one of {EXPORT_DTYPES}")
+    if gguf and dtype not in GGUF_DTYPES:
+        raise ValueError(
+            f"a GGUF export stores {' or '.join(GGUF_DTYPES)}, not {dtype}; pass --dtype float16"
+        )
+    if hf_id is not None:
+        check_hf_id(hf_id)
+    name = adapter.resolve().name.replace(".", "_") or "adapter"
+    name = re.sub(r"[^A-Za-z0-9_-]", "_", name)
+    spec, state = read_peft(adapter, name)  # validates the folder before anything is loaded
+    recorded = _recorded_base(adapter)
+    _check_destination(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
+    try:
+        if not merge and not gguf:
+            if hf_id is not None:
+                ref = hf_id
+            elif base is not None or (recorded is not None and resolve_base_or_none(recorded) is not None):
+                ref = base_model_reference(resolve_base(recorded, base))
+            elif recorded is not None:
+                ref = recorded  # a hub id (or a path of another machine): kept as recorded
+            else:
+                raise ValueError("the adapter records no base model; pass --base PATH or --hf-id OWNER/NAME")
+            save_peft(tmp_dir / "out", spec, state, ref)
+            result = ExportResult(
+                "peft", output, tuple(sorted(p.name for p in (tmp_dir / "out").iterdir())), ref
+            )
+            _install(tmp_dir / "out", output)
+            return result
+        base_path = resolve_base(recorded, base)
+        if gguf and not merge:
+            from ..models.loading import read_model_config
+
+            cfg = read_model_config(base_path)
+            _check_fits(cfg, name, state, base_path)
+            write_gguf_adapter(tmp_dir / "out.gguf", cfg, spec, state, dtype)
+            _install(tmp_dir / "out.gguf", output)
+            return ExportResult("gguf-adapter", output, (output.name,), str(base_path))
+        model = _load_merged(adapter, base_path, name)
+        if gguf:
+            write_gguf_model(tmp_dir / "out.gguf", model, base_path, f"{base_path.stem}-{name}", dtype)
+            _install(tmp_dir / "out.gguf", output)
+            return ExportResult("gguf-model", output, (output.name,), str(base_path))
+        model = model.to(getattr(torch, dtype))
+        files = write_hf_folder(model, base_path, tmp_dir / "out", parse_size(max_shard_size))
+        _install(tmp_dir / "out", output)
+        return ExportResult("hf", output, tuple(files), str(base_path))
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def resolve_base_or_none(recorded: str) -> Path | None:
+    """``resolve_base(recorded)``, or None when ``recorded`` is not a local model."""
+    try:
+        return resolve_base(recorded)
+    except ValueError:
+        return None
+
+
+def _cli_export(args: argparse.Namespace) -> int:
+    result = export_adapter(
+        args.adapter,
+        args.output,
+        merge=args.merge,
+        gguf=args.gguf,
+        base=args.base,
+        hf_id=args.hf_id,
+        dtype=args.dtype,
+        max_shard_size=args.max_shard_size,
+    )
+    what = {
+        "peft": f"PEFT adapter folder (base_model_name_or_path: {result.base})",
+        "hf": f"merged Hugging Face model folder ({len(result.files)} safetensors file(s); base {result.base})",
+        "gguf-adapter": f"llama.cpp LoRA adapter (base {result.base}; llama-cli -m BASE.gguf --lora FILE)",
+        "gguf-model": f"merged GGUF model (base {result.base})",
+    }[result.kind]
+    print(f"wrote {result.path}: {what}")
+    return 0
+
+
+def add_export_command(sub, formatter_class=argparse.HelpFormatter) -> None:
+    """The ``lorafleet export`` subcommand."""
+    p = sub.add_parser(
+        "export",
+        help="export a trained adapter: PEFT folder, merged HF model, llama.cpp adapter or merged GGUF",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=formatter_class,
+    )
+    p.add_argument(
+        "--adapter",
+        required=True,
+        metavar="DIR",
+        help="a PEFT adapter folder (e.g. OUTPUT_DIR/adapters/NAME)",
+    )
+    p.add_argument(
+        "--output", required=True, metavar="PATH", help="the folder (or .gguf file with --gguf) to write"
+    )
+    p.add_argument(
+        "--merge", action="store_true", help="merge the adapter into the base and write the whole model"
+    )
+    p.add_argument(
+        "--gguf", action="store_true", help="write llama.cpp's GGUF (an adapter, or with --merge a model)"
+    )
+    p.add_argument(
+        "--base", default=None, metavar="PATH", help="the base model (default: the one the adapter records)"
+    )
+    p.add_argument(
+        "--hf-id",
+        default=None,
+        metavar="OWNER/NAME",
+        help="Hugging Face id to record as the PEFT export's base (default: from the base's metadata, else its path)",
+    )
+    p.add_argument("--dtype", choices=EXPORT_DTYPES, default="float32", help="dtype of merged weights")
+    p.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard of a merged HF folder")
+    p.set_defaults(func=_cli_export)
