@@ -19,12 +19,41 @@ paragraph and exit with code 2, without a traceback.
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from collections.abc import Callable
 
 __all__ = ["main"]
 
 EXIT_USER_ERROR = 2
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default (options without help text get one that is only that).
+
+    Flags (store_true / store_false), ``--help``, ``--version`` and options whose default is None show none.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shown = action.default not in (None, argparse.SUPPRESS) and action.nargs != 0
+        if shown and "%(default)" not in text and (action.option_strings or action.nargs in ("?", "*")):
+            text = f"{text} (default: %(default)s)" if text else "default: %(default)s"
+        return text
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and action.default not in (None, argparse.SUPPRESS) and action.nargs != 0:
+            action = copy.copy(action)
+            action.help = self._get_help_string(action)
+        return super()._format_action(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """``ArgumentParser`` with ``_HelpFormatter``; subcommand parsers (and theirs) inherit the class."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -37,6 +66,9 @@ def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate text with the base model (and adapters)")
     p.add_argument("--model", required=True, help="Hugging Face folder or .gguf file")
     p.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
+    p.add_argument(
+        "--system", default=None, metavar="TEXT", help="a system message before each prompt (chat template)"
+    )
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -179,7 +211,10 @@ _COMMANDS: list[Callable] = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lorafleet", description=__doc__.split("\n\n")[0])
+    from . import __version__
+
+    parser = _Parser(prog="lorafleet", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"lorafleet {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in _COMMANDS:
         add(sub)

@@ -4,7 +4,7 @@ Legend: R rank, I input features, O output features of one adapted projection.
 
 LoRA: ``W' = W + scaling * B A`` (``scaling`` alpha / r, or alpha / sqrt(r) with rsLoRA). DoRA:
 ``W' = m / ||W + scaling * B A||_row * (W + scaling * B A)``, the weight DoRA's forward applies (its bias is
-left alone, as DoRA never scales it). The products are formed in float64 and stored in the model's dtype.
+left alone, as DoRA never scales it). The products are formed in float32 and stored in the model's dtype.
 
 ``write_hf_folder`` writes what ``transformers.AutoModelForCausalLM.from_pretrained`` and
 ``lorafleet.load_model`` load: ``config.json``, ``generation_config.json``, safetensors shards (with
@@ -49,12 +49,12 @@ def merged_weight(
     magnitude_O: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The dense weight that computes what ``weight_OI`` plus this adapter computes (see the module doc)."""
-    w = weight_OI.detach().to(torch.float64)
-    v = w + spec.scaling * (b_OR.to(torch.float64) @ a_RI.to(torch.float64))
+    f32 = torch.float32
+    v = torch.addmm(weight_OI.detach().to(f32), b_OR.to(f32), a_RI.to(f32), alpha=spec.scaling)
     if spec.kind == "dora":
         if magnitude_O is None:
             raise ValueError(f"adapter {spec.name!r} is DoRA but has no magnitude vector")
-        v = v * (magnitude_O.to(torch.float64) / torch.linalg.vector_norm(v, dim=1))[:, None]
+        v.mul_((magnitude_O.to(f32) / torch.linalg.vector_norm(v, dim=1))[:, None])
     return v.to(weight_OI.dtype)
 
 

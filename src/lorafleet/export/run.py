@@ -224,13 +224,12 @@ def _cli_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_export_command(sub, formatter_class=argparse.HelpFormatter) -> None:
+def add_export_command(sub) -> None:
     """The ``lorafleet export`` subcommand."""
     p = sub.add_parser(
         "export",
         help="export a trained adapter: PEFT folder, merged HF model, llama.cpp adapter or merged GGUF",
         description=__doc__.split("\n\n")[0],
-        formatter_class=formatter_class,
     )
     p.add_argument(
         "--adapter",

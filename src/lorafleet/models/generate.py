@@ -277,11 +277,16 @@ def cli_generate(args: argparse.Namespace) -> int:
     model = load_model(args.model, dtype=dtype, device=device)
     tok = load_tokenizer(args.model)
     use_template = bool(tok.chat_template) and not args.no_chat_template
+    system = getattr(args, "system", None)
+    if system is not None and not use_template:
+        why = "--no-chat-template is set" if tok.chat_template else f"{args.model} has no chat template"
+        raise ValueError(f"--system needs the chat template, but {why}; put the instructions in --prompt")
+    head = [{"role": "system", "content": system}] if system is not None else []
     prompts = []
     for text in args.prompt:
         if use_template:
             rendered = tok.apply_chat_template(
-                [{"role": "user", "content": text}], add_generation_prompt=True
+                [*head, {"role": "user", "content": text}], add_generation_prompt=True
             )
             prompts.append(tok.encode(rendered, add_special_tokens=False))
         else:

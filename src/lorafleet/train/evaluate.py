@@ -224,6 +224,14 @@ def _adapter_overrides(values: list[str], task_names: list[str]) -> dict[str, Pa
     return out
 
 
+def _short_path(folder: Path) -> str:
+    """``folder`` relative to the working folder when it is inside it (shorter in the table), else as given."""
+    try:
+        return str(Path(folder).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(folder)
+
+
 def cli_eval(args: argparse.Namespace) -> int:
     """``lorafleet eval CONFIG.yaml``: each task's saved adapter on its ``eval_dataset``, in fused batches."""
     from rich.console import Console
@@ -271,14 +279,17 @@ def cli_eval(args: argparse.Namespace) -> int:
         examples = load_examples(datasets[t.eval_dataset], tokenizer, t.max_seq_len)
         load_peft(model, folder, t.adapter)
         jobs.append(EvalJob(t.name, t.adapter, kind, examples))
-        rows.append((t.name, str(folder), t.eval_dataset))
+        rows.append((t.name, _short_path(folder), t.eval_dataset))
         if args.with_base and kind.name == "sft":
             jobs.append(EvalJob(f"{t.name} (base)", None, kind, examples))
             rows.append((f"{t.name} (base)", "base model", t.eval_dataset))
     results = evaluate(model, jobs, cfg.dispatcher.max_tokens_per_micro_batch)
-    table = Table(title=f"lorafleet eval: {args.config}")
-    for col in ("task", "adapter", "eval dataset", "examples", "eval loss", "perplexity", "reward acc"):
-        table.add_column(col, justify="left" if col in ("task", "adapter", "eval dataset") else "right")
+    # Fits 80 columns: the figures never wrap; names and the adapter path fold onto more lines instead.
+    table = Table(title=f"lorafleet eval: {args.config}", title_justify="left")
+    for col in ("task", "adapter", "dataset"):
+        table.add_column(col, overflow="fold", ratio=2 if col == "adapter" else 1)
+    for col in ("examples", "eval loss", "perplexity", "reward acc"):
+        table.add_column(col, justify="right", no_wrap=True, min_width=len(col.split()[-1]))
     for name, folder, ds in rows:
         r = results[name]
         ppl = f"{r.perplexity:.3f}" if r.perplexity is not None else "-"
