@@ -14,29 +14,12 @@ import numpy as np
 import pytest
 import torch
 
+from helpers.adapters import random_adapter
 from lorafleet.cli import main
 from lorafleet.export import base_model_reference
-from lorafleet.lora import AdapterSpec, adapter_parameters, add_adapter, save_peft
 from lorafleet.models import load_model
 
 IDS = torch.tensor([[5, 17, 42, 99, 7, 250, 3, 64]])
-
-
-def random_adapter(base: Path, folder: Path, seed: int = 0, **spec_kw) -> AdapterSpec:
-    """A PEFT folder of a random adapter whose B (and DoRA magnitude) are far from their zero init."""
-    spec = AdapterSpec(name="a", **spec_kw)
-    model = load_model(base)
-    add_adapter(model, spec, generator=torch.Generator().manual_seed(seed))
-    params = adapter_parameters(model, "a")
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for key, p in params.items():
-            if ".lora_B." in key:
-                p.copy_(0.3 * torch.randn(p.shape, generator=g))
-            elif "magnitude" in key:
-                p.mul_(1.0 + 0.2 * torch.rand(p.shape, generator=g))
-    save_peft(folder, spec, {k: p.detach() for k, p in params.items()}, base_model_reference(base))
-    return spec
 
 
 def peft_logits(base: Path, adapter: Path) -> torch.Tensor:
@@ -266,3 +249,41 @@ def test_config_rejects_a_malformed_hf_id(tiny_llama_dir, tmp_path, capsys):
     assert main(["train", str(tmp_path / "c.yaml"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "hf_id" in err and "owner/name" in err
+
+
+def test_gguf_base_merges_to_hf_and_gguf(tiny_llama_dir, tmp_path):
+    """A GGUF base (the tiny model plus a rank-1 update, written as GGUF): its tokenizer and metadata carry over."""
+    from gguf import GGUFReader
+
+    from lorafleet.models.tokenizer import load_tokenizer
+
+    random_adapter(tiny_llama_dir, tmp_path / "r1", rank=1, target_modules=("q_proj",))
+    (tmp_path / "g").mkdir()
+    assert run_cli("--adapter", tmp_path / "r1", "--output", tmp_path / "g" / "base.gguf", "--merge", "--gguf",
+                   "--dtype", "float32", "--base", tiny_llama_dir) == 0  # fmt: skip
+    base = tmp_path / "g" / "base.gguf"
+    random_adapter(base, tmp_path / "a", seed=5, **ADAPTERS["lora"])
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str(base.resolve())
+    # the oracle: transformers' own GGUF loading of the base, with HF PEFT's adapter on it
+    import transformers as tf
+    from peft import PeftModel
+
+    ref = tf.AutoModelForCausalLM.from_pretrained(str(base.parent), gguf_file=base.name, dtype=torch.float32)
+    ref = PeftModel.from_pretrained(ref, str(tmp_path / "a")).eval()
+    with torch.no_grad():
+        want = ref(IDS).logits
+    assert run_cli("--adapter", tmp_path / "a", "--output", tmp_path / "hf", "--merge") == 0
+    torch.testing.assert_close(hf_logits(tmp_path / "hf"), want, atol=2e-5, rtol=1e-4)
+    text = "The quick brown fox, 12345 times!"
+    assert load_tokenizer(tmp_path / "hf").encode(text) == load_tokenizer(tiny_llama_dir).encode(text)
+    out = tmp_path / "m" / "merged.gguf"
+    assert (
+        run_cli("--adapter", tmp_path / "a", "--output", out, "--merge", "--gguf", "--dtype", "float16") == 0
+    )
+    r = GGUFReader(str(out))
+    assert r.fields["general.file_type"].contents() == 1  # MOSTLY_F16
+    assert r.fields["tokenizer.chat_template"].contents() == load_tokenizer(tiny_llama_dir).chat_template
+    kinds = {t.name: t.tensor_type.name for t in r.tensors}
+    assert kinds["blk.0.attn_q.weight"] == "F16" and kinds["blk.0.attn_norm.weight"] == "F32"
+    torch.testing.assert_close(hf_logits(out.parent, gguf_file=out.name), want, atol=5e-3, rtol=5e-3)
