@@ -195,6 +195,18 @@ def test_export_errors_are_clear(tiny_llama_dir, tiny_qwen3_dir, tmp_path, capsy
     assert "size" in err("--adapter", tmp_path / "a", "--output", tmp_path / "o", "--merge", "--base",
                          tiny_llama_dir, "--max-shard-size", "lots")  # fmt: skip
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "d", "full"]  # nothing half-written
+    other = tmp_path / "digits"  # a pre-tokenizer llama.cpp's "default" would not reproduce
+    other.mkdir()
+    for f in tiny_llama_dir.iterdir():
+        (other / f.name).write_bytes(f.read_bytes())
+    tj = json.loads((other / "tokenizer.json").read_text())
+    split = {"type": "Digits", "individual_digits": True}
+    tj["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [split, tj["pre_tokenizer"]]}
+    (other / "tokenizer.json").write_text(json.dumps(tj))
+    msg = err(
+        "--adapter", tmp_path / "d", "--output", tmp_path / "x.gguf", "--merge", "--gguf", "--base", other
+    )
+    assert "convert_hf_to_gguf" in msg and not (tmp_path / "x.gguf").exists()
 
 
 def test_base_model_reference_rules(tiny_llama_dir, smollm2_gguf):

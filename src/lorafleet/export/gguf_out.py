@@ -171,10 +171,14 @@ def _add_hf_tokenizer(writer, source: Path) -> None:
 
     tj = json.loads((source / "tokenizer.json").read_text())
     model = tj.get("model", {})
-    if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(tj.get("pre_tokenizer")):
+    pre = tj.get("pre_tokenizer") or {}
+    # llama.cpp's "default" pre-tokenizer is GPT-2's regex, which is what a plain ByteLevel step splits with;
+    # other splits (digit groups, Split regexes) would tokenize differently under llama.cpp.
+    if model.get("type") != "BPE" or pre.get("type") != "ByteLevel" or not pre.get("use_regex", True):
         raise ValueError(
-            f"{source / 'tokenizer.json'} is not a byte-level BPE tokenizer; lorafleet writes GGUF tokenizers "
-            "for byte-level BPE vocabularies only: export the merged model as a Hugging Face folder instead"
+            f"{source / 'tokenizer.json'} is not a plain byte-level BPE tokenizer (GPT-2 pre-tokenizer), the only "
+            "kind lorafleet writes to GGUF from a Hugging Face base; export the merged model as a Hugging Face "
+            "folder (--merge without --gguf) and convert it with llama.cpp's convert_hf_to_gguf.py"
         )
     tok = load_tokenizer(source)
     size = tok.backend.get_vocab_size(with_added_tokens=True)

@@ -161,7 +161,7 @@ def export_adapter(
         if not merge and not gguf:
             if hf_id is not None:
                 ref = hf_id
-            elif base is not None or (recorded is not None and resolve_base_or_none(recorded) is not None):
+            elif base is not None or (recorded is not None and _local_base(recorded) is not None):
                 ref = base_model_reference(resolve_base(recorded, base))
             elif recorded is not None:
                 ref = recorded  # a hub id (or a path of another machine): kept as recorded
@@ -195,7 +195,7 @@ def export_adapter(
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
-def resolve_base_or_none(recorded: str) -> Path | None:
+def _local_base(recorded: str) -> Path | None:
     """``resolve_base(recorded)``, or None when ``recorded`` is not a local model."""
     try:
         return resolve_base(recorded)
