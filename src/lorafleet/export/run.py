@@ -229,7 +229,8 @@ def add_export_command(sub) -> None:
     p = sub.add_parser(
         "export",
         help="export a trained adapter: PEFT folder, merged HF model, llama.cpp adapter or merged GGUF",
-        description=__doc__.split("\n\n")[0],
+        description="Export a trained adapter: a PEFT folder naming a resolvable base, the merged model "
+        "(Hugging Face safetensors, or GGUF with --gguf), or a llama.cpp LoRA adapter (--gguf).",
     )
     p.add_argument(
         "--adapter",
@@ -255,6 +256,11 @@ def add_export_command(sub) -> None:
         metavar="OWNER/NAME",
         help="Hugging Face id to record as the PEFT export's base (default: from the base's metadata, else its path)",
     )
-    p.add_argument("--dtype", choices=EXPORT_DTYPES, default="float32", help="dtype of merged weights")
+    p.add_argument(
+        "--dtype",
+        choices=EXPORT_DTYPES,
+        default="float32",
+        help="dtype of merged weights (GGUF: float32 or float16; norms stay float32)",
+    )
     p.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard of a merged HF folder")
     p.set_defaults(func=_cli_export)
