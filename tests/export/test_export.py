@@ -299,3 +299,18 @@ def test_gguf_base_merges_to_hf_and_gguf(tiny_llama_dir, tmp_path):
     kinds = {t.name: t.tensor_type.name for t in r.tensors}
     assert kinds["blk.0.attn_q.weight"] == "F16" and kinds["blk.0.attn_norm.weight"] == "F32"
     torch.testing.assert_close(hf_logits(out.parent, gguf_file=out.name), want, atol=5e-3, rtol=5e-3)
+
+
+def test_hub_id_from_gguf_source_metadata(tmp_path):
+    import gguf
+
+    path = tmp_path / "m.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_string("general.source.url", "https://huggingface.co/SomeOrg/Some-Model-1B")
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert base_model_reference(path) == "SomeOrg/Some-Model-1B"
+    assert base_model_reference(path, "Mine/override") == "Mine/override"

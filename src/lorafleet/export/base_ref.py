@@ -41,16 +41,20 @@ def check_hf_id(value: str) -> str:
     return value
 
 
-def _id_from_text(text: object) -> str | None:
+def _id_from_text(text: object, near: Path | None = None) -> str | None:
+    """The hub id ``owner/name`` in ``text`` (an id or a huggingface.co URL); None for anything else.
+
+    A relative path that exists (from the working folder, or from ``near``) is a path, not an id.
+    """
     if not isinstance(text, str) or not text:
         return None
     m = _HF_URL.match(text.strip())
-    if m:
-        text = m.group(1)
-    text = text.strip()
-    if "/" in text and _HF_ID.match(text) and ".." not in text and not Path(text).expanduser().exists():
-        return text
-    return None
+    text = m.group(1) if m else text.strip()
+    if "/" not in text or not _HF_ID.match(text) or ".." in text:
+        return None
+    if Path(text).expanduser().exists() or (near is not None and (near / text).exists()):
+        return None
+    return text
 
 
 @lru_cache(maxsize=32)
@@ -69,7 +73,7 @@ def _hf_id_cached(path: str, mtime_ns: int) -> str | None:
         cfg = json.loads((p / "config.json").read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    return _id_from_text(cfg.get("_name_or_path")) if isinstance(cfg, dict) else None
+    return _id_from_text(cfg.get("_name_or_path"), p.parent) if isinstance(cfg, dict) else None
 
 
 def hf_id_of(path: str | Path) -> str | None:

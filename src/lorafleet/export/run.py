@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..lora.adapters import PEFT_PREFIX
+from ..lora.adapters import PEFT_PREFIX, AdapterSpec
 from ..lora.peft_format import CONFIG_NAME, read_peft, save_peft
 from ..models.families import ModelConfig
 from .base_ref import base_model_reference, check_hf_id, resolve_base
@@ -93,6 +93,15 @@ def _install(tmp: Path, output: Path) -> None:
     tmp.replace(output)
 
 
+def _adapter_name(folder: Path) -> str:
+    """The folder's name as an adapter name (used in messages), or "adapter" when it cannot be one."""
+    name = re.sub(r"[^A-Za-z0-9_-]", "_", folder.resolve().name)
+    try:
+        return AdapterSpec(name=name).name
+    except ValueError:  # empty, or a reserved word such as "items"
+        return "adapter"
+
+
 def _recorded_base(adapter: Path) -> str | None:
     cfg = json.loads((adapter / CONFIG_NAME).read_text())
     value = cfg.get("base_model_name_or_path")
@@ -150,8 +159,7 @@ def export_adapter(
         )
     if hf_id is not None:
         check_hf_id(hf_id)
-    name = adapter.resolve().name.replace(".", "_") or "adapter"
-    name = re.sub(r"[^A-Za-z0-9_-]", "_", name)
+    name = _adapter_name(adapter)
     spec, state = read_peft(adapter, name)  # validates the folder before anything is loaded
     recorded = _recorded_base(adapter)
     _check_destination(output)
