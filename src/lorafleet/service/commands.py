@@ -1,9 +1,14 @@
-"""The service's subcommands of ``lorafleet``: ``serve``, ``tokens`` and ``jobs``.
+"""The service's subcommands of ``lorafleet``: ``serve``, ``worker``, ``tokens`` and ``jobs``.
 
     lorafleet tokens create --tenant alice --data-dir ./service-data     # prints the token once
     lorafleet tokens list --data-dir ./service-data
     lorafleet tokens revoke tok-... --data-dir ./service-data
     lorafleet serve --base-model path/to/model --data-dir ./service-data
+    lorafleet serve --api-only --store postgresql://lf@db/lorafleet --base-model M --data-dir /shared
+    lorafleet worker --store postgresql://lf@db/lorafleet --base-model M --data-dir /shared
+
+Every command that opens the store takes ``--store URL`` (``sqlite:///PATH`` or ``postgresql://...``; the
+default is ``sqlite:///DATA_DIR/lorafleet.db``).
     lorafleet jobs create --training-file data.jsonl --wait              # see lorafleet.service.client
 
 Importing this module is cheap (no FastAPI, no torch): each command imports what it needs when it runs.
@@ -18,7 +23,12 @@ from pathlib import Path
 
 from .client import add_jobs_command
 
-__all__ = ["add_jobs_command", "add_serve_command", "add_tokens_command"]
+__all__ = ["add_jobs_command", "add_serve_command", "add_tokens_command", "add_worker_command"]
+
+_STORE_HELP = (
+    "the job store: sqlite:///PATH (one machine) or postgresql://user@host[:port]/db (a fleet); "
+    "default sqlite:///DATA_DIR/lorafleet.db"
+)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -28,8 +38,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         base_model=args.base_model, data_dir=args.data_dir, host=args.host, port=args.port,
         max_upload_mb=args.max_upload_mb, dtype=args.dtype, device=args.device,
         max_concurrent_tasks=args.max_concurrent_tasks, max_tokens_per_micro_batch=args.max_tokens_per_micro_batch,
-        poll_interval=args.poll_interval, access_log=args.access_log, worker=not args.no_worker,
-        num_threads=args.num_threads,
+        poll_interval=args.poll_interval, access_log=args.access_log, worker=not args.api_only,
+        num_threads=args.num_threads, store_url=args.store,
     )  # fmt: skip
     return 0
 
@@ -37,7 +47,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def add_serve_command(sub) -> None:
     p = sub.add_parser("serve", help="run the fine-tuning service: REST API, dashboard and training worker")
     p.add_argument("--base-model", required=True, help="Hugging Face model folder or .gguf file (or pkg:...)")
-    p.add_argument("--data-dir", required=True, help="database, uploads, checkpoints and adapters live here")
+    p.add_argument(
+        "--data-dir", required=True,
+        help="uploads, checkpoints and adapters (a folder every API process and worker shares, e.g. NFS)",
+    )  # fmt: skip
+    p.add_argument("--store", default=None, help=_STORE_HELP)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-upload-mb", type=float, default=100.0, help="largest accepted training file")
@@ -56,21 +70,42 @@ def add_serve_command(sub) -> None:
     )  # fmt: skip
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")
     p.add_argument(
-        "--no-worker", action="store_true", help="API only (a worker runs elsewhere on this data dir)"
-    )
+        "--api-only", action="store_true",
+        help="the API alone, no worker and no torch: several can run on one store (`lorafleet worker` trains)",
+    )  # fmt: skip
     p.set_defaults(func=_cmd_serve)
 
 
-def _store(data_dir: str):
-    from .files import DataDir
-    from .store import SQLiteStore
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from .worker_process import run_worker
 
-    root = Path(data_dir).expanduser()
+    return run_worker(args)
+
+
+def add_worker_command(sub) -> None:
+    from .worker_process import add_worker_arguments
+
+    p = sub.add_parser(
+        "worker",
+        help="run a training worker: it claims jobs for its base model from the store and trains them",
+    )
+    add_worker_arguments(p)
+    p.set_defaults(func=_cmd_worker)
+
+
+def _store(args: argparse.Namespace):
+    from .store import default_store_url, open_store
+
+    if args.store:
+        return open_store(args.store)
+    if not args.data_dir:
+        raise ValueError("give --store URL (sqlite:///PATH or postgresql://...) or --data-dir DIR")
+    root = Path(args.data_dir).expanduser()
     if not root.is_dir():
         raise ValueError(
-            f"--data-dir {data_dir!r} does not exist (it is created by the first `lorafleet serve`)"
+            f"--data-dir {args.data_dir!r} does not exist (it is created by the first `lorafleet serve`)"
         )
-    return SQLiteStore(DataDir(root).db)
+    return open_store(default_store_url(root))
 
 
 def _cmd_tokens(args: argparse.Namespace) -> int:
@@ -78,17 +113,18 @@ def _cmd_tokens(args: argparse.Namespace) -> int:
 
     if args.tokens_command == "create":
         validate_tenant(args.tenant)
-        Path(args.data_dir).expanduser().mkdir(parents=True, exist_ok=True)
-        rec, secret = create_token(_store(args.data_dir), args.tenant)
+        if args.data_dir and not args.store:
+            Path(args.data_dir).expanduser().mkdir(parents=True, exist_ok=True)
+        rec, secret = create_token(_store(args), args.tenant)
         print(f"created {rec.id} for tenant {rec.tenant}; the token is shown only once:", file=sys.stderr)
         print(secret)
     elif args.tokens_command == "list":
-        for t in _store(args.data_dir).list_tokens(args.tenant):
+        for t in _store(args).list_tokens(args.tenant):
             created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t.created_at))
             state = "revoked" if t.revoked_at else "active"
             print(f"{t.id}  {t.tenant:24} {state:8} {created}")
     elif args.tokens_command == "revoke":
-        if not _store(args.data_dir).revoke_token(args.id):
+        if not _store(args).revoke_token(args.id):
             raise ValueError(f"no active token {args.id!r}: see `lorafleet tokens list --data-dir DIR`")
         print(f"revoked {args.id}")
     return 0
@@ -99,12 +135,11 @@ def add_tokens_command(sub) -> None:
     tokens = p.add_subparsers(dest="tokens_command", required=True)
     c = tokens.add_parser("create", help="create a token for a tenant (new tenants are created by it)")
     c.add_argument("--tenant", required=True)
-    c.add_argument("--data-dir", required=True)
     ls = tokens.add_parser("list", help="tokens (never their secrets)")
-    ls.add_argument("--data-dir", required=True)
     ls.add_argument("--tenant")
     r = tokens.add_parser("revoke", help="revoke a token by its id")
     r.add_argument("id", help="tok-...")
-    r.add_argument("--data-dir", required=True)
     for q in (c, ls, r):
+        q.add_argument("--data-dir", help="the service's data folder (its default store)")
+        q.add_argument("--store", help=_STORE_HELP)
         q.set_defaults(func=_cmd_tokens)

@@ -25,7 +25,12 @@ from ..config import (
     parse_config,
 )
 
-__all__ = ["EngineSettings", "JobConfigs", "job_configs"]
+__all__ = ["EngineSettings", "JobConfigs", "job_configs", "model_name"]
+
+
+def model_name(base_model: str) -> str:
+    """The name jobs report for a base model, and workers announce: its folder or file name."""
+    return Path(base_model.removeprefix("pkg:")).name or base_model
 
 
 @dataclass(frozen=True)

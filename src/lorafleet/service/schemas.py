@@ -218,3 +218,6 @@ class Health(BaseModel):
     status: Literal["ok"] = "ok"
     model: str
     worker: dict[str, Any]
+    workers: list[dict[str, Any]] = Field(
+        default_factory=list, description="every worker, newest heartbeat first"
+    )

@@ -3,7 +3,7 @@
     lorafleet tokens create --tenant alice --data-dir ./service-data      # prints a token
     lorafleet serve --base-model path/to/model --data-dir ./service-data --port 8000
 
-The API process never imports torch; the worker does (``python -m lorafleet.service.worker``). If the
+The API process never imports torch; the worker does (``python -m lorafleet.service.worker_process``). If the
 worker exits unexpectedly it is started again (with a growing pause, so a worker that cannot start does not
 spin), and it resumes every unfinished job from its checkpoints. Stopping the server (Ctrl-C, SIGTERM)
 stops the worker; if the server is killed outright, the worker notices and exits too.
@@ -21,6 +21,8 @@ from pathlib import Path
 from .app import ServiceSettings, create_app
 from .files import DataDir
 from .jobspec import EngineSettings
+from .store import default_store_url
+from .worker_process import serve_worker_id
 
 __all__ = ["WorkerSupervisor", "serve"]
 
@@ -91,8 +93,10 @@ def serve(
     access_log: bool = False,
     worker: bool = True,
     num_threads: int | None = None,
+    store_url: str | None = None,
 ) -> None:
-    """Run the API until interrupted, with a supervised worker unless ``worker`` is False."""
+    """Run the API until interrupted, with a supervised worker unless ``worker`` is False (``--api-only``).
+    ``store_url``: the job store (default ``sqlite:///DATA_DIR/lorafleet.db``)."""
     import uvicorn
 
     _check_model_path(base_model)
@@ -105,6 +109,7 @@ def serve(
             raise ValueError(f"{flag} must be > 0 (got {value})")
     base_model = base_model if base_model.startswith("pkg:") else str(Path(base_model).expanduser().resolve())
     dd = DataDir(Path(data_dir).expanduser().resolve()).create()
+    store_url = store_url or default_store_url(dd.root)
     engine = EngineSettings(
         base_model=base_model, dtype=dtype, device=device, max_concurrent_tasks=max_concurrent_tasks,
         max_tokens_per_micro_batch=max_tokens_per_micro_batch,
@@ -114,15 +119,16 @@ def serve(
         base_model=base_model,
         max_upload_bytes=int(max_upload_mb * 1024 * 1024),
         engine=engine,
+        store_url=store_url,
     )
     app = create_app(settings)
     supervisor = None
     if worker:
         cmd = [
-            sys.executable, "-m", "lorafleet.service.worker", "--data-dir", str(dd.root), "--base-model", base_model,
+            sys.executable, "-m", "lorafleet.service.worker_process", "--data-dir", str(dd.root), "--base-model", base_model,
             "--dtype", dtype, "--device", device, "--max-concurrent-tasks", str(max_concurrent_tasks),
             "--max-tokens-per-micro-batch", str(max_tokens_per_micro_batch), "--poll-interval", str(poll_interval),
-            "--parent-pid", str(os.getpid()),
+            "--parent-pid", str(os.getpid()), "--store", store_url, "--worker-id", serve_worker_id(dd.root),
         ]  # fmt: skip
         if num_threads is not None:
             cmd += ["--num-threads", str(num_threads)]

@@ -1,16 +1,21 @@
-"""The worker: the one process that trains. It feeds the store's jobs to one ``Engine`` and writes back what
-happens.
+"""The worker: the process that trains. It claims jobs for its base model from the store, feeds them to one
+``Engine`` and writes back what happens. A fleet runs many workers on many machines over one store and one
+shared data folder.
 
-    python -m lorafleet.service.worker --data-dir ./service-data --base-model path/to/model   # CPU example
-    (``lorafleet serve`` starts it for you, next to the API, and restarts it if it dies.)
+    lorafleet worker --store postgresql://lf@db/lorafleet --data-dir /shared --base-model path/to/model
+    (``lorafleet serve`` without ``--api-only`` starts one for you, next to the API, and restarts it.)
 
 Loop, top to bottom:
 
 1. every ``poll_interval`` seconds (and whenever the engine is idle) read the store:
-   - jobs in ``validating_files``: check their files and settings; ``queued``, or ``failed`` with why;
-   - jobs in ``queued`` or ``running`` that the engine does not hold yet: ``Engine.add_task`` (online
-     arrival: the others keep training). The engine resumes a task from ``checkpoints/<job id>/`` when it
-     holds checkpoints, so after a crash or SIGKILL every unfinished job goes on from its last checkpoint;
+   - jobs of its base model in ``validating_files``: check their files and settings; ``queued``, or
+     ``failed`` with why;
+   - claim queued or running jobs of its base model whose lease is free or expired, up to its capacity
+     (``--max-concurrent-tasks``), and ``Engine.add_task`` them (online arrival: the others keep training).
+     The engine resumes a task from ``checkpoints/<job id>/`` when it holds checkpoints, so the jobs of a
+     worker that crashed, was SIGKILLed or lost its lease go on from their last checkpoint, on whichever
+     worker claims them (checkpoints that the store never recorded are removed first: a worker that lost
+     its lease may have written them);
    - jobs the engine holds that the store says are ``cancelled``: ``Engine.cancel_task``;
 2. ``Engine.run_once()``: one fused micro-batch over all running jobs (plus due optimizer steps);
 3. the engine's events (steps, status changes, checkpoints) go to the store as they happen, each before the
@@ -18,51 +23,71 @@ Loop, top to bottom:
    at any moment loses no step that its checkpoints hold (a resumed job trains the steps after its last
    checkpoint again, and their metrics events replace the earlier ones).
 
-Only one worker may run per data folder: it holds an exclusive ``flock`` on ``DATA_DIR/worker.lock`` (the
-kernel releases it when the process dies, even by SIGKILL). A heartbeat thread writes the worker's state to
-the store every second for ``/healthz``. On Linux the worker asks the kernel to kill it when the
-``lorafleet serve`` process that started it dies, and it also exits when its parent changes.
+Leases (``store.base``): every job a worker trains is leased to it; the heartbeat thread renews the leases
+(and announces the worker: host, base model, capacity, jobs) every ``lease_s / 4`` seconds. Every write for
+a job carries its lease, and the store refuses a write whose fencing token is stale (``LeaseLost``): the
+worker then drops the job. A worker that cannot renew a lease for half of ``lease_s`` (the store is down,
+the process was paused) stops training that job before the lease can expire in the store, so a job never
+trains on two workers at once. A worker stopped with SIGTERM releases its leases; one that died loses
+them after ``lease_s``. One process per worker id: it holds an exclusive ``flock`` on
+``DATA_DIR/workers/<id>.lock`` (released by the kernel when the process dies), so a worker restarted under
+the same id (``lorafleet serve`` does this) takes its jobs back at once instead of waiting for their leases
+to expire. On Linux the worker asks the kernel to kill it when the ``lorafleet serve`` process that
+started it dies, and it also exits when its parent changes.
 """
 
 from __future__ import annotations
 
-import argparse
-import fcntl
 import logging
 import os
 import re
-import signal
-import sys
+import shutil
+import socket
 import threading
 import time
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from .files import DataDir
-from .jobspec import EngineSettings, job_configs
-from .store import ACTIVE_STATUSES, CheckpointRecord, EventRecord, SQLiteStore, Store
+from .jobspec import EngineSettings, job_configs, model_name
+from .leases import HeldLeases
+from .store import (
+    ACTIVE_STATUSES,
+    CheckpointRecord,
+    EventRecord,
+    Lease,
+    LeaseLost,
+    Store,
+    StoreUnavailable,
+    WorkerRecord,
+)
 
-__all__ = ["Worker", "build_parser", "main"]
+__all__ = ["Worker"]
 
 log = logging.getLogger("lorafleet.worker")
 
-_HEARTBEAT_S = 1.0
+_LEASE_S = 20.0
+_STEP_DIR = re.compile(r"^step-(\d+)$")
 # keys of an engine step event that become named fields of the metrics event (or are not numbers to keep)
 _STEP_KEYS = frozenset({"type", "task", "step", "loss", "lr", "tokens", "elapsed_s", "kind"})
 
 
 class Worker:
-    """Runs jobs from ``store`` on one engine (see the module docstring)."""
+    """Claims and runs jobs from ``store`` on one engine (see the module docstring)."""
 
     def __init__(
-        self, store: Store, data_dir: DataDir, settings: EngineSettings, poll_interval: float = 0.5
-    ) -> None:
+        self, store: Store, data_dir: DataDir, settings: EngineSettings, poll_interval: float = 0.5,
+        worker_id: str | None = None, lease_s: float = _LEASE_S,
+    ) -> None:  # fmt: skip
         self.store = store
         self.dd = data_dir
         self.settings = settings
         self.poll_interval = poll_interval
+        self.id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.model = model_name(settings.base_model)
+        self.lease_s = lease_s
         self.engine: Any = None
-        self._held: set[str] = set()  # job ids the engine holds and still trains (queued/running there)
+        self.leases = HeldLeases(lease_s)  # the jobs this worker trains, each under its lease
         self._last_metrics: dict[str, EventRecord] = {}  # each job's latest step event, which its eval joins
         self.state = "starting"
         self.message = ""
@@ -75,10 +100,14 @@ class Worker:
         next_sync = 0.0
         try:
             while not stop.is_set():
-                if time.monotonic() >= next_sync or not self._held:
-                    self.sync()
+                if time.monotonic() >= next_sync or not len(self.leases):
+                    try:
+                        self.sync()
+                    except StoreUnavailable as e:  # keep training what is leased; read again next round
+                        log.warning("store unavailable: %s", e)
                     next_sync = time.monotonic() + self.poll_interval
-                busy = self._step() if self._held else False
+                self._drop_lost()
+                busy = self._step() if len(self.leases) else False
                 if not busy:
                     stop.wait(self.poll_interval)
         finally:
@@ -92,7 +121,7 @@ class Worker:
         self.engine = Engine(cfg, tensorboard=False)
         self.engine.subscribe(self._on_event)
         self.state = "ready"
-        log.info("engine ready: %s on %s", self.settings.base_model, self.engine.device)
+        log.info("engine ready: %s on %s (worker %s)", self.settings.base_model, self.engine.device, self.id)
 
     def _step(self) -> bool:
         try:
@@ -100,34 +129,89 @@ class Worker:
         except Exception as e:  # a fault of the engine, not of one job: fail the jobs it was training
             log.exception("engine failed")
             msg = f"the training engine failed: {type(e).__name__}: {e}"
-            for job_id in sorted(self._held):
+            for job_id in sorted(self.leases.jobs()):
                 st = self.engine.state(job_id)
                 if st.status == "running":
                     self._fail(job_id, msg)
-                    self._held.discard(job_id)
+                    self.leases.let_go(job_id)
                     try:
                         self.engine.cancel_task(job_id)
                     except Exception:
                         log.exception("could not drop %s from the engine", job_id)
             return False
 
+    # -- leases -----------------------------------------------------------------------------------------
+
+    def renew(self) -> None:
+        """Renew every held lease; the ones the store refuses are lost (the heartbeat thread calls this)."""
+        self.leases.renew(self.store)
+
+    def _drop_lost(self) -> None:
+        """Stop training the jobs whose lease was lost or could not be renewed in time."""
+        for job_id in sorted(self.leases.take_lost()):
+            if self.leases.let_go(job_id) is None:
+                continue
+            log.warning("lost the lease on %s; another worker will resume it", job_id)
+            st = self.engine.states.get(job_id) if self.engine is not None else None
+            if st is not None and st.status in ("queued", "running"):
+                self.engine.cancel_task(job_id)
+
+    def release_all(self) -> None:
+        """Give every lease back (a clean stop): other workers resume those jobs at once."""
+        for job_id in sorted(self.leases.jobs()):
+            lease = self.leases.let_go(job_id)
+            if lease is not None:
+                try:
+                    self.store.release_lease(lease)
+                except StoreUnavailable:
+                    pass  # it expires by itself
+
+    def announcement(self) -> WorkerRecord:
+        s = self.settings
+        return WorkerRecord(
+            id=self.id, host=socket.gethostname(), pid=os.getpid(), base_model=self.model, state=self.state,
+            max_concurrent_tasks=s.max_concurrent_tasks, max_tokens_per_micro_batch=s.max_tokens_per_micro_batch,
+            active_jobs=len(self.leases), message=self.message,
+        )  # fmt: skip
+
+    def _write(self, job_id: str, write: Callable[[Lease | None], Any]) -> bool:
+        """Run a store write for ``job_id`` under its lease. While the store is unreachable, retry until the
+        lease can no longer be trusted; False when the write did not land (the job is then dropped)."""
+        while True:
+            try:
+                write(self.leases.get(job_id))
+                return True
+            except LeaseLost:
+                self.leases.mark_lost(job_id)
+                return False
+            except StoreUnavailable as e:
+                if time.monotonic() > self.leases.trusted_until(job_id):
+                    log.warning("could not write for %s before its lease ran out: %s", job_id, e)
+                    self.leases.mark_lost(job_id)
+                    return False
+                time.sleep(0.2)
+
     # -- reading the store ------------------------------------------------------------------------------
 
     def sync(self) -> None:
-        """Validate new jobs, hand queued ones to the engine, cancel the ones the store cancelled."""
-        for job in self.store.jobs_with_status(["validating_files"]):
+        """Validate new jobs, claim queued ones up to capacity, cancel the ones the store cancelled."""
+        for job in self.store.jobs_with_status(["validating_files"], model=self.model):
             self._validate(job)
-        for job in self.store.jobs_with_status(["queued", "running"]):
-            if job.id not in self._held and job.id not in self.engine.states:
-                self._admit(job)
-        for job_id in sorted(self._held):
+        for job_id in sorted(self.leases.jobs()):
             job = self.store.get_job_any(job_id)
             if job is None or job.status not in ACTIVE_STATUSES:
+                self.leases.let_go(job_id)
                 self.engine.cancel_task(job_id)
-                self._held.discard(job_id)
+        free = self.settings.max_concurrent_tasks - len(self.leases)
+        if free > 0:
+            since = time.monotonic()
+            for job, lease in self.store.claim_jobs(self.id, self.model, free, self.lease_s):
+                self.leases.hold(lease, since)
+                self._admit(job)
         # finished jobs live on in the store; the engine lets go of their data so it does not grow
+        held = self.leases.jobs()
         for name, st in list(self.engine.states.items()):
-            if name not in self._held and st.status not in ("queued", "running"):
+            if name not in held and st.status not in ("queued", "running"):
                 self.engine.forget(name)
                 self._last_metrics.pop(name, None)
 
@@ -157,21 +241,45 @@ class Worker:
         if self.store.transition(job.id, "queued", ["validating_files"]):
             self._event(job.id, "Files validated; job queued")
 
+    def _discard_unrecorded_checkpoints(self, job_id: str) -> None:
+        """Remove checkpoints newer than the newest one the store recorded: a worker that lost its lease, or
+        died between writing a checkpoint and recording it, left them, and their steps' metrics may be
+        missing from the store. The job trains those steps again (their metrics events replace the old)."""
+        root = self.dd.checkpoint_dir(job_id)
+        if not root.is_dir():
+            return
+        recorded, _ = self.store.list_checkpoints(job_id, None, 1)
+        newest = recorded[0].step if recorded else 0
+        for p in root.iterdir():
+            m = _STEP_DIR.match(p.name)
+            if m and int(m.group(1)) > newest:
+                log.warning("removing %s: the store never recorded it", p)
+                shutil.rmtree(p, ignore_errors=True)
+
     def _admit(self, job) -> None:
+        if job.id in self.engine.states:  # trained here before, then dropped: start it afresh
+            self.engine.forget(job.id)
         try:
+            self._discard_unrecorded_checkpoints(job.id)
             cfgs, _ = self._configs(job)
             self.engine.add_task(cfgs.dataset, cfgs.adapter, cfgs.task, cfgs.eval_dataset)
         except ValueError as e:  # bad data or settings: the job's fault
             self._fail(job.id, _public(str(e), self.dd))
+            self.leases.let_go(job.id)
             return
         except Exception as e:
             log.exception("could not start %s", job.id)
             self._fail(job.id, f"could not start the job: {type(e).__name__}: {_public(str(e), self.dd)}")
+            self.leases.let_go(job.id)
             return
         st = self.engine.state(job.id)
-        if st.status in ("queued", "running"):
-            self._held.add(job.id)
-        self.store.update_progress(job.id, st.step, st.total_steps, st.tokens)
+        if st.status not in ("queued", "running"):
+            self.leases.let_go(job.id)
+        self._write(
+            job.id,
+            lambda lease: self.store.update_progress(job.id, st.step, st.total_steps, st.tokens, lease),
+        )
+        self._event(job.id, f"Claimed by worker {self.id}")
         if st.step > 0:
             self._event(job.id, f"Resumed from the checkpoint at step {st.step} of {st.total_steps}")
 
@@ -180,6 +288,11 @@ class Worker:
     def _on_event(self, ev: dict[str, Any]) -> None:
         job_id = ev["task"]
         kind = ev["type"]
+        if kind == "status" and ev["status"] == "cancelled":
+            self.leases.let_go(job_id)
+            return
+        if self.leases.get(job_id) is None:
+            return  # a job this worker let go of: it no longer speaks for it
         if kind == "step":
             st = self.engine.state(job_id)
             data = {
@@ -197,8 +310,13 @@ class Worker:
             )  # fmt: skip
             self._last_metrics[job_id] = rec
             # stored now, before the engine may checkpoint this step
-            self.store.add_events([rec])
-            self.store.update_progress(job_id, ev["step"], st.total_steps, st.tokens)
+            if self._write(job_id, lambda lease: self.store.add_events([rec], lease)):
+                self._write(
+                    job_id,
+                    lambda lease: self.store.update_progress(
+                        job_id, ev["step"], st.total_steps, st.tokens, lease
+                    ),
+                )
             return
         if kind == "eval":
             # the evaluation after a step joins that step's metrics event (valid_loss, valid_*): the store
@@ -208,21 +326,20 @@ class Worker:
             if rec is not None and rec.step == ev["step"]:
                 rec.data.update(valid)
                 rec.message += f", validation loss={ev['eval_loss']:.4f}"
-                self.store.add_events([rec])
-                return
-            self.store.add_events([
-                EventRecord(
+            else:
+                rec = EventRecord(
                     job_id, "message", f"Step {ev['step']}: validation loss={ev['eval_loss']:.4f}", time.time(),
                     data={"step": ev["step"], **valid},
-                )
-            ])  # fmt: skip
+                )  # fmt: skip
+            self._write(job_id, lambda lease: self.store.add_events([rec], lease))
             return
         now = time.time()
         if kind == "checkpoint":
             last = self._last_metrics.get(job_id)
             metrics = {"train_loss": last.data["train_loss"]} if last is not None else {}
-            self.store.add_checkpoint(CheckpointRecord(job_id, ev["step"], ev["path"], now, metrics))
-            self._event(job_id, f"Checkpoint saved at step {ev['step']}")
+            ck = CheckpointRecord(job_id, ev["step"], ev["path"], now, metrics)
+            if self._write(job_id, lambda lease: self.store.add_checkpoint(ck, lease)):
+                self._event(job_id, f"Checkpoint saved at step {ev['step']}")
         elif kind == "early_stop":
             self._event(
                 job_id,
@@ -231,32 +348,70 @@ class Worker:
         elif kind == "status":
             status = ev["status"]
             if status == "running":
-                if self.store.transition(job_id, "running", ["queued"], started_at=now):
+                started: list[bool] = []
+                self._write(
+                    job_id,
+                    lambda lease: started.append(
+                        self.store.transition(job_id, "running", ["queued"], lease, started_at=now)
+                    ),
+                )
+                if any(started):
                     self._event(job_id, "Training started")
             elif status == "succeeded":
                 st = self.engine.state(job_id)
-                done = self.store.transition(
-                    job_id, "succeeded", ["queued", "running"], finished_at=now, step=st.step,
-                    total_steps=st.total_steps, trained_tokens=st.tokens,
-                )  # fmt: skip
-                if done:
+                done: list[bool] = []
+                self._write(
+                    job_id,
+                    lambda lease: done.append(
+                        self.store.transition(
+                            job_id,
+                            "succeeded",
+                            ["queued", "running"],
+                            lease,
+                            finished_at=now,
+                            step=st.step,
+                            total_steps=st.total_steps,
+                            trained_tokens=st.tokens,
+                        )  # fmt: skip
+                    ),
+                )
+                if any(done):
                     job = self.store.get_job_any(job_id)
                     self._event(
-                        job_id, f"Training succeeded: adapter {job.adapter_id if job else '?'} is ready"
-                    )
-                self._held.discard(job_id)
+                        job_id, f"Training succeeded: adapter {job.adapter_id if job else '?'} is ready",
+                        lease=False,
+                    )  # fmt: skip
+                self.leases.let_go(job_id)
             elif status == "failed":
                 self._fail(job_id, ev.get("error") or "training failed")
-                self._held.discard(job_id)
-            elif status == "cancelled":
-                self._held.discard(job_id)
+                self.leases.let_go(job_id)
 
-    def _event(self, job_id: str, message: str, level: str = "info") -> None:
-        self.store.add_events([EventRecord(job_id, "message", message, time.time(), level=level)])
+    def _event(self, job_id: str, message: str, level: str = "info", lease: bool = True) -> None:
+        rec = EventRecord(job_id, "message", message, time.time(), level=level)
+        if lease and self.leases.get(job_id) is not None:
+            self._write(job_id, lambda held: self.store.add_events([rec], held))
+        else:  # a job not (or no longer) leased: validation, or the last word after it finished
+            self.store.add_events([rec])
 
     def _fail(self, job_id: str, message: str) -> None:
-        if self.store.transition(job_id, "failed", ACTIVE_STATUSES, finished_at=time.time(), error=message):
-            self._event(job_id, f"Job failed: {message}", level="error")
+        failed: list[bool] = []
+        if self.leases.get(job_id) is None:
+            failed.append(
+                self.store.transition(
+                    job_id, "failed", ACTIVE_STATUSES, finished_at=time.time(), error=message
+                )
+            )
+        else:
+            self._write(
+                job_id,
+                lambda lease: failed.append(
+                    self.store.transition(
+                        job_id, "failed", ACTIVE_STATUSES, lease, finished_at=time.time(), error=message
+                    )
+                ),
+            )
+        if any(failed):
+            self._event(job_id, f"Job failed: {message}", level="error", lease=False)
 
 
 def _public(message: str, dd: DataDir) -> str:
@@ -264,121 +419,3 @@ def _public(message: str, dd: DataDir) -> str:
     for folder in (dd.files, dd.engine, dd.root):
         message = message.replace(f"{folder.resolve()}/", "").replace(f"{folder}/", "")
     return re.sub(r"\b(file-[0-9a-f]{24})\.jsonl\b", r"\1", message)
-
-
-def _heartbeat(store: Store, worker: Worker, stop: threading.Event) -> None:
-    while not stop.is_set():
-        try:
-            store.set_meta(
-                "worker",
-                {
-                    "state": worker.state,
-                    "pid": os.getpid(),
-                    "time": time.time(),
-                    "active_jobs": len(worker._held),
-                    "message": worker.message,
-                },
-            )
-        except Exception:  # the store may be briefly locked; the next beat retries
-            log.exception("heartbeat failed")
-        stop.wait(_HEARTBEAT_S)
-
-
-def _die_with_parent(parent_pid: int, stop: threading.Event) -> None:
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        pr_set_pdeathsig = 1
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-        except (OSError, AttributeError):
-            pass
-
-    def watch() -> None:
-        while not stop.is_set():
-            if os.getppid() != parent_pid:
-                log.warning("parent %d is gone; stopping", parent_pid)
-                stop.set()
-            stop.wait(1.0)
-
-    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
-
-
-def _lock(dd: DataDir, stop: threading.Event) -> int:
-    fd = os.open(dd.lock, os.O_RDWR | os.O_CREAT, 0o644)
-    warned = False
-    while not stop.is_set():
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
-            return fd
-        except BlockingIOError:
-            if not warned:
-                log.warning("another worker holds %s; waiting for it to exit", dd.lock)
-                warned = True
-            stop.wait(0.5)
-    return fd
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m lorafleet.service.worker", description=__doc__.split("\n\n")[0]
-    )
-    p.add_argument("--data-dir", required=True)
-    p.add_argument("--base-model", required=True)
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto")
-    p.add_argument("--max-concurrent-tasks", type=int, default=8)
-    p.add_argument("--max-tokens-per-micro-batch", type=int, default=4096)
-    p.add_argument("--poll-interval", type=float, default=0.5)
-    p.add_argument("--num-threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
-    p.add_argument(
-        "--parent-pid", type=int, default=None, help="exit when this process is no longer the parent"
-    )
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    if args.parent_pid is not None:
-        _die_with_parent(args.parent_pid, stop)
-    if args.num_threads is not None:
-        import torch
-
-        torch.set_num_threads(args.num_threads)
-    dd = DataDir(Path(args.data_dir)).create()
-    lock_fd = _lock(dd, stop)
-    if stop.is_set():
-        return 0
-    store = SQLiteStore(dd.db)
-    settings = EngineSettings(
-        base_model=args.base_model, dtype=args.dtype, device=args.device,
-        max_concurrent_tasks=args.max_concurrent_tasks, max_tokens_per_micro_batch=args.max_tokens_per_micro_batch,
-    )  # fmt: skip
-    worker = Worker(store, dd, settings, poll_interval=args.poll_interval)
-    beat = threading.Thread(target=_heartbeat, args=(store, worker, stop), daemon=True, name="heartbeat")
-    beat.start()
-    try:
-        worker.run(stop)
-        worker.state = "stopped"
-    except Exception as e:
-        worker.state, worker.message = "error", f"{type(e).__name__}: {e}"
-        log.exception("worker stopped")
-        return 1
-    finally:
-        stop.set()
-        beat.join(timeout=10)
-        # the last word for /healthz: time 0, so a stopped or failed worker never reads as alive
-        last = {"state": worker.state, "pid": os.getpid(), "time": 0.0, "message": worker.message}
-        store.set_meta("worker", last)
-        os.close(lock_fd)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

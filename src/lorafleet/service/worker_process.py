@@ -1,0 +1,190 @@
+"""The worker process around ``Worker``: flags, the per-id lock, the heartbeat thread, signals, and the
+parent watch (``lorafleet worker`` and ``python -m lorafleet.service.worker_process`` run ``run_worker``)."""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import logging
+import os
+import re
+import signal
+import socket
+import sys
+import threading
+from pathlib import Path
+
+from .files import DataDir
+from .jobspec import EngineSettings
+from .store import Store, StoreUnavailable, default_store_url, open_store
+from .worker import _LEASE_S, Worker
+
+__all__ = ["add_worker_arguments", "build_parser", "main", "run_worker", "serve_worker_id"]
+
+log = logging.getLogger("lorafleet.worker")
+
+
+def _heartbeat(store: Store, worker: Worker, stop: threading.Event) -> None:
+    interval = min(1.0, worker.lease_s / 4)
+    while not stop.is_set():
+        try:
+            worker.renew()
+            store.heartbeat(worker.announcement())
+        except StoreUnavailable as e:  # the store is down or restarting; the next beat retries
+            log.warning("heartbeat failed: %s", e)
+        except Exception:
+            log.exception("heartbeat failed")
+        stop.wait(interval)
+
+
+def _die_with_parent(parent_pid: int, stop: threading.Event) -> None:
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+        except (OSError, AttributeError):
+            pass
+
+    def watch() -> None:
+        while not stop.is_set():
+            if os.getppid() != parent_pid:
+                log.warning("parent %d is gone; stopping", parent_pid)
+                stop.set()
+            stop.wait(1.0)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+
+
+def _lock(path: Path, stop: threading.Event) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    warned = False
+    while not stop.is_set():
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            return fd
+        except BlockingIOError:
+            if not warned:
+                log.warning("another process holds %s (the same worker id); waiting for it to exit", path)
+                warned = True
+            stop.wait(0.5)
+    return fd
+
+
+def serve_worker_id(data_dir: Path) -> str:
+    """The stable id ``lorafleet serve`` gives the worker it supervises: its host and data folder."""
+    digest = hashlib.sha1(str(data_dir.resolve()).encode()).hexdigest()[:8]
+    return f"{socket.gethostname()}-serve-{digest}"
+
+
+def add_worker_arguments(p: argparse.ArgumentParser) -> None:
+    """The worker's flags (``lorafleet worker`` and ``python -m lorafleet.service.worker_process``)."""
+    p.add_argument(
+        "--data-dir", required=True, help="the shared data folder (uploads, checkpoints, adapters)"
+    )
+    p.add_argument("--base-model", required=True, help="Hugging Face model folder or .gguf file (or pkg:...)")
+    p.add_argument(
+        "--store", default=None,
+        help="sqlite:///PATH or postgresql://user@host[:port]/db (default: sqlite:///DATA_DIR/lorafleet.db)",
+    )  # fmt: skip
+    p.add_argument(
+        "--worker-id", default=None,
+        help="this worker's name in the store (default HOST-PID); a restarted worker with the same id takes "
+        "its jobs back at once",
+    )  # fmt: skip
+    p.add_argument(
+        "--lease-s", type=float, default=_LEASE_S,
+        help="seconds a job's lease lasts without renewal: how soon other workers resume a dead worker's jobs",
+    )  # fmt: skip
+    p.add_argument("--nproc", type=int, default=1, help="processes (pipeline stages) of this worker")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto")
+    p.add_argument("--max-concurrent-tasks", type=int, default=8, help="jobs this worker trains at once")
+    p.add_argument("--max-tokens-per-micro-batch", type=int, default=4096)
+    p.add_argument("--poll-interval", type=float, default=0.5)
+    p.add_argument("--num-threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
+    p.add_argument(
+        "--parent-pid", type=int, default=None, help="exit when this process is no longer the parent"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m lorafleet.service.worker_process",
+        description="A lorafleet training worker: claims jobs for its base model from the store and trains them.",
+    )
+    add_worker_arguments(p)
+    return p
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    """Run a worker with the flags of ``add_worker_arguments`` until SIGTERM/SIGINT."""
+    if args.nproc != 1:
+        raise ValueError(
+            f"--nproc {args.nproc}: a worker spanning several processes (pipeline stages) is not supported "
+            "yet; run one worker per device with --nproc 1 (the default)"
+        )
+    for flag in ("max_concurrent_tasks", "max_tokens_per_micro_batch", "poll_interval", "lease_s"):
+        if getattr(args, flag) <= 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be > 0 (got {getattr(args, flag)})")
+    if not args.base_model.startswith("pkg:") and not Path(args.base_model).expanduser().exists():
+        raise ValueError(
+            f"--base-model {args.base_model!r} does not exist: give a Hugging Face model folder or a .gguf file"
+        )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    if args.parent_pid is not None:
+        _die_with_parent(args.parent_pid, stop)
+    if args.num_threads is not None:
+        import torch
+
+        torch.set_num_threads(args.num_threads)
+    dd = DataDir(Path(args.data_dir).expanduser().resolve()).create()
+    store = open_store(args.store or default_store_url(dd.root))
+    settings = EngineSettings(
+        base_model=args.base_model, dtype=args.dtype, device=args.device,
+        max_concurrent_tasks=args.max_concurrent_tasks, max_tokens_per_micro_batch=args.max_tokens_per_micro_batch,
+    )  # fmt: skip
+    worker = Worker(store, dd, settings, args.poll_interval, args.worker_id, args.lease_s)
+    lock_fd = _lock(dd.root / "workers" / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', worker.id)}.lock", stop)
+    if stop.is_set():
+        return 0
+    # the previous process under this id is gone (the lock says so): its leases are free again
+    if store.release_leases_of(worker.id):
+        log.info("took back the jobs of this worker's previous process")
+    beat = threading.Thread(target=_heartbeat, args=(store, worker, stop), daemon=True, name="heartbeat")
+    beat.start()
+    rc = 0
+    try:
+        worker.run(stop)
+        worker.state = "stopped"
+    except Exception as e:
+        worker.state, worker.message = "error", f"{type(e).__name__}: {e}"
+        log.exception("worker stopped")
+        rc = 1
+    finally:
+        stop.set()
+        beat.join(timeout=10)
+        try:
+            worker.release_all()
+            store.heartbeat(worker.announcement())  # the last word for /healthz: stopped or error
+        except StoreUnavailable:
+            pass
+        os.close(lock_fd)
+        store.close()
+    return rc
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_worker(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
