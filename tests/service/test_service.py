@@ -399,3 +399,19 @@ def test_worker_stores_each_step_before_checkpointing_it(tmp_path, tiny_llama_di
         worker._step()
     assert store.get_job_any(job_id).status == "succeeded", store.get_job_any(job_id)
     assert stored_at_save == [(2, [1, 2]), (4, [1, 2, 3, 4])]
+
+
+def test_worker_command_refuses_bad_flags_clearly(tmp_path):
+    def worker(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "lorafleet", "worker", "--data-dir", str(tmp_path / "d"), *args],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+
+    r = worker("--base-model", str(tmp_path), "--nproc", "2")
+    assert r.returncode == 2 and "--nproc 2" in r.stderr and "not supported" in r.stderr, r.stderr
+    r = worker("--base-model", str(tmp_path / "missing"))
+    assert r.returncode == 2 and "does not exist" in r.stderr, r.stderr
+    r = worker("--base-model", str(tmp_path), "--store", "mysql://x/y")
+    assert r.returncode == 2 and "sqlite:///PATH or postgresql://" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
