@@ -21,11 +21,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from helpers import REPO
 from lorafleet.service.store import open_store
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
-REPO = Path(__file__).resolve().parents[1]
+
 ROWS = [{"prompt": f"What is {i} plus {i}?", "completion": f" It is {2 * i}."} for i in range(24)]
 LEASE_S = 3.0
 HP = {"batch_size": 2, "max_steps": 40, "save_every_steps": 4, "max_seq_len": 32}
@@ -223,7 +224,7 @@ def _holder(store, job_id: str) -> str | None:
 
 
 def test_postgres_restart_mid_run_answers_503_then_everything_finishes(tiny_llama_dir, tmp_path):
-    from pgserver import PostgresServer
+    from helpers.pgserver import PostgresServer
 
     pg = PostgresServer()  # its own server: this test stops it
     pg.start()
