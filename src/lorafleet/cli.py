@@ -10,6 +10,7 @@
     lorafleet serve --base-model PATH --data-dir DIR # fine-tuning service: REST API, dashboard, worker
     lorafleet tokens create --tenant NAME --data-dir DIR   # an API token for the service
     lorafleet worker --store URL --base-model M --data-dir DIR  # a training worker of a fleet
+    lorafleet tenants set NAME --weight 2 --max-queued-jobs 20 # fair-share weight and quotas of a tenant
     lorafleet jobs create|list|show|cancel|download  # the service's command-line client
     lorafleet bench [--quick]                        # benchmarks/bench.py: lorafleet vs PEFT, mlora, FSDP
 
@@ -150,10 +151,17 @@ def _add_export(sub) -> None:
 
 
 def _add_service(sub) -> None:
-    from .service.commands import add_jobs_command, add_serve_command, add_tokens_command, add_worker_command
+    from .service.commands import (
+        add_jobs_command,
+        add_serve_command,
+        add_tenants_command,
+        add_tokens_command,
+        add_worker_command,
+    )
 
     add_serve_command(sub)
     add_worker_command(sub)
+    add_tenants_command(sub)
     add_tokens_command(sub)
     add_jobs_command(sub)
 

@@ -415,3 +415,33 @@ def test_worker_command_refuses_bad_flags_clearly(tmp_path):
     r = worker("--base-model", str(tmp_path), "--store", "mysql://x/y")
     assert r.returncode == 2 and "sqlite:///PATH or postgresql://" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_over_quota_requests_get_429_with_retry_after_naming_the_quota(api, tmp_path):
+    client, h, app = api
+    data = _jsonl(ROWS)
+    fid = _upload(client, h["alice"], data).json()["id"]
+    # quotas set through the CLI, on the store the API uses
+    r = subprocess.run(
+        [sys.executable, "-m", "lorafleet", "tenants", "set", "alice", "--max-queued-jobs", "1",
+         "--max-stored-mb", str(1.5 * len(data) / 2**20), "--data-dir", str(tmp_path / "data")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    body = {"training_file": fid, "hyperparameters": {"max_steps": 2}}
+    assert client.post("/v1/fine_tuning/jobs", headers=h["alice"], json=body).status_code == 200
+    r = client.post("/v1/fine_tuning/jobs", headers=h["alice"], json=body)
+    assert r.status_code == 429 and int(r.headers["retry-after"]) > 0
+    assert "max_queued_jobs" in _error(r) and r.json()["error"]["code"] == "quota_exceeded"
+    assert (
+        len(client.get("/v1/fine_tuning/jobs", headers=h["alice"]).json()["data"]) == 1
+    )  # nothing half-made
+    r = _upload(client, h["alice"], data)  # a second copy passes 1.5x the file's size
+    assert r.status_code == 429 and "max_stored_bytes" in _error(r) and r.headers["retry-after"]
+    assert len(client.get("/v1/files", headers=h["alice"]).json()["data"]) == 1
+    assert len(list((tmp_path / "data" / "files").iterdir())) == 1  # the refused bytes are not kept
+    # bob has no quota
+    fid_b = _upload(client, h["bob"], data).json()["id"]
+    for _ in range(2):
+        r = client.post("/v1/fine_tuning/jobs", headers=h["bob"], json={**body, "training_file": fid_b})
+        assert r.status_code == 200

@@ -244,3 +244,77 @@ def test_workers_announce_themselves(store):
     assert set(workers) == {"w1", "w2"}
     assert workers["w1"].active_jobs == 3 and workers["w1"].heartbeat_at > before
     assert workers["w2"].base_model == "other"
+
+
+# -- fair share and quotas --------------------------------------------------------------------------------
+
+
+def _train(store, held: dict, tokens_per_round: int, job_tokens: int) -> dict[str, int]:
+    """One round of simulated training: every held job trains ``tokens_per_round`` tokens (recorded under
+    its lease, as a worker does); a job that reached ``job_tokens`` succeeds. Returns tokens per tenant."""
+    got: dict[str, int] = {}
+    for jid, (job, lease) in list(held.items()):
+        done = store.get_job_any(jid).trained_tokens + tokens_per_round
+        store.update_progress(jid, done // tokens_per_round, None, done, lease=lease)
+        got[job.tenant] = got.get(job.tenant, 0) + tokens_per_round
+        if done >= job_tokens:
+            assert store.transition(jid, "succeeded", ["queued", "running"], lease=lease, finished_at=1.0)
+            del held[jid]
+    return got
+
+
+def test_fair_share_new_tenant_starts_at_the_next_claim_and_shares_follow_weights(store):
+    from lorafleet.service.store import TenantRecord
+
+    store.set_tenant(TenantRecord("b", weight=3.0))
+    for i in range(10):
+        store.add_job(_job(i, "a"))
+    held = {j.id: (j, lease) for j, lease in store.claim_jobs("w", "m", 4, 60.0)}
+    assert {j.tenant for j, _ in held.values()} == {"a"}
+    for _ in range(3):
+        _train(store, held, 100, 400)  # a trains alone for a while; the slots stay full
+    for i in range(10, 22):
+        store.add_job(_job(i, "b"))
+    # b's first job starts in the very next dispatch round (the first slot that frees)
+    tokens = {"a": 0, "b": 0}
+    first_b_round = None
+    for rnd in range(40):
+        free = 4 - len(held)
+        for j, lease in store.claim_jobs("w", "m", free, 60.0):
+            held[j.id] = (j, lease)
+            if j.tenant == "b" and first_b_round is None:
+                first_b_round = rnd
+        waiting = {j.tenant for j in store.jobs_with_status(["queued"]) if j.id not in held}
+        if rnd > 0 and not ({"a", "b"} <= waiting):
+            break  # one tenant ran out of work: shares are only meaningful while both have jobs queued
+        for t, n in _train(store, held, 100, 400).items():
+            tokens[t] += n if rnd > 0 else 0
+    # round 0 trains a's last 100 tokens, freeing every slot; the next claim already serves b
+    assert first_b_round == 1, tokens
+    share_b = tokens["b"] / (tokens["a"] + tokens["b"])
+    assert abs(share_b - 0.75) <= 0.075, tokens  # b's weight is 3 of 4: within 10% of it
+
+
+def test_quotas(store):
+    from lorafleet.service.store import FileRecord, QuotaExceeded, TenantRecord
+
+    store.set_tenant(TenantRecord("a", max_queued_jobs=2, max_running_jobs=1, max_stored_bytes=100))
+    store.add_job(_job(1, "a"))
+    store.add_job(_job(2, "a"))
+    with pytest.raises(QuotaExceeded, match="max_queued_jobs") as e:
+        store.add_job(_job(3, "a"))
+    assert (e.value.quota, e.value.limit, e.value.used) == ("max_queued_jobs", 2, 2)
+    store.add_job(_job(4, "b"))  # other tenants are not limited
+    # running: only one of a's jobs is leased at a time, however many slots a worker has
+    got = store.claim_jobs("w", "m", 10, 60.0)
+    assert sorted(j.tenant for j, _ in got) == ["a", "b"]
+    assert store.claim_jobs("w2", "m", 10, 60.0) == []
+    store.add_job(_job(5, "a"))  # a leased job no longer counts as queued
+    f = lambda i, n: FileRecord(f"file-{i:024x}", "a", "x.jsonl", "fine-tune", n, 1, "prompt_completion", 0.0)  # noqa: E731
+    store.add_file(f(1, 60))
+    with pytest.raises(QuotaExceeded, match="max_stored_bytes"):
+        store.add_file(f(2, 41))
+    store.add_file(f(3, 40))
+    with pytest.raises(ValueError, match="--weight must be > 0"):
+        store.set_tenant(TenantRecord("a", weight=0))
+    assert [t.tenant for t in store.list_tenants()] == ["a"]

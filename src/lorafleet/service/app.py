@@ -59,6 +59,7 @@ from .store import (
     EventRecord,
     FileRecord,
     JobRecord,
+    QuotaExceeded,
     Store,
     StoreUnavailable,
     WorkerRecord,
@@ -72,6 +73,7 @@ __all__ = ["ApiError", "ServiceSettings", "create_app", "model_name"]
 _HEARTBEAT_STALE_S = 15.0
 _JSON_BODY_LIMIT = 1 << 20  # requests other than uploads are small JSON documents
 _RETRY_AFTER_S = 5  # what a 503 asks the client to wait while the store is unreachable
+_QUOTA_RETRY_AFTER_S = 30  # what a 429 asks: jobs finish, files get deleted
 
 
 @dataclass
@@ -123,6 +125,7 @@ _ERRORS = {
         409: "conflict with the object's state",
         413: "request too large",
         422: "request fails validation",
+        429: "over one of the tenant's quotas (the message names it; retry after Retry-After)",
         503: "the job store is unavailable: retry after the Retry-After header's seconds",
     }.items()
 }
@@ -338,6 +341,12 @@ def create_app(settings: ServiceSettings, store: Store | None = None) -> FastAPI
         response.headers["Retry-After"] = str(_RETRY_AFTER_S)
         return response
 
+    @app.exception_handler(QuotaExceeded)
+    async def _over_quota(request: Request, exc: QuotaExceeded) -> JSONResponse:
+        response = _error_json(429, str(exc), "rate_limit_error", param=exc.quota, code="quota_exceeded")
+        response.headers["Retry-After"] = str(_QUOTA_RETRY_AFTER_S)
+        return response
+
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, msgs, param = _describe_validation(exc)
@@ -433,7 +442,11 @@ def create_app(settings: ServiceSettings, store: Store | None = None) -> FastAPI
                 id=file_id, tenant=tenant_, filename=name, purpose="fine-tune", bytes=info.bytes,
                 num_rows=info.num_rows, format=info.format, created_at=time.time(),
             )  # fmt: skip
-            await run_in_threadpool(store.add_file, rec)
+            try:
+                await run_in_threadpool(store.add_file, rec)
+            except BaseException:  # over quota or store down: the bytes are not kept either
+                dest.unlink(missing_ok=True)
+                raise
             return _file_obj(rec)
         finally:
             await form.close()

@@ -1,8 +1,9 @@
-"""The service's subcommands of ``lorafleet``: ``serve``, ``worker``, ``tokens`` and ``jobs``.
+"""The service's subcommands of ``lorafleet``: ``serve``, ``worker``, ``tokens``, ``tenants`` and ``jobs``.
 
     lorafleet tokens create --tenant alice --data-dir ./service-data     # prints the token once
     lorafleet tokens list --data-dir ./service-data
     lorafleet tokens revoke tok-... --data-dir ./service-data
+    lorafleet tenants set alice --weight 2 --max-running-jobs 4 --max-queued-jobs 20 --max-stored-mb 500
     lorafleet serve --base-model path/to/model --data-dir ./service-data
     lorafleet serve --api-only --store postgresql://lf@db/lorafleet --base-model M --data-dir /shared
     lorafleet worker --store postgresql://lf@db/lorafleet --base-model M --data-dir /shared
@@ -23,7 +24,13 @@ from pathlib import Path
 
 from .client import add_jobs_command
 
-__all__ = ["add_jobs_command", "add_serve_command", "add_tokens_command", "add_worker_command"]
+__all__ = [
+    "add_jobs_command",
+    "add_serve_command",
+    "add_tenants_command",
+    "add_tokens_command",
+    "add_worker_command",
+]
 
 _STORE_HELP = (
     "the job store: sqlite:///PATH (one machine) or postgresql://user@host[:port]/db (a fleet); "
@@ -143,3 +150,74 @@ def add_tokens_command(sub) -> None:
         q.add_argument("--data-dir", help="the service's data folder (its default store)")
         q.add_argument("--store", help=_STORE_HELP)
         q.set_defaults(func=_cmd_tokens)
+
+
+_KEEP = object()  # a flag not given: the tenant's setting stays as it is
+
+
+def _limit(value: str) -> int | None:
+    if value.lower() == "none":
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a whole number (or 'none' for no limit)"
+        ) from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{value!r} must be >= 0 (or 'none' for no limit)")
+    return n
+
+
+def _cmd_tenants(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from .auth import validate_tenant
+
+    store = _store(args)
+    if args.tenants_command == "set":
+        validate_tenant(args.tenant)
+        rec = store.get_tenant(args.tenant)
+        changes = {}
+        if args.weight is not None:
+            if args.weight <= 0:
+                raise ValueError(f"--weight must be > 0 (got {args.weight})")
+            changes["weight"] = args.weight
+        for name in ("max_running_jobs", "max_queued_jobs"):
+            if getattr(args, name) is not _KEEP:
+                changes[name] = getattr(args, name)
+        if args.max_stored_mb is not _KEEP:
+            changes["max_stored_bytes"] = (
+                None if args.max_stored_mb is None else int(args.max_stored_mb * 2**20)
+            )
+        store.set_tenant(replace(rec, **changes))
+    for t in store.list_tenants() if args.tenants_command == "list" else [store.get_tenant(args.tenant)]:
+
+        def show(v):
+            return "-" if v is None else str(v)
+
+        stored = "-" if t.max_stored_bytes is None else f"{t.max_stored_bytes / 2**20:g} MB"
+        print(
+            f"{t.tenant:24} weight {t.weight:g}  max running {show(t.max_running_jobs)}  "
+            f"max queued {show(t.max_queued_jobs)}  max stored {stored}"
+        )
+    return 0
+
+
+def add_tenants_command(sub) -> None:
+    p = sub.add_parser("tenants", help="fair-share weights and quotas of tenants")
+    tenants = p.add_subparsers(dest="tenants_command", required=True)
+    s = tenants.add_parser("set", help="set a tenant's weight and quotas (flags not given stay as they are)")
+    s.add_argument("tenant")
+    s.add_argument("--weight", type=float, default=None, help="share of the fleet's tokens (default 1)")
+    s.add_argument("--max-running-jobs", type=_limit, default=_KEEP, help="N or none")
+    s.add_argument("--max-queued-jobs", type=_limit, default=_KEEP, help="N or none (validating + queued)")
+    s.add_argument(
+        "--max-stored-mb", type=lambda v: None if v.lower() == "none" else float(v), default=_KEEP,
+        help="uploaded files, in MB, or none",
+    )  # fmt: skip
+    ls = tenants.add_parser("list", help="every tenant's weight and quotas")
+    for q in (s, ls):
+        q.add_argument("--data-dir", help="the service's data folder (its default store)")
+        q.add_argument("--store", help=_STORE_HELP)
+        q.set_defaults(func=_cmd_tenants)

@@ -15,6 +15,7 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 from ._sql_leases import JOB_COLUMNS, LeaseSQL, Tx, job_from_row, marks
+from ._sql_tenants import TenantSQL
 from .base import (
     ACTIVE_STATUSES,
     JOB_STATUSES,
@@ -51,7 +52,7 @@ def _checkpoint(row: dict[str, Any]) -> CheckpointRecord:
     return CheckpointRecord(**d)
 
 
-class SQLStore(LeaseSQL, Store, abc.ABC):
+class SQLStore(LeaseSQL, TenantSQL, Store, abc.ABC):
     """The shared implementation. A backend provides ``_tx`` (a write transaction), ``_read`` (one query
     outside a transaction), ``NOW`` (its clock as SQL), ``SKIP_LOCKED`` and ``ROW_LOCK`` (the suffixes
     that lock rows for a claim and for a fenced write; empty where the transaction already excludes other
@@ -136,6 +137,7 @@ class SQLStore(LeaseSQL, Store, abc.ABC):
 
     def add_file(self, rec: FileRecord) -> None:
         with self._tx() as tx:
+            self._check_stored(tx, rec.tenant, rec.bytes)
             tx.execute(
                 f"INSERT INTO files ({_FILE_COLUMNS}) VALUES ({marks(8)})",
                 (rec.id, rec.tenant, rec.filename, rec.purpose, rec.bytes, rec.num_rows, rec.format,
@@ -180,6 +182,8 @@ class SQLStore(LeaseSQL, Store, abc.ABC):
 
     def add_job(self, rec: JobRecord) -> None:
         with self._tx() as tx:
+            if rec.status in ("validating_files", "queued"):
+                self._check_queued(tx, rec.tenant)
             tx.execute(
                 f"INSERT INTO jobs ({JOB_COLUMNS}, model) VALUES ({marks(15)})",
                 (

@@ -5,13 +5,19 @@ clock of every lease; ``SKIP_LOCKED`` makes concurrent claims take different row
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
+from ..fairshare import Candidate, TenantLoad, fair_order
 from .base import CLAIMABLE_STATUSES, JobRecord, Lease, LeaseGrant, WorkerRecord
 
-__all__ = ["JOB_COLUMNS", "LeaseSQL", "Tx", "job_from_row", "marks"]
+__all__ = ["FAIR_SHARE_WINDOW_S", "JOB_COLUMNS", "LeaseSQL", "Tx", "job_from_row", "marks"]
+
+# how far back a tenant's finished jobs count for its average tokens per step
+FAIR_SHARE_WINDOW_S = 600.0
+_MAX_CANDIDATES = 1000  # claimable jobs one claim looks at
 
 JOB_COLUMNS = (
     "id, tenant, status, spec, adapter_id, priority, created_at, started_at, finished_at, error, step, "
@@ -65,24 +71,59 @@ class LeaseSQL:
         out = []
         with self._tx() as tx:
             rows = tx.query(
-                f"SELECT {JOB_COLUMNS} FROM jobs WHERE status IN ({marks(len(CLAIMABLE_STATUSES))}) "
+                f"SELECT seq, {JOB_COLUMNS} FROM jobs WHERE status IN ({marks(len(CLAIMABLE_STATUSES))}) "
                 f"AND model = ? AND (lease_holder IS NULL OR lease_expires < {self.NOW}) "
                 f"ORDER BY priority DESC, seq ASC LIMIT ?{self.SKIP_LOCKED}",
-                (*CLAIMABLE_STATUSES, model, limit),
+                (*CLAIMABLE_STATUSES, model, _MAX_CANDIDATES),
             )
-            for row in rows:
+            if not rows:
+                return []
+            by_id = {r["id"]: r for r in rows}
+            candidates = [Candidate(r["id"], r["tenant"], r["priority"], r["seq"]) for r in rows]
+            for c in fair_order(candidates, self._loads(tx, model), limit):
+                row = dict(by_id[c.job_id])
+                row.pop("seq")
                 got = tx.query(
                     f"UPDATE jobs SET lease_holder = ?, lease_token = lease_token + 1, "
                     f"lease_expires = {self.NOW} + ? WHERE id = ? RETURNING lease_token, lease_expires",
-                    (holder, lease_s, row["id"]),
+                    (holder, lease_s, c.job_id),
                 )[0]
                 tx.execute(
-                    f"INSERT INTO leases (job_id, token, holder, granted_at, expires_at) "
-                    f"VALUES (?, ?, ?, {self.NOW}, ?)",
-                    (row["id"], got["lease_token"], holder, got["lease_expires"]),
+                    f"INSERT INTO leases (job_id, token, holder, granted_at, expires_at) VALUES (?, ?, ?, {self.NOW}, ?)",
+                    (c.job_id, got["lease_token"], holder, got["lease_expires"]),
                 )
-                lease = Lease(row["id"], holder, int(got["lease_token"]), float(got["lease_expires"]))
-                out.append((job_from_row(row), lease))
+                out.append(
+                    (
+                        job_from_row(row),
+                        Lease(c.job_id, holder, int(got["lease_token"]), float(got["lease_expires"])),
+                    )
+                )
+        return out
+
+    def _loads(self, tx: Tx, model: str) -> dict[str, TenantLoad]:
+        """Each tenant's tokens per step over its leased jobs on ``model``, its leased jobs on every model,
+        the average tokens per step of its jobs in the window, its weight and running-jobs quota."""
+        since = time.time() - FAIR_SHARE_WINDOW_S
+        live = f"lease_holder IS NOT NULL AND lease_expires >= {self.NOW}"
+        rate = "CASE WHEN step > 0 THEN trained_tokens * 1.0 / step ELSE NULL END"
+        rows = tx.query(
+            f"SELECT tenant, SUM(CASE WHEN {live} AND model = ? THEN COALESCE({rate}, 0) ELSE 0 END) AS load, "
+            f"SUM(CASE WHEN {live} THEN 1 ELSE 0 END) AS running, "
+            f"AVG(CASE WHEN model = ? THEN {rate} ELSE NULL END) AS avg_rate "
+            f"FROM jobs WHERE {live} OR updated_at > ? GROUP BY tenant",
+            (model, model, since),
+        )
+        measured = {r["tenant"]: r for r in rows}
+        limits = {r["tenant"]: r for r in tx.query("SELECT tenant, weight, max_running_jobs FROM tenants")}
+        out = {}
+        for t in {*measured, *limits}:
+            m, lim = measured.get(t), limits.get(t)
+            out[t] = TenantLoad(
+                tokens_per_step=float(m["load"] or 0) if m else 0.0, running=int(m["running"] or 0) if m else 0,
+                job_tokens_per_step=float(m["avg_rate"]) if m and m["avg_rate"] is not None else None,
+                weight=float(lim["weight"]) if lim else 1.0,
+                max_running_jobs=None if lim is None or lim["max_running_jobs"] is None else int(lim["max_running_jobs"]),
+            )  # fmt: skip
         return out
 
     def renew_leases(self, leases: Iterable[Lease], lease_s: float) -> list[Lease]:

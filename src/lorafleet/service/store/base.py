@@ -31,8 +31,10 @@ __all__ = [
     "Lease",
     "LeaseGrant",
     "LeaseLost",
+    "QuotaExceeded",
     "Store",
     "StoreUnavailable",
+    "TenantRecord",
     "TokenRecord",
     "WorkerRecord",
 ]
@@ -55,6 +57,29 @@ class LeaseLost(RuntimeError):
     def __init__(self, job_id: str, token: int) -> None:
         super().__init__(f"the lease on {job_id} with fencing token {token} is no longer held")
         self.job_id, self.token = job_id, token
+
+
+class QuotaExceeded(RuntimeError):
+    """A request would take a tenant over one of its quotas; the API answers 429 with ``Retry-After``."""
+
+    def __init__(self, tenant: str, quota: str, limit: int, used: int) -> None:
+        super().__init__(
+            f"tenant {tenant!r} is at its {quota} quota ({used} of {limit}): retry when some of its jobs "
+            f"have finished (or files were deleted), or raise it with `lorafleet tenants set {tenant} "
+            f"--{quota.replace('_', '-')} N`"
+        )
+        self.tenant, self.quota, self.limit, self.used = tenant, quota, limit, used
+
+
+@dataclass
+class TenantRecord:
+    """A tenant's fair-share weight and quotas (None: no limit). A tenant never set has the defaults."""
+
+    tenant: str
+    weight: float = 1.0
+    max_running_jobs: int | None = None
+    max_queued_jobs: int | None = None  # jobs validating or queued
+    max_stored_bytes: int | None = None  # uploaded files
 
 
 @dataclass
@@ -193,7 +218,8 @@ class Store(abc.ABC):
 
     # files
     @abc.abstractmethod
-    def add_file(self, rec: FileRecord) -> None: ...
+    def add_file(self, rec: FileRecord) -> None:
+        """Raises ``QuotaExceeded`` when the tenant's stored bytes would pass ``max_stored_bytes``."""
 
     @abc.abstractmethod
     def get_file(self, tenant: str, file_id: str) -> FileRecord | None: ...
@@ -210,7 +236,9 @@ class Store(abc.ABC):
 
     # jobs
     @abc.abstractmethod
-    def add_job(self, rec: JobRecord) -> None: ...
+    def add_job(self, rec: JobRecord) -> None:
+        """Raises ``QuotaExceeded`` when the tenant already has ``max_queued_jobs`` jobs validating or
+        queued."""
 
     @abc.abstractmethod
     def get_job(self, tenant: str, job_id: str) -> JobRecord | None: ...
@@ -254,8 +282,9 @@ class Store(abc.ABC):
         self, holder: str, model: str, limit: int, lease_s: float
     ) -> list[tuple[JobRecord, Lease]]:
         """Lease up to ``limit`` jobs for base model ``model`` that are queued or running and whose lease is
-        free or expired, in dispatch order (priority, then age); each grant gets the next fencing token.
-        Two workers claiming at once never get the same job."""
+        free or expired, in dispatch order (``fairshare.fair_order``: weighted fair queuing over tokens
+        between tenants, within each tenant's running-jobs quota; priority, then age inside a tenant); each
+        grant gets the next fencing token. Two workers claiming at once never get the same job."""
 
     @abc.abstractmethod
     def renew_leases(self, leases: Iterable[Lease], lease_s: float) -> list[Lease]:
@@ -309,6 +338,18 @@ class Store(abc.ABC):
         self, job_id: str, after: int | None, limit: int
     ) -> tuple[list[CheckpointRecord], bool]:
         """Newest first."""
+
+    # tenants: weights and quotas
+    @abc.abstractmethod
+    def set_tenant(self, rec: TenantRecord) -> None: ...
+
+    @abc.abstractmethod
+    def get_tenant(self, tenant: str) -> TenantRecord:
+        """The tenant's settings (the defaults for a tenant never set)."""
+
+    @abc.abstractmethod
+    def list_tenants(self) -> list[TenantRecord]:
+        """Every tenant that was set or holds a token."""
 
     # small key-value state
     @abc.abstractmethod

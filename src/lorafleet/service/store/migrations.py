@@ -92,6 +92,15 @@ MIGRATIONS: tuple[Migration, ...] = (
                 heartbeat_at {real} NOT NULL)""",
         ),
     ),
+    Migration(
+        3,
+        "tenants: fair-share weights and quotas",
+        (
+            """CREATE TABLE tenants (
+                tenant TEXT PRIMARY KEY, weight {real} NOT NULL, max_running_jobs {int},
+                max_queued_jobs {int}, max_stored_bytes {int})""",
+        ),
+    ),
 )
 
 
