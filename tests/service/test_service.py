@@ -445,3 +445,25 @@ def test_over_quota_requests_get_429_with_retry_after_naming_the_quota(api, tmp_
     for _ in range(2):
         r = client.post("/v1/fine_tuning/jobs", headers=h["bob"], json={**body, "training_file": fid_b})
         assert r.status_code == 200
+
+
+def test_jobs_for_a_base_model_the_fleet_announces_go_to_its_workers(api):
+    from lorafleet.service.store import WorkerRecord
+
+    client, h, app = api
+    store = app.state.store
+    fid = _upload(client, h["alice"], _jsonl(ROWS)).json()["id"]
+    body = {"training_file": fid, "model": "qwen3-0.6b", "hyperparameters": {"max_steps": 2}}
+    r = client.post("/v1/fine_tuning/jobs", headers=h["alice"], json=body)
+    assert r.status_code == 400 and "'tiny-model'" in _error(r)  # no worker serves it yet
+    store.heartbeat(WorkerRecord("gpu-b-0", "host-b", 1, "qwen3-0.6b", "ready", 8, 4096))
+    r = client.post("/v1/fine_tuning/jobs", headers=h["alice"], json=body)
+    assert r.status_code == 200 and r.json()["model"] == "qwen3-0.6b", r.text
+    own = client.post("/v1/fine_tuning/jobs", headers=h["alice"], json={**body, "model": None}).json()
+    assert own["model"] == "tiny-model"
+    for j in store.jobs_with_status(["validating_files"]):
+        assert store.transition(j.id, "queued", ["validating_files"])
+    assert [j.id for j, _ in store.claim_jobs("gpu-a-0", "tiny-model", 5, 30.0)] == [own["id"]]
+    assert [j.id for j, _ in store.claim_jobs("gpu-b-0", "qwen3-0.6b", 5, 30.0)] == [r.json()["id"]]
+    workers = client.get("/healthz").json()["workers"]
+    assert [(w["id"], w["base_model"], w["alive"]) for w in workers] == [("gpu-b-0", "qwen3-0.6b", True)]

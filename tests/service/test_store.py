@@ -293,6 +293,7 @@ def test_fair_share_new_tenant_starts_at_the_next_claim_and_shares_follow_weight
     assert first_b_round == 1, tokens
     share_b = tokens["b"] / (tokens["a"] + tokens["b"])
     assert abs(share_b - 0.75) <= 0.075, tokens  # b's weight is 3 of 4: within 10% of it
+    print(f"fair share: b (weight 3 of 4) trained {share_b:.1%} of the tokens while both had work: {tokens}")
 
 
 def test_quotas(store):

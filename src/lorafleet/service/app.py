@@ -489,10 +489,13 @@ def create_app(settings: ServiceSettings, store: Store | None = None) -> FastAPI
     def create_job(body: JobCreate, tenant_: _Tenant) -> JobObject:
         """Create a job. It starts in ``validating_files``; the worker queues it and trains it."""
         if body.model is not None and body.model != served_model:
-            raise ApiError(
-                400, f"model {body.model!r} is not served here: this server fine-tunes {served_model!r} "
-                "(omit 'model' or pass that name)", param="model",
-            )  # fmt: skip
+            # a fleet serves the base models its workers announce, besides this server's own
+            fleet = sorted({served_model} | {w.base_model for w in store.list_workers()})
+            if body.model not in fleet:
+                raise ApiError(
+                    400, f"model {body.model!r} is not served here: this fleet fine-tunes "
+                    f"{', '.join(map(repr, fleet))} (omit 'model' for {served_model!r})", param="model",
+                )  # fmt: skip
         for param in ("training_file", "validation_file"):
             fid = getattr(body, param)
             if fid is not None and store.get_file(tenant_, fid) is None:
@@ -501,7 +504,7 @@ def create_app(settings: ServiceSettings, store: Store | None = None) -> FastAPI
                     "returns", param=param, code="file_not_found",
                 )  # fmt: skip
         spec = body.model_dump(mode="json")
-        spec["model"] = served_model
+        spec["model"] = body.model or served_model
         job = JobRecord(
             id=new_job_id(), tenant=tenant_, status="validating_files", spec=spec,
             adapter_id=new_adapter_id(body.suffix), created_at=time.time(), priority=body.priority,

@@ -187,7 +187,11 @@ async function refresh() {
   }
   try {
     const h = await (await fetch("/healthz")).json();
-    document.getElementById("health").textContent = "model " + h.model + " | worker " + (h.worker.alive ? h.worker.state : "not alive");
+    const workers = (h.workers || []).map((w) =>
+      w.id + "@" + w.host + " " + w.base_model + " " + (w.alive ? w.state : "not alive") + ", " + w.active_jobs +
+      " jobs, beat " + w.heartbeat_age_s.toFixed(1) + " s ago");
+    document.getElementById("health").textContent =
+      "model " + h.model + " | " + (workers.length ? "workers: " + workers.join("; ") : "no worker yet");
   } catch (e) { /* health is informational */ }
 }
 

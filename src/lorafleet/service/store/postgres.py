@@ -11,6 +11,7 @@ between the check and the write. Connection failures become ``StoreUnavailable``
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -22,6 +23,8 @@ from .migrations import Dialect
 __all__ = ["PostgresStore"]
 
 _MIGRATION_LOCK_KEY = 7214014  # any constant: the advisory lock that serializes migrations
+_FAST_TIMEOUT_S = 0.5  # how long a call waits for a connection while the server is failing
+_FAILING_FOR_S = 2.0  # how long after a failure the server counts as failing
 
 
 def _import():
@@ -64,6 +67,8 @@ class PostgresStore(SQLStore):
     def __init__(self, url: str, max_connections: int = 10, timeout: float = 5.0) -> None:
         psycopg, psycopg_pool, dict_row = _import()
         self.url = url
+        self._timeout = timeout
+        self._failing_until = 0.0
         self._errors = (psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout)
         self._pool = psycopg_pool.ConnectionPool(
             url, min_size=1, max_size=max_connections, timeout=timeout, open=True,
@@ -79,10 +84,15 @@ class PostgresStore(SQLStore):
 
     @contextmanager
     def _tx(self) -> Iterator[_PgTx]:
+        # right after a failure, wait only briefly for a connection: while the server is down every call
+        # fails fast (an API answers 503 at once) instead of each waiting the whole timeout
+        failing = time.monotonic() < self._failing_until
         try:
-            with self._pool.connection() as conn, conn.cursor() as cur:
-                yield _PgTx(cur)
+            with self._pool.connection(timeout=_FAST_TIMEOUT_S if failing else self._timeout) as conn:
+                with conn.cursor() as cur:
+                    yield _PgTx(cur)
         except self._errors as e:
+            self._failing_until = time.monotonic() + _FAILING_FOR_S
             raise StoreUnavailable(f"PostgreSQL is unavailable: {str(e).strip() or type(e).__name__}") from e
 
     def _read(self, sql: str, args: tuple | list = ()) -> list[dict[str, Any]]:
