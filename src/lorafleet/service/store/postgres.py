@@ -64,7 +64,7 @@ class PostgresStore(SQLStore):
         spec_model="(spec::json ->> 'model')",
     )  # fmt: skip
 
-    def __init__(self, url: str, max_connections: int = 10, timeout: float = 5.0) -> None:
+    def __init__(self, url: str, max_connections: int = 10, timeout: float = 2.0) -> None:
         psycopg, psycopg_pool, dict_row = _import()
         self.url = url
         self._timeout = timeout
