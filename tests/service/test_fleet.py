@@ -176,6 +176,10 @@ def test_sigkilled_worker_jobs_finish_on_the_others_without_overlap(fleet):
     assert {w["id"] for w in health["workers"]} == {"w1", "w2"}
     assert all(w["base_model"] == fleet.model.name for w in health["workers"])
     assert {w["id"]: w["max_concurrent_tasks"] for w in health["workers"]} == {"w1": 2, "w2": 4}
+    for p, _ in fleet.apis:  # API processes are stateless: no model, no torch loaded
+        maps = Path(f"/proc/{p.proc.pid}/maps")
+        if maps.is_file():
+            assert "libtorch" not in maps.read_text(), "an --api-only process loaded torch"
     tokens = {t: fleet.token(t) for t in ("alice", "bob")}
     jobs = _submit(_client(api_a, tokens["alice"]), 2) + _submit(_client(api_b, tokens["bob"]), 2)
     store = open_store(fleet.url)
