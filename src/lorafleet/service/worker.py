@@ -205,8 +205,12 @@ class Worker:
         free = self.settings.max_concurrent_tasks - len(self.leases)
         if free > 0:
             since = time.monotonic()
-            for job, lease in self.store.claim_jobs(self.id, self.model, free, self.lease_s):
+            claimed = self.store.claim_jobs(self.id, self.model, free, self.lease_s)
+            # every claimed lease is held (and so renewed) before any job is admitted: admitting one job
+            # (reading and tokenizing its data) can take longer than half a lease
+            for _, lease in claimed:
                 self.leases.hold(lease, since)
+            for job, _ in claimed:
                 self._admit(job)
         # finished jobs live on in the store; the engine lets go of their data so it does not grow
         held = self.leases.jobs()
