@@ -107,6 +107,27 @@ def test_schema_is_migrated_once_to_the_latest_version(store_url):
     b.close()
 
 
+def test_processes_opening_a_new_store_together_migrate_it_once(store_url):
+    # API processes and workers of a fleet start together on an empty database
+    opened, errors = [], []
+
+    def open_one() -> None:
+        try:
+            opened.append(open_store(store_url))
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=open_one) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert {s.schema_version() for s in opened} == {latest_version()}
+    for s in opened:
+        s.close()
+
+
 def test_pre_versioning_sqlite_file_upgrades_in_place(tmp_path):
     # the schema as lorafleet wrote it before migrations existed (migration 1's tables), with a job in it
     db = tmp_path / "lorafleet.db"

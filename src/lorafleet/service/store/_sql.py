@@ -77,6 +77,8 @@ class SQLStore(LeaseSQL, TenantSQL, Store, abc.ABC):
 
     def _migrate(self) -> None:
         with self._tx() as tx:
+            # under the lock too: PostgreSQL's CREATE TABLE IF NOT EXISTS is not safe against a concurrent one
+            self._migration_lock(tx)
             tx.execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, "
                 f"description TEXT NOT NULL, applied_at {self.DIALECT.real} NOT NULL)"
