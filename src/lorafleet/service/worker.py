@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..train.events import CheckpointEvent, EarlyStopEvent, EvalEvent, Event, StatusEvent, StepEvent
 from .files import DataDir
 from .jobspec import EngineSettings, job_configs
 from .store import ACTIVE_STATUSES, CheckpointRecord, EventRecord, SQLiteStore, Store
@@ -47,8 +48,6 @@ __all__ = ["Worker", "build_parser", "main"]
 log = logging.getLogger("lorafleet.worker")
 
 _HEARTBEAT_S = 1.0
-# keys of an engine step event that become named fields of the metrics event (or are not numbers to keep)
-_STEP_KEYS = frozenset({"type", "task", "step", "loss", "lr", "tokens", "elapsed_s", "kind"})
 
 
 class Worker:
@@ -177,59 +176,60 @@ class Worker:
 
     # -- engine events ----------------------------------------------------------------------------------
 
-    def _on_event(self, ev: dict[str, Any]) -> None:
-        job_id = ev["task"]
-        kind = ev["type"]
-        if kind == "step":
+    def _on_event(self, ev: Event) -> None:
+        job_id = ev.task
+        if isinstance(ev, StepEvent):
             st = self.engine.state(job_id)
             data = {
-                "step": ev["step"],
-                "train_loss": ev["loss"],
-                "learning_rate": ev["lr"],
-                "tokens": ev["tokens"],
-                "elapsed_s": ev["elapsed_s"],
+                "step": ev.step,
+                "train_loss": ev.loss,
+                "learning_rate": ev.lr,
+                "tokens": ev.tokens,
+                "elapsed_s": ev.elapsed_s,
             }
             # the task's own numbers (grad_norm; preference rewards and accuracies), as they are
-            data.update({k: v for k, v in ev.items() if k not in _STEP_KEYS and isinstance(v, int | float)})
+            data.update(ev.metrics)
+            if ev.grad_norm is not None:
+                data["grad_norm"] = ev.grad_norm
             rec = EventRecord(
-                job_id, "metrics", f"Step {ev['step']}/{st.total_steps}: training loss={ev['loss']:.4f}",
-                time.time(), step=ev["step"], data=data,
+                job_id, "metrics", f"Step {ev.step}/{st.total_steps}: training loss={ev.loss:.4f}",
+                time.time(), step=ev.step, data=data,
             )  # fmt: skip
             self._last_metrics[job_id] = rec
             # stored now, before the engine may checkpoint this step
             self.store.add_events([rec])
-            self.store.update_progress(job_id, ev["step"], st.total_steps, st.tokens)
+            self.store.update_progress(job_id, ev.step, st.total_steps, st.tokens)
             return
-        if kind == "eval":
+        if isinstance(ev, EvalEvent):
             # the evaluation after a step joins that step's metrics event (valid_loss, valid_*): the store
             # replaces the metrics event of a job and step with the later one
-            valid = {f"valid_{k[5:]}": v for k, v in ev.items() if k.startswith("eval_")}
+            valid = {f"valid_{k[5:]}": v for k, v in ev.record().items() if k.startswith("eval_")}
             rec = self._last_metrics.get(job_id)
-            if rec is not None and rec.step == ev["step"]:
+            if rec is not None and rec.step == ev.step:
                 rec.data.update(valid)
-                rec.message += f", validation loss={ev['eval_loss']:.4f}"
+                rec.message += f", validation loss={ev.loss:.4f}"
                 self.store.add_events([rec])
                 return
             self.store.add_events([
                 EventRecord(
-                    job_id, "message", f"Step {ev['step']}: validation loss={ev['eval_loss']:.4f}", time.time(),
-                    data={"step": ev["step"], **valid},
+                    job_id, "message", f"Step {ev.step}: validation loss={ev.loss:.4f}", time.time(),
+                    data={"step": ev.step, **valid},
                 )
             ])  # fmt: skip
             return
         now = time.time()
-        if kind == "checkpoint":
+        if isinstance(ev, CheckpointEvent):
             last = self._last_metrics.get(job_id)
             metrics = {"train_loss": last.data["train_loss"]} if last is not None else {}
-            self.store.add_checkpoint(CheckpointRecord(job_id, ev["step"], ev["path"], now, metrics))
-            self._event(job_id, f"Checkpoint saved at step {ev['step']}")
-        elif kind == "early_stop":
+            self.store.add_checkpoint(CheckpointRecord(job_id, ev.step, ev.path, now, metrics))
+            self._event(job_id, f"Checkpoint saved at step {ev.step}")
+        elif isinstance(ev, EarlyStopEvent):
             self._event(
                 job_id,
-                f"Early stopping at step {ev['step']}: the best validation loss was at step {ev.get('best_step')}",
+                f"Early stopping at step {ev.step}: the best validation loss was at step {ev.best_step}",
             )
-        elif kind == "status":
-            status = ev["status"]
+        elif isinstance(ev, StatusEvent):
+            status = ev.status
             if status == "running":
                 if self.store.transition(job_id, "running", ["queued"], started_at=now):
                     self._event(job_id, "Training started")
@@ -246,7 +246,7 @@ class Worker:
                     )
                 self._held.discard(job_id)
             elif status == "failed":
-                self._fail(job_id, ev.get("error") or "training failed")
+                self._fail(job_id, ev.error or "training failed")
                 self._held.discard(job_id)
             elif status == "cancelled":
                 self._held.discard(job_id)

@@ -22,7 +22,13 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["CheckpointMismatchError", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "CheckpointMismatchError",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "save_checkpoint",
+    "saved_steps",
+]
 
 
 class CheckpointMismatchError(ValueError):
@@ -64,14 +70,18 @@ def save_checkpoint(
     return final
 
 
+def saved_steps(root: Path) -> list[int]:
+    """Steps of the complete checkpoints under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    done = [p for p in root.glob("step-*") if not p.name.endswith(".tmp") and (p / "state.json").is_file()]
+    return sorted(int(p.name.removeprefix("step-")) for p in done)
+
+
 def latest_checkpoint(root: Path) -> Path | None:
     """The newest complete checkpoint folder under ``root``, or None."""
-    if not root.is_dir():
-        return None
-    done = sorted(
-        p for p in root.glob("step-*") if not p.name.endswith(".tmp") and (p / "state.json").is_file()
-    )
-    return done[-1] if done else None
+    steps = saved_steps(root)
+    return _step_dir(root, steps[-1]) if steps else None
 
 
 def load_checkpoint(path: Path, fingerprint: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict, dict]:
