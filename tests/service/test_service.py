@@ -432,7 +432,7 @@ def test_worker_stores_each_step_before_checkpointing_it(tmp_path, tiny_llama_di
     resumed job starts after the checkpoint and never trains (nor reports) that step again."""
     from lorafleet.service.jobspec import EngineSettings
     from lorafleet.service.worker import Worker
-    from lorafleet.train import engine as engine_mod
+    from lorafleet.train import task as task_mod
 
     app = create_app(ServiceSettings(tmp_path / "data", str(tiny_llama_dir)))
     store, dd = app.state.store, DataDir(tmp_path / "data")
@@ -445,14 +445,14 @@ def test_worker_stores_each_step_before_checkpointing_it(tmp_path, tiny_llama_di
         job_id = r.json()["id"]
 
     stored_at_save = []
-    real_save = engine_mod.save_checkpoint
+    real_save = task_mod.save_checkpoint
 
     def save_and_look(root, step, *args, **kwargs):
         events, _ = store.list_events(job_id, None, 1000, True)
         stored_at_save.append((step, [e.step for e in events if e.type == "metrics"]))
         return real_save(root, step, *args, **kwargs)
 
-    monkeypatch.setattr(engine_mod, "save_checkpoint", save_and_look)
+    monkeypatch.setattr(task_mod, "save_checkpoint", save_and_look)
     worker = Worker(store, dd, EngineSettings(base_model=str(tiny_llama_dir)), poll_interval=0.0)
     worker._load_engine()
     deadline = time.monotonic() + 120
