@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
-import torch.nn.functional as F
+
+from .models.attention import AttentionSpec, attend
 
 __all__ = ["FusedBatch", "Segment", "SequenceInfo"]
 
@@ -206,23 +207,30 @@ class FusedBatch:
         k_TKD: torch.Tensor,
         v_TKD: torch.Tensor,
         layer_idx: int,
-        sliding_window: int | None = None,
+        spec: AttentionSpec | None = None,
     ) -> torch.Tensor:
-        """Causal attention inside each sequence; returns [T, H, D]. ``layer_idx`` is for caches."""
+        """Causal attention inside each sequence (``models.attention.attend``); returns [T, H, D].
+
+        ``layer_idx`` is for caches; ``spec`` holds the layer's window, scale and soft-cap.
+        """
         del layer_idx
-        if q_THD.is_cuda:  # no padding on a GPU when a varlen kernel is there (models/varlen.py)
+        spec = spec or AttentionSpec()
+        window = spec.sliding_window
+        plain = spec.softcap is None and (spec.scale is None or spec.scale == q_THD.shape[-1] ** -0.5)
+        if q_THD.is_cuda and plain:  # no padding on a GPU when a varlen kernel is there (models/varlen.py)
             from .models.varlen import varlen_attention
 
-            o = varlen_attention(q_THD, k_TKD, v_TKD, self.cu_seqlens, max(self.seq_lens), sliding_window)
+            o = varlen_attention(q_THD, k_TKD, v_TKD, self.cu_seqlens, max(self.seq_lens), window)
             if o is not None:
                 return o
-        if self.num_sequences == 1 and sliding_window is None:
-            o = F.scaled_dot_product_attention(
+        if self.num_sequences == 1 and window is None:
+            o = attend(
                 q_THD.transpose(0, 1)[None],
                 k_TKD.transpose(0, 1)[None],
                 v_TKD.transpose(0, 1)[None],
+                None,
+                spec,
                 is_causal=True,
-                enable_gqa=True,
             )
             return o[0].transpose(0, 1)
         q0, k0, v0 = (torch.cat([x, x.new_zeros(1, *x.shape[1:])]) for x in (q_THD, k_TKD, v_TKD))
@@ -230,10 +238,10 @@ class FusedBatch:
         for g, (gather, real, _) in enumerate(self._buckets):
             s, n = gather.shape
             flat = gather.flatten()
-            o = F.scaled_dot_product_attention(
+            o = attend(
                 *(x.index_select(0, flat).view(s, n, *x.shape[1:]).transpose(1, 2) for x in (q0, k0, v0)),
-                attn_mask=self._mask(g, sliding_window),
-                enable_gqa=True,
+                self._mask(g, window),
+                spec,
             )  # [s, H, n, D]
             outs.append(o.transpose(1, 2).reshape(s * n, *o.shape[1:2], o.shape[3]).index_select(0, real))
         return torch.cat(outs).index_select(0, self._unbucket)

@@ -24,9 +24,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ..batch import FusedBatch, Segment
+from .attention import AttentionSpec, attend, causal_window_mask
 
 __all__ = ["KVCache", "cli_generate", "generate"]
 
@@ -81,11 +81,11 @@ class _Prefill:
         lens = torch.tensor(fused.seq_lens, device=fused.input_ids.device)
         self._row_T = torch.repeat_interleave(torch.arange(len(fused.seq_lens), device=lens.device), lens)
 
-    def attention(self, q_THD, k_TKD, v_TKD, layer_idx: int, sliding_window: int | None):
+    def attention(self, q_THD, k_TKD, v_TKD, layer_idx: int, spec: AttentionSpec):
         kc, vc = self.cache.buffers(layer_idx, k_TKD)
         kc[self._row_T, :, self.positions] = k_TKD
         vc[self._row_T, :, self.positions] = v_TKD
-        return self.fused.attention(q_THD, k_TKD, v_TKD, layer_idx, sliding_window)
+        return self.fused.attention(q_THD, k_TKD, v_TKD, layer_idx, spec)
 
 
 class _Decode:
@@ -104,23 +104,20 @@ class _Decode:
         """[R, 1, 1, n]: row r sees key j iff j <= its position and (position - j) < window."""
         if window not in self._masks:
             j = torch.arange(self._n, device=self.positions.device)
-            pos = self.positions[:, None]
-            allowed = j[None, :] <= pos
-            if window is not None:
-                allowed = allowed & ((pos - j[None, :]) < window)
-            self._masks[window] = allowed[:, None, None, :]
+            allowed = causal_window_mask(self.positions[:, None], j, window)  # [R, 1, n]
+            self._masks[window] = allowed[:, None]
         return self._masks[window]
 
-    def attention(self, q_THD, k_TKD, v_TKD, layer_idx: int, sliding_window: int | None):
+    def attention(self, q_THD, k_TKD, v_TKD, layer_idx: int, spec: AttentionSpec):
         kc, vc = self.cache.buffers(layer_idx, k_TKD)
         kc[self._rows, :, self.positions] = k_TKD
         vc[self._rows, :, self.positions] = v_TKD
-        o = F.scaled_dot_product_attention(
+        o = attend(
             q_THD[:, :, None, :],
             kc[:, :, : self._n],
             vc[:, :, : self._n],
-            attn_mask=self._mask(sliding_window),
-            enable_gqa=True,
+            self._mask(spec.sliding_window),
+            spec,
         )
         return o[:, :, 0]
 
