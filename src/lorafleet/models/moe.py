@@ -7,7 +7,7 @@ N routed (token, expert) pairs = T * K.
 parameters are named as transformers names them in memory, ``experts.gate_up_proj`` [E, 2I, H] (gate rows
 first) and ``experts.down_proj`` [E, H, I], so PEFT's ``target_parameters`` keys map one to one.
 
-Routing (``route``): softmax over the router logits in float32, the top K, renormalised to sum 1 unless
+Routing (``route``): softmax over the router logits in float32 (float64 stays float64), the top K, renormalised to sum 1 unless
 ``norm_topk_prob`` is false (Qwen3-MoE may turn it off; Mixtral always renormalises). The pairs are then
 sorted by expert so every expert reads one contiguous block of rows: ``ExpertRouting`` is that order, and
 the fused LoRA expert operator (``lorafleet.lora.experts``) sorts each expert's block further by adapter.
@@ -45,7 +45,7 @@ class ExpertRouting:
 
 def route(logits_TE: torch.Tensor, top_k: int, normalize: bool) -> ExpertRouting:
     """Top-k routing of every token (module docstring), as ``ExpertRouting``."""
-    probs = torch.softmax(logits_TE.float(), dim=-1)
+    probs = torch.softmax(logits_TE.to(torch.promote_types(logits_TE.dtype, torch.float32)), dim=-1)
     weight_TK, expert_TK = torch.topk(probs, top_k, dim=-1)
     if normalize:
         weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True)
