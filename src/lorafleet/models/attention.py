@@ -57,6 +57,8 @@ def attend(
         if softcap: s = softcap * tanh(s / softcap)
         s[~mask] = -inf                              # is_causal: mask = lower triangle (N == M)
         o = softmax(s in float32).to(q.dtype) @ v
+    A query that sees no key at all (a padding row of a packed batch, past a sliding window) gets an
+    arbitrary finite row, never NaN, so that its zero gradient stays zero.
     Without a soft-cap this is ``F.scaled_dot_product_attention`` (its fused kernels); with one it is
     computed as written, as transformers' eager attention does.
     """
@@ -73,7 +75,7 @@ def attend(
     if is_causal:
         n, m = s.shape[-2:]
         mask = torch.ones(n, m, dtype=torch.bool, device=s.device).tril()
-    if mask is not None:
-        s = s.masked_fill(~mask, float("-inf"))
+    if mask is not None:  # the dtype's lowest value, not -inf: a fully masked row must not become NaN
+        s = s.masked_fill(~mask, torch.finfo(s.dtype).min)
     p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q_BHND.dtype)
     return p @ v

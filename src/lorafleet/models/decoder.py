@@ -203,6 +203,15 @@ class DecoderLayer(nn.Module):
         return x_TE + self.post_feedforward_layernorm(h_TE)
 
 
+def _last_positions(batch: BatchLike) -> torch.Tensor | None:
+    """Per token, the last position of its sequence, for a batch of whole sequences (``cu_seqlens``)."""
+    cu = getattr(batch, "cu_seqlens", None)
+    if cu is None:
+        return None
+    lens = cu[1:] - cu[:-1]
+    return torch.repeat_interleave(lens - 1, lens)
+
+
 class Decoder(nn.Module):
     """Layers ``[first_layer, last_layer)`` of a model of any supported family (all of them by default).
 
@@ -277,23 +286,33 @@ class Decoder(nn.Module):
         return self.inv_freq_0.device
 
     def rope(
-        self, positions: torch.Tensor, dtype: torch.dtype, which: int = 0
+        self,
+        positions: torch.Tensor,
+        dtype: torch.dtype,
+        which: int = 0,
+        last_positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [T, R] of rope ``which`` for the given positions, in float32, cast to ``dtype``.
 
-        LongRoPE: the long factors when the call's largest position is past the original context (as
-        transformers decides per forward call), the short ones otherwise.
+        LongRoPE: a token takes the long factors when its sequence reaches past the original context
+        (``last_positions``: the last position of each token's sequence; None: the positions themselves,
+        as in a decode step), the short ones otherwise. For one sequence that is transformers' rule (its
+        forward decides by the largest position of the call), for a packed batch each sequence as if alone.
         """
         spec = self._rope_specs[which]
-        long = False
-        if spec.scaling and spec.scaling.get("rope_type") == "longrope" and positions.numel():
-            long = int(positions.max()) + 1 > int(spec.scaling["original_max_position_embeddings"])
-        inv = getattr(self, f"inv_freq_long_{which}" if long else f"inv_freq_{which}")
-        factor = self._rope_factor[which][1 if long else 0]
-        freqs = positions.float()[:, None] * inv[None, :]
+        short = getattr(self, f"inv_freq_{which}")
+        factor_short, factor_long = self._rope_factor[which]
+        freqs = positions.float()[:, None] * short[None, :]
+        factor: float | torch.Tensor = factor_short
+        if spec.scaling and spec.scaling.get("rope_type") == "longrope":
+            last = positions if last_positions is None else last_positions
+            long_T = (last + 1 > int(spec.scaling["original_max_position_embeddings"]))[:, None]
+            long_freqs = positions.float()[:, None] * getattr(self, f"inv_freq_long_{which}")[None, :]
+            freqs = torch.where(long_T, long_freqs, freqs)
+            factor = torch.where(long_T, factor_long, factor_short)
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos(), emb.sin()
-        if factor != 1.0:
+        if not isinstance(factor, float) or factor != 1.0:
             cos, sin = cos * factor, sin * factor
         return cos.to(dtype), sin.to(dtype)
 
@@ -302,7 +321,8 @@ class Decoder(nn.Module):
             x = self.embed_tokens(x)
             if self.embed_multiplier is not None:  # as transformers: the scale cast to the weights' dtype
                 x = x * torch.tensor(self.embed_multiplier, dtype=x.dtype)
-        ropes = {j: self.rope(batch.positions, x.dtype, j) for j in range(len(self._rope_specs))}
+        last = _last_positions(batch)
+        ropes = {j: self.rope(batch.positions, x.dtype, j, last) for j in range(len(self._rope_specs))}
         for i, layer in self.layers.items():
             cos, sin = ropes[self._layer_rope[int(i)]]
             x = layer(x, cos, sin, batch)

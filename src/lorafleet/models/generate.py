@@ -77,6 +77,7 @@ class _Prefill:
     def __init__(self, fused: FusedBatch, cache: KVCache) -> None:
         self.fused, self.cache = fused, cache
         self.positions = fused.positions
+        self.cu_seqlens = fused.cu_seqlens
         self.segments = fused.segments
         lens = torch.tensor(fused.seq_lens, device=fused.input_ids.device)
         self._row_T = torch.repeat_interleave(torch.arange(len(fused.seq_lens), device=lens.device), lens)
@@ -179,7 +180,9 @@ def generate(
         stop_ids: a row stops after producing one of these (the stop token is not returned); default: the
             tokenizer's and the model config's EOS ids. Pass ``[]`` to always generate ``max_new_tokens``.
 
-    Greedy output equals running the full model on the growing sequence and taking the argmax each step.
+    Greedy output equals running the full model on the growing sequence and taking the argmax each step
+    (with LongRoPE the cache is recomputed once a row grows past the original context, as transformers'
+    Phi-3 generation does, so that this stays true there too).
     """
     n = len(prompts)
     if n == 0 or any(len(p) == 0 for p in prompts):
@@ -220,15 +223,20 @@ def generate(
     outputs: list[list[int]] = [[] for _ in range(n)]  # in sorted order
     active = list(range(n))  # sorted-row index of each cache row
 
-    with torch.inference_mode():
-        fused = FusedBatch.from_sequences(
-            [list(map(int, prompts[i])) for i in order], row_adapters, device=dev
-        )
-        cache = KVCache(fused.seq_lens, max(fused.seq_lens) + max_new_tokens, dev)
+    long_from = _longrope_context(model.config)
+
+    def prefill(rows: list[int], capacity: int) -> tuple[KVCache, torch.Tensor]:
+        """The cache and next-token logits of the sorted rows ``rows`` (prompt + output so far)."""
+        seqs = [list(map(int, prompts[order[r]])) + outputs[r] for r in rows]
+        fused = FusedBatch.from_sequences(seqs, [row_adapters[r] for r in rows], device=dev)
+        cache = KVCache(fused.seq_lens, capacity, dev)
         hidden_TE = model.forward_packed(fused.input_ids, _Prefill(fused, cache), apply_head=False)
-        last_R = fused.cu_seqlens[1:] - 1
-        heads_batch = _Decode(cache, row_adapters)  # only its segments are read by the head
-        logits = model.lm_head(hidden_TE[last_R], heads_batch)
+        heads_batch = _Decode(cache, [row_adapters[r] for r in rows])  # only its segments are read
+        return cache, model.lm_head(hidden_TE[fused.cu_seqlens[1:] - 1], heads_batch)
+
+    with torch.inference_mode():
+        capacity = max(len(p) for p in prompts) + max_new_tokens
+        cache, logits = prefill(active, capacity)
         for step in range(max_new_tokens):
             next_R = _pick(logits, temperature, top_p, [generators[r] for r in active])
             keep = []
@@ -243,6 +251,11 @@ def generate(
                 cache.keep(keep)
                 active = [active[k] for k in keep]
                 next_R = next_R[torch.tensor(keep, device=next_R.device)]
+            if long_from is not None and any(m + 1 > long_from >= m for m in cache.lengths):
+                # A row just grew past LongRoPE's original context: as transformers' Phi-3 does, drop the
+                # cache and recompute it with the long factors (every row: a row's keys do not change).
+                cache, logits = prefill(active, capacity)
+                continue
             logits = model.forward_packed(next_R, _Decode(cache, [row_adapters[r] for r in active]))
             cache.lengths = [m + 1 for m in cache.lengths]
 
@@ -250,6 +263,15 @@ def generate(
     for sorted_idx, original in enumerate(order):
         result[original] = outputs[sorted_idx]
     return result
+
+
+def _longrope_context(cfg) -> int | None:
+    """LongRoPE's original context (past it, the long factors apply), or None for other ropes."""
+    for layer in range(cfg.num_hidden_layers):
+        sc = cfg.rope_of(layer).scaling
+        if sc and sc.get("rope_type") == "longrope":
+            return int(sc["original_max_position_embeddings"])
+    return None
 
 
 def _device(name: str) -> torch.device:
