@@ -163,3 +163,14 @@ def test_new_adapter_on_experts_starts_as_the_base(moe_dirs):
     assert (after - before[0]).abs().max() <= 1e-6
     with pytest.raises(ValueError, match="not projections of this model"):
         add_adapter(model, AdapterSpec("m", dropout=0.0, target_modules=("qkv_proj",)))
+
+
+def test_benchmark_smoke_runs_and_checks_equal_outputs(capsys):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import moe_experts
+
+    assert moe_experts.main(["--smoke", "--device", "cpu"]) == 0
+    assert "| fused |" in capsys.readouterr().out

@@ -134,36 +134,49 @@ def reference_expert_lora(
 
 def _grouped_base(xs_NI: torch.Tensor, w_EOI: torch.Tensor, offsets: tuple[int, ...]) -> torch.Tensor:
     """Rows of expert e (``offsets[e]:offsets[e+1]``) times ``w_EOI[e].T``: one GEMM per expert, or one
-    grouped GEMM on CUDA where torch has it (bfloat16)."""
+    grouped GEMM on CUDA where torch has it (bfloat16).
+
+    The rows are cut with ``split`` (its backward is one concatenation), not by slicing (each slice's
+    backward would write a zero tensor of the whole input).
+    """
     grouped = getattr(torch, "_grouped_mm", None)
     if grouped is not None and xs_NI.is_cuda and xs_NI.dtype == torch.bfloat16 and xs_NI.shape[0] > 0:
         offs = torch.tensor(offsets[1:], dtype=torch.int32, device=xs_NI.device)
         return grouped(xs_NI, w_EOI.transpose(1, 2), offs=offs)
-    out = xs_NI.new_empty(xs_NI.shape[0], w_EOI.shape[1])
-    pieces = []
-    for e, (lo, hi) in enumerate(zip(offsets[:-1], offsets[1:])):
-        if hi > lo:
-            pieces.append(F.linear(xs_NI[lo:hi], w_EOI[e]))
-    return torch.cat(pieces) if pieces else out
+    sizes = [hi - lo for lo, hi in zip(offsets[:-1], offsets[1:])]
+    chunks = xs_NI.split(sizes)
+    return torch.cat([F.linear(c, w_EOI[e]) for e, c in enumerate(chunks) if c.shape[0]])
 
 
 def _add_lora(
     y_NO: torch.Tensor, x_NI: torch.Tensor, groups, slots: list[_Slot], which: str, num_experts: int
 ) -> torch.Tensor:
-    """y plus each (expert, adapter) group's low-rank term on its own contiguous rows."""
-    pieces, cursor = [], 0
+    """y plus each (expert, adapter) group's low-rank term on its own contiguous rows (cut by ``split``)."""
+    cuts, owners, cursor = [], [], 0
     for e, k, lo, hi in groups:
-        slot = slots[k]
-        ab = slot.gate_up if which == "gate_up" else slot.down
+        ab = slots[k].gate_up if which == "gate_up" else slots[k].down
         if ab is None:
             continue
-        a, b = _factors(ab, e, slot.rank, num_experts, x_NI.dtype)
-        pieces += [y_NO[cursor:lo], y_NO[lo:hi] + slot.scaling * F.linear(F.linear(x_NI[lo:hi], a), b)]
+        if lo > cursor:
+            cuts.append(lo - cursor)
+            owners.append(None)
+        cuts.append(hi - lo)
+        owners.append((e, slots[k], ab))
         cursor = hi
-    if not pieces:
+    if not owners:
         return y_NO
-    pieces.append(y_NO[cursor:])
-    return torch.cat(pieces)
+    if cursor < y_NO.shape[0]:
+        cuts.append(y_NO.shape[0] - cursor)
+        owners.append(None)
+    out = []
+    for y, x, owner in zip(y_NO.split(cuts), x_NI.split(cuts), owners):
+        if owner is None:
+            out.append(y)
+            continue
+        e, slot, ab = owner
+        a, b = _factors(ab, e, slot.rank, num_experts, x.dtype)
+        out.append(y + slot.scaling * F.linear(F.linear(x, a), b))
+    return torch.cat(out)
 
 
 class FusedLoRAExperts(Experts):

@@ -70,11 +70,12 @@ def expert_forward(experts: Experts, x_TH: torch.Tensor, routing: ExpertRouting)
             out[t] += w * ((act(gate) * up) @ down_proj[e].T)
     """
     xs_NH = x_TH.index_select(0, routing.token_N)
+    sizes = [hi - lo for lo, hi in zip(routing.offsets[:-1], routing.offsets[1:])]
     ys = []
-    for e, (lo, hi) in enumerate(zip(routing.offsets[:-1], routing.offsets[1:])):
-        if hi == lo:
+    for e, xs in enumerate(xs_NH.split(sizes)):  # split, not slices: its backward is one concatenation
+        if xs.shape[0] == 0:
             continue
-        gate, up = F.linear(xs_NH[lo:hi], experts.gate_up_proj[e]).chunk(2, dim=-1)
+        gate, up = F.linear(xs, experts.gate_up_proj[e]).chunk(2, dim=-1)
         ys.append(F.linear(experts.act(gate) * up, experts.down_proj[e]))
     return combine(x_TH, torch.cat(ys), routing)
 
