@@ -57,7 +57,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from .models.generate import cli_generate
+    from .generate_cli import cli_generate
 
     return cli_generate(args)
 
