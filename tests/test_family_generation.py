@@ -40,6 +40,7 @@ def _saved(model_dir, out, family):
         save_peft(out / spec.name, spec, {k: p.detach() for k, p in params.items()})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", TINY_NEW_FAMILIES)
 def test_mixed_generation_equals_alone_and_peft_greedy(tmp_path, family):
     import transformers as tf
