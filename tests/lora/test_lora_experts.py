@@ -167,9 +167,10 @@ def test_new_adapter_on_experts_starts_as_the_base(moe_dirs):
 
 def test_benchmark_smoke_runs_and_checks_equal_outputs(capsys):
     import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from helpers import REPO
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
     import moe_experts
 
     assert moe_experts.main(["--smoke", "--device", "cpu"]) == 0

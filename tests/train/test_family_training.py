@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_engine import _config, _peft_alone, _rel_diff
 
-from conftest import make_tiny_model
+from helpers import make_tiny_model
 from lorafleet.cli import main as cli_main
 from lorafleet.lora.experts import EXPERT_TARGETS
-from test_engine import _config, _peft_alone, _rel_diff
 
 _ALL_DENSE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # family -> adapter -> (rank, alpha, targets, lr, batch_size, micro_batch_size, rows, rslora)

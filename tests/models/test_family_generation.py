@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import TINY_NEW_FAMILIES, make_tiny_model
+from helpers import TINY_NEW_FAMILIES, make_tiny_model
 from lorafleet.lora import AdapterSpec, adapter_parameters, add_adapter, load_peft, save_peft
 from lorafleet.models import load_model
 from lorafleet.models.generate import generate
