@@ -28,6 +28,7 @@ import yaml
 from safetensors.torch import load_file
 
 from helpers import make_tiny_model
+from helpers.peft_oracle import rel_diff
 from lorafleet.cli import main as cli_main
 from lorafleet.lora import AdapterSpec, save_peft
 from lorafleet.lora.adapters import peft_key
@@ -193,12 +194,6 @@ def _wait_all(procs: list[subprocess.Popen], timeout: float = 240) -> list[tuple
     return out
 
 
-def _rel_diff(a: dict, b: dict) -> float:
-    assert set(a) == set(b), set(a) ^ set(b)
-    num = sum(float((a[k] - b[k]).norm() ** 2) for k in a) ** 0.5
-    return num / sum(float(b[k].norm() ** 2) for k in b) ** 0.5
-
-
 def _check_run(out: Path, reference: dict, num_stages: int, num_replicas: int = 1) -> None:
     """Same weights, steps, evaluations and early stops as the single process, PEFT layout, per-stage
     outputs, a trace."""
@@ -209,7 +204,7 @@ def _check_run(out: Path, reference: dict, num_stages: int, num_replicas: int = 
             "adapter_config.json",
             "adapter_model.safetensors",
         ]
-        assert _rel_diff(load_file(str(folder / "adapter_model.safetensors")), ref) <= 1e-5, name
+        assert rel_diff(load_file(str(folder / "adapter_model.safetensors")), ref) <= 1e-5, name
         stages = sorted(p.name for p in (out / "checkpoints" / name).iterdir())
         assert stages == [f"stage-{s}-of-{num_stages}" for s in range(num_stages)]
     records, want = _records(out), reference["metrics"]
@@ -330,7 +325,7 @@ def test_dead_stage_stops_the_others_and_the_rerun_resumes(setup):
         assert rc == 0, err[-3000:]
     for name in TASKS:
         got = load_file(str(out / "adapters" / name / "adapter_model.safetensors"))
-        assert _rel_diff(got, reference[name]) <= 1e-5, name
+        assert rel_diff(got, reference[name]) <= 1e-5, name
 
 
 @pytest.mark.gpu
@@ -346,7 +341,7 @@ def test_two_stages_on_cuda_nccl_equal_single_process(setup):
         assert rc == 0, err[-3000:]
     for name in TASKS:  # TF32 off by default in torch: float32 matmuls stay exact enough
         got = load_file(str(out / "adapters" / name / "adapter_model.safetensors"))
-        assert _rel_diff(got, reference[name]) <= 1e-4, name
+        assert rel_diff(got, reference[name]) <= 1e-4, name
 
 
 def test_impossible_topology_is_refused_with_the_arithmetic(setup, monkeypatch, capsys):

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_engine import _config, _peft_alone, _rel_diff
 
 from helpers import make_tiny_model
+from helpers.peft_oracle import engine_config, peft_alone, rel_diff
 from lorafleet.cli import main as cli_main
 from lorafleet.lora.experts import EXPERT_TARGETS
 
@@ -72,15 +72,15 @@ def test_together_equals_peft_alone(tmp_path, family):
     make_tiny_model(family, model_dir, seed=3)
     for i, (name, (rank, alpha, targets, *_r, rslora)) in enumerate(tasks.items()):
         peft_init(model_dir, tmp_path / "init" / name, rank, alpha, targets, rslora, seed=10 + i)
-    cfg = _config(tmp_path, model_dir, tasks)
+    cfg = engine_config(tmp_path, model_dir, tasks)
     assert cli_main(["train", str(cfg), "--no-progress"]) == 0
     for i, (name, spec) in enumerate(tasks.items()):
         ours = load_file(str(tmp_path / "run" / "adapters" / name / "adapter_model.safetensors"))
         init = load_file(str(tmp_path / "init" / name / "adapter_model.safetensors"))
-        ref = _peft_alone(model_dir, tmp_path, name, spec, i)
-        assert _rel_diff(ours, init) > 1e-3, "training must have moved the weights"
-        print(f"{family} {name}: relative difference to PEFT alone {_rel_diff(ours, ref):.2e}")
-        assert _rel_diff(ours, ref) <= 1e-4, (family, name, _rel_diff(ours, ref))
+        ref = peft_alone(model_dir, tmp_path, name, spec, i)
+        assert rel_diff(ours, init) > 1e-3, "training must have moved the weights"
+        print(f"{family} {name}: relative difference to PEFT alone {rel_diff(ours, ref):.2e}")
+        assert rel_diff(ours, ref) <= 1e-4, (family, name, rel_diff(ours, ref))
         if family in ("mixtral", "qwen3_moe") and any(t in EXPERT_TARGETS for t in spec[2]):
             moved = [k for k in ours if ".experts." in k and not torch.equal(ours[k], init[k])]
             assert moved, "the expert adapters must have trained"
