@@ -20,6 +20,7 @@ from functools import cached_property
 
 import torch
 
+from .masks import sequence_key, token_rows
 from .models.attention import AttentionSpec, attend
 
 __all__ = ["FusedBatch", "Segment", "SequenceInfo"]
@@ -38,11 +39,17 @@ class Segment:
 
 @dataclass(frozen=True)
 class SequenceInfo:
-    """Where one packed sequence came from: its task, the example's index and its role (e.g. chosen)."""
+    """Where one packed sequence came from: its task, the example's index, its role (e.g. chosen) and key.
+
+    ``key`` is the sequence's 64-bit adapter-dropout key (``lorafleet.masks.sequence_key``: the task's
+    seed, the example's epoch and place in the task's data order, the role); None: the batch gives it one
+    from its place in the batch (see ``FusedBatch.dropout_rows``).
+    """
 
     task: str | None = None
     example: int = -1
     role: str = ""
+    key: int | None = None
 
 
 @dataclass
@@ -55,7 +62,7 @@ class FusedBatch:
         cu_seqlens: [S + 1] cumulative sequence lengths, ``cu_seqlens[0] == 0``, ``cu_seqlens[-1] == T``.
         segments: adapter segments covering ranges of whole sequences, ordered by start.
         labels: [T] next-token target of each position (``IGNORE_INDEX`` where unsupervised), or None.
-        sequences: one ``SequenceInfo`` per sequence (engine bookkeeping; the model ignores it).
+        sequences: one ``SequenceInfo`` per sequence (engine bookkeeping, and the dropout keys).
     """
 
     input_ids: torch.Tensor
@@ -144,6 +151,22 @@ class FusedBatch:
             labels=None if self.labels is None else self.labels.to(device),
             sequences=self.sequences,
         )
+
+    @cached_property
+    def dropout_rows(self) -> torch.Tensor:
+        """[T] int64: each token's ``lorafleet.masks.token_rows`` value, what its dropout masks hash.
+
+        From each sequence's ``SequenceInfo.key`` and each token's position; a sequence without a key (or
+        a batch without ``sequences``) uses ``sequence_key(0, 0, i, role)`` with i its place in the batch,
+        so masks are still deterministic, but then depend on the batch's layout: the engine always gives
+        keys. Built once per batch and shared by every layer.
+        """
+        n = self.num_sequences
+        if self.sequences and len(self.sequences) != n:
+            raise ValueError(f"the batch has {n} sequences but {len(self.sequences)} SequenceInfo entries")
+        infos = self.sequences or (SequenceInfo(),) * n
+        keys = [s.key if s.key is not None else sequence_key(0, 0, i, s.role) for i, s in enumerate(infos)]
+        return token_rows(keys, self.seq_lens, self.positions)
 
     @cached_property
     def _buckets(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:

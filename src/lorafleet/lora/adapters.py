@@ -7,6 +7,9 @@ targeted projection of the layers the model holds, A [R, I], B [O, R] and for Do
 parameters live in the ``FusedLoRALinear`` that replaces each targeted ``Linear``; ``adapter_parameters``
 names them with HF PEFT's state-dict keys, so saving, loading and optimizer groups need no other mapping.
 
+Each adapted projection knows its ``MaskSite`` (layer index, index of its name in ``TARGET_MODULES``),
+where its keyed dropout masks are drawn (``lorafleet.masks``).
+
 Initialisation is PEFT's: A ``kaiming_uniform_(a=sqrt(5))``, B zeros, DoRA magnitude = the row norms of
 W + scaling * B A (= ||W|| row-wise at init). Each projection draws A from its own generator, seeded from
 one number drawn from ``generator`` and the projection's name, so a pipeline stage that holds layers
@@ -24,6 +27,7 @@ from functools import cache
 import torch
 from torch import nn
 
+from ..masks import MaskSite
 from ..models.decoder import Decoder, Linear
 from ..models.moe import Experts
 from .experts import EXPERT_TARGETS, FusedLoRAExperts, expert_peft_keys, init_expert_factors
@@ -168,7 +172,7 @@ def add_adapter(
         raise ValueError(
             f"adapter {spec.name!r}: name is already used on this model; remove it or pick another name"
         )
-    targets: list[tuple[nn.Module, str, str, Linear]] = []
+    targets: list[tuple[nn.Module, int, str, str, Linear]] = []
     expert_targets: list[tuple[nn.Module, str, Experts]] = []
     found: set[str] = set()
     available: set[str] = set()
@@ -185,7 +189,7 @@ def add_adapter(
             available.add(m.group(3))
             if m.group(3) in spec.target_modules:
                 parent = model.get_submodule(mod_name.rsplit(".", 1)[0])
-                targets.append((parent, m.group(3), mod_name, mod))
+                targets.append((parent, int(m.group(1)), m.group(3), mod_name, mod))
                 found.add(m.group(3))
     missing = [t for t in spec.target_modules if t not in found]
     if missing:
@@ -200,8 +204,10 @@ def add_adapter(
             parent.experts = layer
         g = torch.Generator().manual_seed(_module_seed(seed, mod_name))
         layer.add(spec, init_expert_factors(layer, spec, wanted_params, g, dtype))
-    for parent, leaf, mod_name, mod in targets:
-        layer = mod if isinstance(mod, FusedLoRALinear) else FusedLoRALinear(mod)
+    for parent, layer_index, leaf, mod_name, mod in targets:
+        # The dropout masks' site: the layer's index in the full model and the projection's fixed id.
+        site = MaskSite(layer_index, TARGET_MODULES.index(leaf))
+        layer = mod if isinstance(mod, FusedLoRALinear) else FusedLoRALinear(mod, site)
         if layer is not mod:
             setattr(parent, leaf, layer)
         g = torch.Generator().manual_seed(_module_seed(seed, mod_name))

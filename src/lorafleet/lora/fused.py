@@ -18,10 +18,11 @@ Fast path (training, ``_FusedLoRAFunction``; s = scaling, h = drop(x_S) A^T [S, 
     backward  each segment writes its low-rank term s (g_S B) A into its rows of dx (the other rows 0),
               then ONE GEMM for all T rows accumulates g W onto dx (DoRA rows of g pre-scaled by
               m / ||W + sBA||); dB = g_S^T (s h), dA = (s g_S B)^T drop(x_S).
-    The dropout mask is drawn once in the forward with torch's RNG (the same draw as ``F.dropout``) and
-    kept as a bool tensor only when dropout > 0 in training mode; the dropped-out input is rebuilt from
-    x and the mask when the backward needs it. Without grad (``torch.no_grad``, inference mode, KV-cache
-    generation) the same forward runs with nothing saved.
+    Dropout masks are keyed (``lorafleet.masks``): a pure function of each row's sequence key and
+    position (``batch.dropout_rows``), the layer's ``mask_site`` and the feature, drawn from no RNG. The
+    forward computes a segment's mask, uses it and drops it; the backward computes it again from the same
+    keys, so dropout keeps nothing for the backward. Without grad (``torch.no_grad``, inference mode,
+    KV-cache generation) the same forward runs with nothing saved.
 
 Memory saved for the backward, per token of a segment, per adapted module (bytes; e = 4 for float32,
 2 for bfloat16; the input x and the weights are referenced, never copied, by both; measured with
@@ -29,12 +30,15 @@ Memory saved for the backward, per token of a segment, per adapted module (bytes
 
     adapter              plain autograd (reference_fused_lora)        fused       saved per token
     LoRA, dropout 0      e*R (h)                                      e*R (s h)   0
-    LoRA, dropout > 0    e*I (dropout noise) + e*I (dropped x) + e*R  I + e*R     (2e - 1) * I
+    LoRA, dropout > 0    I (keep mask) + e*I (dropped x) + e*R        e*R         (e + 1) * I
     DoRA, dropout 0      2*e*O (base and LoRA outputs) + e*R          e*R         2e * O
-    DoRA, dropout > 0    2*e*I + 2*e*O + e*R                          I + e*R     (2e - 1) * I + 2e * O
+    DoRA, dropout > 0    I + e*I + 2*e*O + e*R                        e*R         (e + 1) * I + 2e * O
 
-(DoRA also keeps one [O] norm per call.) With dropout on a 2048 x 2048 projection that is 6 KiB less per
-token and module in bfloat16 (LoRA) and 14 KiB (DoRA); 14 and 30 KiB in float32. PEFT's own mixed-batch
+(DoRA also keeps one [O] norm per call; the batch's [T] int64 ``dropout_rows`` is shared by every layer.)
+With dropout on a 2048 x 2048 projection that is 6 KiB less per token and module in bfloat16 (LoRA) and
+14 KiB (DoRA); 10 and 26 KiB in float32. Before keyed masks the fused path kept an I-byte bool mask per
+token and module (2 KiB here). The price is one more mask computation per segment in the backward (about
+as fast as ``bernoulli_`` on a CPU: ``benchmarks/fused_op.py``). PEFT's own mixed-batch
 loop saves more than the plain loop: an indexed *copy* of each adapter's input rows (``x[sub_batch_indices]``,
 e*I per token). The price of DoRA's saving is one recomputed S x I x O matmul (x_S W^T, for the
 magnitude's gradient) in the backward.
@@ -49,18 +53,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..masks import MaskSite, keep_mask
 from ..models.decoder import BatchLike, Linear
 from ..models.quant import base_linear, dense_weight
 
 if TYPE_CHECKING:
     from .adapters import AdapterSpec
 
-__all__ = ["FusedLoRALinear", "dora_weight_norm", "draw_dropout_mask", "reference_fused_lora"]
+__all__ = ["FusedLoRALinear", "batch_dropout_rows", "dora_weight_norm", "reference_fused_lora"]
 
 
-def draw_dropout_mask(x_SI: torch.Tensor, p: float) -> torch.Tensor:
-    """Keep-mask [S, I] (bool) drawn with torch's RNG exactly as ``F.dropout(x_SI, p)`` draws it."""
-    return torch.empty(x_SI.shape, dtype=torch.bool, device=x_SI.device).bernoulli_(1.0 - p)
+def batch_dropout_rows(batch: BatchLike, num_rows: int) -> torch.Tensor:
+    """The batch's [T] ``dropout_rows`` (``FusedBatch.dropout_rows``), checked; what keyed masks hash."""
+    rows = getattr(batch, "dropout_rows", None)
+    if rows is None:
+        raise ValueError(
+            "adapter dropout in training mode needs the batch's dropout keys: pass a FusedBatch (or a batch "
+            "with dropout_rows [T], lorafleet.masks.token_rows), or call model.eval() for no dropout"
+        )
+    if rows.dim() != 1 or rows.shape[0] != num_rows:
+        raise ValueError(
+            f"batch.dropout_rows has shape {list(rows.shape)}; it needs one entry per row ({num_rows})"
+        )
+    return rows
 
 
 def dora_weight_norm(
@@ -104,7 +119,8 @@ def reference_fused_lora(layer: FusedLoRALinear, x_TI: torch.Tensor, batch: Batc
             if name not in layer.lora_A: continue          # does not target this layer: base only
             s, p = scaling(name), dropout(name) if layer.training else 0.0
             xs = x[start:end]
-            xd = F.dropout(xs, p)                          # one mask per segment, in row order
+            keep = keep_mask(batch.dropout_rows[start:end], layer.mask_site, I, p)   # lorafleet.masks
+            xd = xs * keep * (1 / (1 - p)) if p > 0 else xs
             lora = xd @ A.T @ B.T                          # A, B cast to x's dtype
             if kind(name) == "lora":
                 y[start:end] += s * lora
@@ -129,7 +145,10 @@ def reference_fused_lora(layer: FusedLoRALinear, x_TI: torch.Tensor, batch: Batc
         a_RI = layer.lora_A[name].to(x_TI.dtype)
         b_OR = layer.lora_B[name].to(x_TI.dtype)
         p = spec.dropout if layer.training else 0.0
-        xd_SI = F.dropout(x_TI[start:end], p, training=p > 0)
+        xd_SI = x_TI[start:end]
+        if p > 0:
+            rows = batch_dropout_rows(batch, x_TI.shape[0])[start:end]
+            xd_SI = xd_SI * keep_mask(rows, layer.mask_site, x_TI.shape[1], p) * (1.0 / (1.0 - p))
         lora_SO = F.linear(F.linear(xd_SI, a_RI), b_OR)
         y_SO = y_TO[start:end]
         if spec.kind == "lora":
@@ -164,6 +183,14 @@ class _Slot:
 class _Plan:
     slots: tuple[_Slot, ...]
     segments: tuple[tuple[int, int, int], ...]  # (start, end, slot index)
+    site: MaskSite = MaskSite()
+    rows: torch.Tensor | None = None  # [T] batch.dropout_rows when a slot has dropout, else None
+
+    def keep(self, i: int, width: int) -> torch.Tensor | None:
+        """Segment i's keep-mask [S, width] (bool), or None when its adapter has no dropout in this call."""
+        start, end, k = self.segments[i]
+        p = self.slots[k].dropout
+        return keep_mask(self.rows[start:end], self.site, width, p) if p > 0 else None
 
 
 def _dora_scale(magnitude_O: torch.Tensor, norm_O: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -191,8 +218,8 @@ def _fused_forward(
     bias_O: torch.Tensor | None,
     plan: _Plan,
     params: tuple[torch.Tensor, ...],
-) -> tuple[torch.Tensor, list[torch.Tensor | None], list[torch.Tensor | None]]:
-    """y [T, O], the per-segment (mask, s * h) pairs and the per-slot DoRA norms; runs without autograd.
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor | None]]:
+    """y [T, O], the per-segment s * h and the per-slot DoRA norms; runs without autograd.
 
     The low-rank terms of plain-LoRA segments are written into y first and the base GEMM accumulates onto
     them (beta = 1): its read of y hides behind its arithmetic, where a separate ``y += ...`` would be one
@@ -207,16 +234,17 @@ def _fused_forward(
         else None
         for s in plan.slots
     ]
-    saved: list[torch.Tensor | None] = []
-    for start, end, k in plan.segments:
+    saved: list[torch.Tensor] = []
+    dora_inputs: dict[int, torch.Tensor] = {}  # DoRA segments with dropout: their dropped x, this call only
+    for i, (start, end, k) in enumerate(plan.segments):
         slot = plan.slots[k]
         as_RI = params[slot.first].to(dt) * slot.scaling
-        x_SI = x_TI[start:end]
-        mask_SI = None
-        xd_SI = x_SI
-        if slot.dropout > 0:
-            mask_SI = draw_dropout_mask(x_SI, slot.dropout)
-            xd_SI = x_SI.mul(mask_SI).mul_(1.0 / (1.0 - slot.dropout))
+        xd_SI = x_TI[start:end]
+        mask_SI = plan.keep(i, x_TI.shape[1])
+        if mask_SI is not None:
+            xd_SI = xd_SI.mul(mask_SI).mul_(1.0 / (1.0 - slot.dropout))
+            if slot.kind == "dora":
+                dora_inputs[i] = xd_SI
         hs_SR = xd_SI @ as_RI.t()  # scaling * h
         if slot.kind == "lora":
             b_OR = params[slot.first + 1].to(dt)
@@ -224,7 +252,7 @@ def _fused_forward(
                 torch.mm(hs_SR, b_OR.t(), out=y_TO[start:end])
             else:
                 torch.addmm(bias_O, hs_SR, b_OR.t(), out=y_TO[start:end])
-        saved += [mask_SI, hs_SR]
+        saved.append(hs_SR)
     for start, end in _gaps(plan, t, lora_only=True):
         if bias_O is None:
             y_TO[start:end].zero_()
@@ -235,11 +263,11 @@ def _fused_forward(
         slot = plan.slots[k]
         if slot.kind != "dora":
             continue
-        mask_SI, hs_SR = saved[2 * i], saved[2 * i + 1]
+        hs_SR = saved[i]
         c_O = _dora_scale(params[slot.first + 2], norms[k], dt)
         bc_OR = params[slot.first + 1].to(dt) * c_O[:, None]
         y_SO = y_TO[start:end]
-        if mask_SI is None:
+        if i not in dora_inputs:
             # y + (c - 1) * (y - b) == c * (y - b) + b: rescale the base rows in place.
             if bias_O is not None:
                 y_SO.sub_(bias_O)
@@ -248,8 +276,7 @@ def _fused_forward(
             if bias_O is not None:
                 y_SO.add_(bias_O)
         else:
-            xd_SI = x_TI[start:end].mul(mask_SI).mul_(1.0 / (1.0 - slot.dropout))
-            extra_SO = (xd_SI @ weight_OI.t()).mul_(c_O - 1)
+            extra_SO = (dora_inputs.pop(i) @ weight_OI.t()).mul_(c_O - 1)
             y_SO.add_(extra_SO.addmm_(hs_SR, bc_OR.t()))
     return y_TO, saved, norms
 
@@ -264,9 +291,10 @@ class _FusedLoRAFunction(torch.autograd.Function):
         need_params = any(ctx.needs_input_grad[4:])
         ctx.plan = plan
         ctx.num_params = len(params)
-        # x is needed only for the adapters' gradients; h only for B's: keep neither otherwise.
+        # x is needed only for the adapters' gradients; h only for B's: keep neither otherwise. Dropout
+        # masks are not kept: the backward recomputes them from the plan's keys (plan.rows).
         keep_x = x_TI if need_params else None
-        kept = saved if need_params else [m if i % 2 == 0 else None for i, m in enumerate(saved)]
+        kept = saved if need_params else [None] * len(saved)
         ctx.save_for_backward(keep_x, weight_OI, *params, *kept, *norms)
         return y_TO
 
@@ -277,7 +305,7 @@ class _FusedLoRAFunction(torch.autograd.Function):
         x_TI, weight_OI, *rest = ctx.saved_tensors
         weight_OI = dense_weight(weight_OI, g_TO.dtype)
         params, rest = rest[:n], rest[n:]
-        saved, norms = rest[: 2 * len(plan.segments)], rest[2 * len(plan.segments) :]
+        saved, norms = rest[: len(plan.segments)], rest[len(plan.segments) :]
         dt = g_TO.dtype
         g_TO = g_TO.contiguous()
         t = g_TO.shape[0]
@@ -291,7 +319,8 @@ class _FusedLoRAFunction(torch.autograd.Function):
         grads: list[torch.Tensor | None] = [None] * n
         for i, (start, end, k) in enumerate(plan.segments):
             slot, c_O = plan.slots[k], scales[k]
-            mask_SI, hs_SR = saved[2 * i], saved[2 * i + 1]
+            hs_SR = saved[i]
+            mask_SI = plan.keep(i, weight_OI.shape[1])  # the forward's mask, recomputed from its keys
             s = slot.scaling
             keep = 1.0 / (1.0 - slot.dropout) if mask_SI is not None else 1.0
             a_RI, b_OR = params[slot.first].to(dt), params[slot.first + 1].to(dt)
@@ -343,16 +372,19 @@ class FusedLoRALinear(Linear):
     Built from the ``Linear`` it replaces (sharing its ``weight`` and ``bias``). Adapters are added with
     ``add`` (``lorafleet.lora.add_adapter`` does that with PEFT's initialisation for every targeted module).
     ``forward(x_TI, batch)`` returns ``x W^T + b`` plus each segment's adapter update; see
-    ``reference_fused_lora`` for the exact semantics. Dropout applies in training mode only, as in PEFT.
+    ``reference_fused_lora`` for the exact semantics. Dropout applies in training mode only, as in PEFT,
+    with keyed masks (``lorafleet.masks``) at ``mask_site``: the layer's index and module id, which
+    ``add_adapter`` sets when it swaps the layer in (``MaskSite(0, 0)`` for a layer built by hand).
     """
 
-    def __init__(self, base: Linear) -> None:
+    def __init__(self, base: Linear, site: MaskSite | None = None) -> None:
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
         self.bias = base.bias
         self.training = base.training  # swapped into an eval-mode model, it must not start dropping out
         self.backend = "auto"  # "auto" | "torch" | "triton": see lorafleet.lora.kernels.set_lora_backend
+        self.mask_site = site if site is not None else MaskSite()
         self.specs: dict[str, AdapterSpec] = {}
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
@@ -432,7 +464,8 @@ class FusedLoRALinear(Linear):
                 if spec.kind == "dora":
                     params.append(self.lora_magnitude_vector[name])
             planned.append((start, end, index[name]))
-        return _Plan(tuple(slots), tuple(planned)), tuple(params)
+        rows = batch_dropout_rows(batch, x_TI.shape[0]) if any(s.dropout > 0 for s in slots) else None
+        return _Plan(tuple(slots), tuple(planned), self.mask_site, rows), tuple(params)
 
     def forward(self, x: torch.Tensor, batch: BatchLike | None = None) -> torch.Tensor:
         planned = self._plan(x, batch)
