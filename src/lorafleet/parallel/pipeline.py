@@ -230,7 +230,7 @@ def _batch_meta(batch: FusedBatch) -> dict[str, Any]:
         "cu_seqlens": batch.cu_seqlens.cpu(),
         "labels": None if batch.labels is None else batch.labels.cpu(),
         "segments": [(s.adapter, s.start, s.end) for s in batch.segments],
-        "sequences": [(s.task, s.example, s.role) for s in batch.sequences],
+        "sequences": [(s.task, s.example, s.role, s.key) for s in batch.sequences],
     }
 
 
@@ -830,7 +830,6 @@ def run_pipeline(cfg: RunConfig, progress: bool = False, timeout_s: float = 1800
 
         quantize_model(model, cfg.base_model.quantize)
     model.train()  # as the engine: adapter dropout is active in training mode only
-    torch.manual_seed(cfg.seed + topo.stage)  # as the engine: the config's seed fixes the dropout masks
     if cfg.recompute:  # per-layer activation checkpointing; parameter names (PEFT keys) unchanged
         from ..models.recompute import apply_recompute
 

@@ -4,8 +4,8 @@ Layout: ``OUTPUT_DIR/checkpoints/<task>/step-000012/`` holding
 
 - ``adapter.safetensors``: the adapter's trainable tensors under their PEFT keys;
 - ``optimizer.pt``: optimizer and scheduler state;
-- ``state.json``: step, examples consumed, loss history, fingerprint of what must not change on resume,
-  and the torch RNG state (dropout masks) as a list of bytes.
+- ``state.json``: step, examples consumed, loss history and fingerprint of what must not change on resume
+  (no RNG state: dropout masks are keyed, ``lorafleet.masks``).
 
 A checkpoint is written into ``step-N.tmp`` and renamed into place, so a crash never leaves a half-written
 ``step-N``. The newest ``keep_last`` checkpoints are kept, plus ``best`` when early stopping asks for it.
@@ -57,8 +57,7 @@ def save_checkpoint(
         {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "adapter.safetensors")
     )
     torch.save(optim_state, tmp / "optimizer.pt")
-    rng = torch.get_rng_state().tolist()
-    (tmp / "state.json").write_text(json.dumps({**state, "step": step, "torch_rng": rng}))
+    (tmp / "state.json").write_text(json.dumps({**state, "step": step}))
     for f in tmp.iterdir():  # durable before it becomes visible
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())

@@ -71,7 +71,8 @@ def pack_plan(plan: list[PlanItem], tasks: dict[str, Task], device) -> FusedBatc
     for item in plan:
         t = tasks[item.task]
         items = [(p, t.example_at(p)) for p in item.examples]
-        group, ref = pack_groups(t.name, t.spec.name, t.kind, items)
+        # each sequence gets its dropout key from its example's place in the data order and its role
+        group, ref = pack_groups(t.name, t.spec.name, t.kind, items, t.dropout_key)
         own.append(group)
         refs += [ref] if ref is not None else []
     return pack(own + refs, device)
@@ -96,9 +97,7 @@ class Engine:
 
             quantize_model(self.model, cfg.base_model.quantize)
         self.model.train()  # adapter dropout is active in training mode only (evaluation switches to eval)
-        # adapter dropout draws from torch's RNG: the config's seed fixes it (a resumed task restores the
-        # RNG state of its checkpoint)
-        torch.manual_seed(cfg.seed)
+        # adapter dropout masks are keyed per task and sequence (pack_plan, lorafleet.masks): no RNG state
         # per-layer activation checkpointing as the config says (also on a model the caller passed in)
         (apply_recompute if cfg.recompute else remove_recompute)(self.model)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.base_model.path)

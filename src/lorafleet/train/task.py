@@ -44,6 +44,7 @@ from ..lora import (
     remove_adapter,
     save_peft,
 )
+from ..masks import sequence_key
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, saved_steps
 from .dispatcher import TaskView
 from .evaluate import EarlyStopping, EvalJob, EvalResult, TaskEvaluation
@@ -166,6 +167,16 @@ class Task:
             g = torch.Generator().manual_seed(keyed_seed(self.seed, self.cfg.name, epoch))
             i = int(torch.randperm(n, generator=g)[i])
         return self.examples[i]
+
+    def dropout_key(self, position: int, role: str) -> int:
+        """The dropout key (``masks.sequence_key``) of the ``role`` sequence of the example at ``position``.
+
+        A pure function of the run's seed, the task's name, the example's epoch and place in the task's
+        data order and the role: a task's masks are the same alone, beside others, on any pipeline stage
+        and after a resume.
+        """
+        epoch, index = divmod(position, len(self.examples))
+        return sequence_key(keyed_seed(self.seed, "dropout", self.cfg.name), epoch, index, role)
 
     def begin_step(self) -> None:
         """Queue the examples of the next optimizer step; its denominators are known from now on."""
