@@ -145,7 +145,12 @@ def test_batch_rows_come_from_sequence_keys():
     """A sequence's rows depend only on its own key and positions, not on where it sits in the batch."""
     k1, k2 = sequence_key(1, 0, 3, "sft"), sequence_key(1, 0, 4, "sft")
     one = pack([("t", "a", [(3, [5, 6, 7], [True] * 3, "sft", k1)])])
-    two = pack([("u", "b", [(0, [9, 9], [True] * 2, "sft", k2)]), ("t", "a", [(3, [5, 6, 7], [True] * 3, "sft", k1)])])
+    two = pack(
+        [
+            ("u", "b", [(0, [9, 9], [True] * 2, "sft", k2)]),
+            ("t", "a", [(3, [5, 6, 7], [True] * 3, "sft", k1)]),
+        ]
+    )
     assert one.sequences[0].key == k1 and two.sequences[1].key == k1
     assert torch.equal(two.dropout_rows[2:], one.dropout_rows)
     assert torch.equal(two.dropout_rows[:2], token_rows([k2], [2], torch.arange(2)))
