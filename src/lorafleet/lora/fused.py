@@ -352,12 +352,12 @@ class _FusedLoRAFunction(torch.autograd.Function):
                 gw_TO[start:end].mul_(c_O)
             if mask_SI is None:
                 torch.mm(us_SR, a_RI, out=dx_SI)
+            elif c_O is None:  # 1 / (1 - p) on the [S, R] factor: one pass less over dx
+                torch.mm(us_SR.mul_(keep), a_RI, out=dx_SI)
+                dx_SI.mul_(mask_SI)
             else:
-                if c_O is None:
-                    torch.mm(us_SR, a_RI, out=dx_SI)
-                else:
-                    torch.mm(g_SO * (c_O - 1), weight_OI, out=dx_SI)
-                    dx_SI.addmm_(us_SR, a_RI)
+                torch.mm(g_SO * (c_O - 1), weight_OI, out=dx_SI)
+                dx_SI.addmm_(us_SR, a_RI)
                 dx_SI.mul_(mask_SI).mul_(keep)
         if dx_TI is not None:
             for start, end in _gaps(plan, t, lora_only=False):
