@@ -26,7 +26,7 @@ Fast path (training, ``_FusedLoRAFunction``; s = scaling, h = drop(x_S) A^T [S, 
 
 Memory saved for the backward, per token of a segment, per adapted module (bytes; e = 4 for float32,
 2 for bfloat16; the input x and the weights are referenced, never copied, by both; measured with
-``torch.autograd.graph.saved_tensors_hooks`` in tests/test_fused.py, CPU):
+``torch.autograd.graph.saved_tensors_hooks`` in tests/lora/test_fused.py, CPU):
 
     adapter              plain autograd (reference_fused_lora)        fused       saved per token
     LoRA, dropout 0      e*R (h)                                      e*R (s h)   0
@@ -37,8 +37,9 @@ Memory saved for the backward, per token of a segment, per adapted module (bytes
 (DoRA also keeps one [O] norm per call; the batch's [T] int64 ``dropout_rows`` is shared by every layer.)
 With dropout on a 2048 x 2048 projection that is 6 KiB less per token and module in bfloat16 (LoRA) and
 14 KiB (DoRA); 10 and 26 KiB in float32. Before keyed masks the fused path kept an I-byte bool mask per
-token and module (2 KiB here). The price is one more mask computation per segment in the backward (about
-as fast as ``bernoulli_`` on a CPU: ``benchmarks/fused_op.py``). PEFT's own mixed-batch
+token and module (2 KiB here). The price is a second mask computation per segment, in the backward (one
+keyed mask costs about 0.7x a ``bernoulli_`` draw on a CPU; ``benchmarks/fused_op.py --masks``). PEFT's
+own mixed-batch
 loop saves more than the plain loop: an indexed *copy* of each adapter's input rows (``x[sub_batch_indices]``,
 e*I per token). The price of DoRA's saving is one recomputed S x I x O matmul (x_S W^T, for the
 magnitude's gradient) in the backward.
