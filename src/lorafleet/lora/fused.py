@@ -7,8 +7,8 @@ segment.
 ``bias`` parameters, so the base checkpoint names do not change) and holds, per adapter, ``lora_A[name]``
 [R, I], ``lora_B[name]`` [O, R] and for DoRA ``lora_magnitude_vector[name]`` [O]. It is called as
 ``layer(x_TI, batch)``; ``batch.segments`` says which contiguous rows belong to which adapter. What it
-computes is ``reference_fused_lora`` (the ``Semantics:`` there is the contract); the fast path below computes
-the same thing with fewer passes over memory and an exact hand-written backward.
+computes is ``reference_fused_lora`` (``lora/reference.py``; the ``Semantics:`` there is the contract); the
+fast path below computes the same thing with fewer passes over memory and an exact hand-written backward.
 
 Fast path (training, ``_FusedLoRAFunction``; s = scaling, h = drop(x_S) A^T [S, R]):
     forward   each plain-LoRA segment writes b + (s h) B^T into its rows of y; the other rows get b (or 0);
@@ -51,123 +51,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..masks import MaskSite, keep_mask
 from ..models.decoder import BatchLike, Linear
 from ..models.quant import base_linear, dense_weight
+from .reference import batch_dropout_rows, check_segments, dora_weight_norm, reference_fused_lora
 
 if TYPE_CHECKING:
     from .adapters import AdapterSpec
 
 __all__ = ["FusedLoRALinear", "batch_dropout_rows", "dora_weight_norm", "reference_fused_lora"]
-
-
-def batch_dropout_rows(batch: BatchLike, num_rows: int) -> torch.Tensor:
-    """The batch's [T] ``dropout_rows`` (``FusedBatch.dropout_rows``), checked; what keyed masks hash."""
-    rows = getattr(batch, "dropout_rows", None)
-    if rows is None:
-        raise ValueError(
-            "adapter dropout in training mode needs the batch's dropout keys: pass a FusedBatch (or a batch "
-            "with dropout_rows [T], lorafleet.masks.token_rows), or call model.eval() for no dropout"
-        )
-    if rows.dim() != 1 or rows.shape[0] != num_rows:
-        raise ValueError(
-            f"batch.dropout_rows has shape {list(rows.shape)}; it needs one entry per row ({num_rows})"
-        )
-    return rows
-
-
-def dora_weight_norm(
-    weight_OI: torch.Tensor, a_RI: torch.Tensor, b_OR: torch.Tensor, scaling: float, dtype: torch.dtype
-) -> torch.Tensor:
-    """DoRA's row norm ||W + scaling * B A|| [O] in ``dtype``, detached, as PEFT 0.21 computes it.
-
-    PEFT forms the low-rank product in the adapter's dtype, casts it and W to the input's dtype and takes
-    the norm of each output row there; no gradient flows through the norm (DoRA paper, section 4.3).
-    """
-    with torch.no_grad():
-        lora_OI = (b_OR @ a_RI).to(dtype)
-        return torch.linalg.vector_norm(dense_weight(weight_OI, dtype).to(dtype) + scaling * lora_OI, dim=1)
-
-
-def _check_segments(segments: list[tuple[int, int, str]], num_rows: int) -> None:
-    last = 0
-    for start, end, name in sorted(segments):
-        if not 0 <= start < end <= num_rows or start < last:
-            raise ValueError(
-                f"adapter {name!r}: segment [{start}, {end}) is outside the batch's {num_rows} rows or overlaps "
-                "another segment; segments must be disjoint row ranges of the input"
-            )
-        last = end
-
-
-def reference_fused_lora(layer: FusedLoRALinear, x_TI: torch.Tensor, batch: BatchLike | None) -> torch.Tensor:
-    """The contract of ``FusedLoRALinear``, written as a plain autograd loop (the test oracle).
-
-    Args:
-        layer: the fused layer; its ``weight`` [O, I], ``bias`` [O] or None and per-adapter parameters
-            ``lora_A[n]`` [R, I], ``lora_B[n]`` [O, R], ``lora_magnitude_vector[n]`` [O] (DoRA) are used.
-        x_TI: [T, I] input rows.
-        batch: anything with ``segments``: ``Segment(adapter, start, end)`` row ranges, disjoint.
-    Returns:
-        y_TO [T, O].
-
-    Semantics:
-        y = F.linear(x, W, b)                              # every row, adapter or not
-        for (name, start, end) in sorted(batch.segments):  # rows of no adapter, or of an adapter that
-            if name not in layer.lora_A: continue          # does not target this layer: base only
-            s, p = scaling(name), dropout(name) if layer.training else 0.0
-            xs = x[start:end]
-            keep = keep_mask(batch.dropout_rows[start:end], layer.mask_site, I, p)   # lorafleet.masks
-            xd = xs * keep * (1 / (1 - p)) if p > 0 else xs
-            lora = xd @ A.T @ B.T                          # A, B cast to x's dtype
-            if kind(name) == "lora":
-                y[start:end] += s * lora
-            else:                                          # DoRA, as PEFT 0.21 in training mode
-                n = ||W + s * B @ A|| per output row, detached
-                c = m / n
-                base = y[start:end] - b if p == 0 else xd @ W.T   # PEFT reuses the base output
-                y[start:end] += (c - 1) * base + c * s * lora      # only when there is no dropout;
-                                                                   # the bias is never rescaled
-    Gradients flow to x and to every adapter's A, B and m; W and b are frozen.
-    """
-    if batch is None or not layer.specs:
-        return F.linear(x_TI, layer.weight, layer.bias)
-    y_TO = F.linear(x_TI, layer.weight, layer.bias)
-    segments = [
-        (s.start, s.end, s.adapter) for s in batch.segments if s.adapter in layer.specs and s.end > s.start
-    ]
-    _check_segments(segments, x_TI.shape[0])
-    pieces, cursor = [], 0
-    for start, end, name in sorted(segments):
-        spec = layer.specs[name]
-        a_RI = layer.lora_A[name].to(x_TI.dtype)
-        b_OR = layer.lora_B[name].to(x_TI.dtype)
-        p = spec.dropout if layer.training else 0.0
-        xd_SI = x_TI[start:end]
-        if p > 0:
-            rows = batch_dropout_rows(batch, x_TI.shape[0])[start:end]
-            xd_SI = xd_SI * keep_mask(rows, layer.mask_site, x_TI.shape[1], p) * (1.0 / (1.0 - p))
-        lora_SO = F.linear(F.linear(xd_SI, a_RI), b_OR)
-        y_SO = y_TO[start:end]
-        if spec.kind == "lora":
-            out_SO = y_SO + lora_SO * spec.scaling
-        else:
-            norm_O = dora_weight_norm(
-                layer.weight, layer.lora_A[name], layer.lora_B[name], spec.scaling, x_TI.dtype
-            )
-            c_O = layer.lora_magnitude_vector[name] / norm_O.detach()
-            if p == 0:
-                base_SO = y_SO if layer.bias is None else y_SO - layer.bias
-            else:
-                base_SO = F.linear(xd_SI, layer.weight)
-            out_SO = y_SO + ((c_O - 1) * base_SO + c_O * lora_SO * spec.scaling).to(y_SO.dtype)
-        pieces += [y_TO[cursor:start], out_SO]
-        cursor = end
-    pieces.append(y_TO[cursor:])
-    return torch.cat(pieces)
 
 
 @dataclass(frozen=True)
@@ -447,7 +341,7 @@ class FusedLoRALinear(Linear):
             raise ValueError(
                 f"the fused LoRA layer takes rows [T, I]; got an input of shape {list(x_TI.shape)}"
             )
-        _check_segments(segments, x_TI.shape[0])
+        check_segments(segments, x_TI.shape[0])
         if self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad):
             raise ValueError("the base weight of a fused LoRA layer must stay frozen (requires_grad=False)")
         index: dict[str, int] = {}
