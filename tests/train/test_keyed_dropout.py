@@ -82,7 +82,7 @@ def _train(tmp: Path, model_dir: Path, out: str, names: list[str], dropout: floa
             "max_steps": STEPS,
         }
         task.update(micro_batch_size=over.get("micro_batch_size", mbs), max_seq_len=48, shuffle=True)
-        task["optimizer"] = {"lr": 2e-2}
+        task["optimizer"] = {"lr": 1e-2}
         cfg["tasks"].append(task)
     path = tmp / f"{out}.yaml"
     path.write_text(yaml.safe_dump(cfg))
