@@ -44,7 +44,8 @@ name), ``epoch`` and ``index`` the sequence's example in the task's data order (
 that epoch's shuffled order), ``role`` the sequence's role (``sft``, ``chosen``, ``rejected``, ...;
 ``train/tasks.py``), ``pos`` the token's position in its sequence, ``layer`` the decoder layer's index in
 the full model (a pipeline stage keeps the full model's numbering), ``module`` the projection's index in
-``TARGET_MODULES`` (q_proj 0, k_proj 1, v_proj 2, o_proj 3, gate_proj 4, up_proj 5, down_proj 6) and ``i``
+``TARGET_MODULES`` (q_proj 0, k_proj 1, v_proj 2, o_proj 3, qkv_proj 4, gate_proj 5, up_proj 6,
+down_proj 7, gate_up_proj 8; new names are appended, so ids never change) and ``i``
 the input feature. ``reference_keep`` is this definition on Python integers (the tests' oracle).
 
 Cost: the row and feature values are hashed once per row and per feature; each element then costs one xor,
