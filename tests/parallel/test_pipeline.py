@@ -5,7 +5,8 @@ clipping across stages; one task queued behind the concurrency limit; held-out e
 one task and with early stopping for another) is trained once in this process by the ``Engine`` and then
 as a pipeline: P = 2 through ``lorafleet train --nproc 2`` (torchrun), P = 3 with
 explicit boundaries, and two "nodes" (two torchrun launchers with a c10d rendezvous on 127.0.0.1). Each run
-must end with the same adapter weights (relative L2 difference <= 1e-5, float32, dropout 0), written as
+must end with the same adapter weights (relative L2 difference <= 1e-5, float32, adapter dropout 0.1:
+the masks are keyed by task, example and token, so every stage draws what the single process draws), written as
 PEFT folders with the single-process layout. Then a stage is killed mid-run: the others stop naming it,
 and the same command resumes to the same weights. Every port is chosen free per test.
 """
@@ -138,7 +139,7 @@ def setup(tmp_path_factory):
                 {"name": n, "path": str(tmp / f"{n}.jsonl"), "format": "prompt_completion"} for n in TASKS
             ],
             "adapters": [
-                {"name": n, "dropout": 0.0, "init_from": str(tmp / "init" / n), **adapter}
+                {"name": n, "dropout": 0.1, "init_from": str(tmp / "init" / n), **adapter}
                 for n, (adapter, _) in TASKS.items()
             ],
             "tasks": [
