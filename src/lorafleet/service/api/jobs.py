@@ -1,0 +1,150 @@
+"""``/v1/fine_tuning/jobs``: create, list, retrieve, cancel, events and checkpoints."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from ..errors import ERROR_RESPONSES, ApiError
+from ..files import JOB_ID_PATTERN, new_adapter_id, new_job_id
+from ..jobspec import job_configs
+from ..schemas import CheckpointObject, EventObject, JobCreate, JobObject, ListResponse
+from ..store import ACTIVE_STATUSES, EventRecord, JobRecord
+from .deps import JobId, Limit, ServiceDep, Tenant, cursor
+
+__all__ = ["job_object", "router"]
+
+router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"], responses=ERROR_RESPONSES)
+
+
+def _ts(x: float | None) -> int | None:
+    return None if x is None else int(x)
+
+
+def job_object(j: JobRecord) -> JobObject:
+    s = j.spec
+    return JobObject(
+        id=j.id, model=s["model"], created_at=int(j.created_at), started_at=_ts(j.started_at),
+        finished_at=_ts(j.finished_at), status=j.status, training_file=s["training_file"],
+        validation_file=s.get("validation_file"), adapter=s["adapter"], hyperparameters=s["hyperparameters"],
+        method=s.get("method") or {},
+        suffix=s.get("suffix"), priority=j.priority,
+        fine_tuned_adapter=j.adapter_id if j.status == "succeeded" else None, step=j.step,
+        total_steps=j.total_steps, trained_tokens=j.trained_tokens,
+        error={"message": j.error} if j.error else None,
+    )  # fmt: skip
+
+
+def _event_object(e: EventRecord) -> EventObject:
+    return EventObject(
+        id=f"ftevent-{e.seq}", created_at=e.created_at, level=e.level, type=e.type, message=e.message,
+        data=e.data,
+    )  # fmt: skip
+
+
+@router.post("", response_model=JobObject)
+def create_job(body: JobCreate, tenant_: Tenant, svc: ServiceDep) -> JobObject:
+    """Create a job. It starts in ``validating_files``; the worker queues it and trains it."""
+    store, dd = svc.store, svc.dd
+    if body.model is not None and body.model != svc.served_model:
+        raise ApiError(
+            400, f"model {body.model!r} is not served here: this server fine-tunes {svc.served_model!r} "
+            "(omit 'model' or pass that name)", param="model",
+        )  # fmt: skip
+    for param in ("training_file", "validation_file"):
+        fid = getattr(body, param)
+        if fid is not None and store.get_file(tenant_, fid) is None:
+            raise ApiError(
+                400, f"{param} {fid!r} does not exist: upload it with POST /v1/files and pass the id it "
+                "returns", param=param, code="file_not_found",
+            )  # fmt: skip
+    spec = body.model_dump(mode="json")
+    spec["model"] = svc.served_model
+    job = JobRecord(
+        id=new_job_id(), tenant=tenant_, status="validating_files", spec=spec,
+        adapter_id=new_adapter_id(body.suffix), created_at=time.time(), priority=body.priority,
+    )  # fmt: skip
+    files = {}
+    for fid in filter(None, (body.training_file, body.validation_file)):
+        rec = store.get_file(tenant_, fid)
+        files[fid] = (dd.file_path(fid), rec.format if rec else "")
+    try:  # what the engine's config would refuse is refused now, not after the job was queued
+        job_configs(spec, job.id, job.adapter_id, files, svc.settings.engine, dd.engine)
+    except ValueError as e:
+        raise ApiError(400, str(e), code="invalid_job") from None
+    store.add_job(job)
+    store.add_events([EventRecord(job.id, "message", "Created fine-tuning job", time.time())])
+    return job_object(job)
+
+
+@router.get("", response_model=ListResponse[JobObject])
+def list_jobs(
+    tenant_: Tenant,
+    svc: ServiceDep,
+    after: Annotated[str | None, Query(pattern=JOB_ID_PATTERN)] = None,
+    limit: Limit = 20,
+) -> ListResponse[JobObject]:
+    """The tenant's jobs, newest first; pass the last id as ``after`` for the next page."""
+    rows, more = svc.store.list_jobs(tenant_, after, limit)
+    return ListResponse[JobObject](data=[job_object(j) for j in rows], has_more=more)
+
+
+@router.get("/{job_id}", response_model=JobObject)
+def retrieve_job(job_id: JobId, tenant_: Tenant, svc: ServiceDep) -> JobObject:
+    return job_object(svc.get_job(tenant_, job_id))
+
+
+@router.post("/{job_id}/cancel", response_model=JobObject)
+def cancel_job(job_id: JobId, tenant_: Tenant, svc: ServiceDep) -> JobObject:
+    """Cancel a job that has not finished; the worker stops training it at its next micro-batch."""
+    job = svc.get_job(tenant_, job_id)
+    if not svc.store.transition(job_id, "cancelled", ACTIVE_STATUSES, finished_at=time.time()):
+        job = svc.get_job(tenant_, job_id)
+        raise ApiError(
+            409, f"job {job_id} is already {job.status}; only jobs in {', '.join(ACTIVE_STATUSES)} can be "
+            "cancelled", code="job_finished",
+        )  # fmt: skip
+    svc.store.add_events([EventRecord(job.id, "message", "Job cancelled by the user", time.time())])
+    return job_object(svc.get_job(tenant_, job_id))
+
+
+@router.get("/{job_id}/events", response_model=ListResponse[EventObject])
+def list_events(
+    job_id: JobId,
+    tenant_: Tenant,
+    svc: ServiceDep,
+    after: Annotated[str | None, Query(pattern=r"^ftevent-[0-9]{1,18}$")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 20,
+    order: Annotated[str, Query(pattern="^(asc|desc)$", description="desc: newest first")] = "desc",
+) -> ListResponse[EventObject]:
+    """Status messages and one ``metrics`` event per optimizer step (``data``: step, train_loss,
+    learning_rate, tokens, elapsed_s). ``order=asc`` with ``after`` follows a running job."""
+    svc.get_job(tenant_, job_id)
+    rows, more = svc.store.list_events(job_id, cursor(after, "ftevent-"), limit, ascending=order == "asc")
+    return ListResponse[EventObject](data=[_event_object(e) for e in rows], has_more=more)
+
+
+@router.get("/{job_id}/checkpoints", response_model=ListResponse[CheckpointObject])
+def list_checkpoints(
+    job_id: JobId,
+    tenant_: Tenant,
+    svc: ServiceDep,
+    after: Annotated[str | None, Query(pattern=r"^ftckpt-[0-9]{1,18}$")] = None,
+    limit: Limit = 20,
+) -> ListResponse[CheckpointObject]:
+    """The job's checkpoints, newest first."""
+    svc.get_job(tenant_, job_id)
+    rows, more = svc.store.list_checkpoints(job_id, cursor(after, "ftckpt-"), limit)
+    data = [
+        CheckpointObject(
+            id=f"ftckpt-{c.seq}",
+            created_at=int(c.created_at),
+            fine_tuning_job_id=job_id,
+            step_number=c.step,
+            metrics=c.metrics,
+        )  # fmt: skip
+        for c in rows
+    ]
+    return ListResponse[CheckpointObject](data=data, has_more=more)

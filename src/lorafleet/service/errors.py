@@ -1,0 +1,108 @@
+"""Every error of the REST API, in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``.
+
+The status decides which exception the official ``openai`` SDK raises (400 ``BadRequestError``, 401
+``AuthenticationError``, 403 ``PermissionDeniedError``, 404 ``NotFoundError``, 409 ``ConflictError``, 422
+``UnprocessableEntityError``, 429 ``RateLimitError``); 503 means a dependency (the worker) is down. The
+handlers here turn FastAPI's own errors (validation, unknown routes) into the same shape, so no request is
+ever answered with a bare ``{"detail": ...}``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .schemas import ErrorResponse
+
+__all__ = ["ERROR_RESPONSES", "ApiError", "error_response", "install_error_handlers", "not_found"]
+
+
+class ApiError(Exception):
+    """An error answered as ``{"error": {...}}`` with ``status``."""
+
+    def __init__(
+        self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+        code: str | None = None, errors: list[str] | None = None,
+    ) -> None:  # fmt: skip
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code, self.errors = (
+            status, message, type, param, code, errors,
+        )  # fmt: skip
+
+
+def error_response(status: int, message: str, type: str, param=None, code=None, errors=None) -> JSONResponse:
+    """The JSON response of one error (with ``WWW-Authenticate`` on a 401)."""
+    body: dict[str, Any] = {"message": message, "type": type, "param": param, "code": code}
+    if errors:
+        body["errors"] = errors
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse({"error": body}, status_code=status, headers=headers)
+
+
+def not_found(kind: str, id_: str) -> ApiError:
+    """The 404 for a missing object, and for another tenant's object (the same answer, so ids leak nothing)."""
+    return ApiError(404, f"no {kind} with id {id_!r}", type="not_found_error", code="not_found")
+
+
+# the error statuses every route documents in the OpenAPI schema
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    s: {"model": ErrorResponse, "description": d}
+    for s, d in {
+        400: "invalid request",
+        401: "missing or invalid API token",
+        404: "not found (or owned by another tenant)",
+        409: "conflict with the object's state",
+        413: "request too large",
+        422: "request fails validation",
+    }.items()
+}
+
+
+def _describe_validation(exc: RequestValidationError) -> tuple[str, list[str], str | None]:
+    msgs = []
+    param = None
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"] or ["body"]
+        where = ".".join(loc)
+        param = param or where
+        kind = err.get("type", "")
+        if kind == "extra_forbidden":
+            msgs.append(f"{where}: unknown field; remove it (see the schema at /docs for the known fields)")
+        elif kind == "missing":
+            msgs.append(f"{where}: required field is missing")
+        elif isinstance(err.get("input"), bytes) and where == "body":
+            msgs.append("request body is not a JSON object: send JSON with 'Content-Type: application/json'")
+        elif kind == "json_invalid":
+            msgs.append(f"request body is not valid JSON: {err.get('ctx', {}).get('error', err.get('msg'))}")
+        else:
+            got = err.get("input")
+            shown = f" (got {got!r:.80})" if isinstance(got, str | int | float | bool) else ""
+            msgs.append(f"{where}: {err.get('msg')}{shown}")
+    return "; ".join(msgs) or "invalid request", msgs, param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Answer ``ApiError``, request validation errors and Starlette's HTTP errors in the one shape."""
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc.message, exc.type, exc.param, exc.code, exc.errors)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, msgs, param = _describe_validation(exc)
+        return error_response(422, message, "invalid_request_error", param, "validation_error", msgs)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        if exc.status_code == 404:
+            message = f"no route {request.method} {request.url.path}: see /docs for the API"
+        elif exc.status_code == 405:
+            message = f"method {request.method} is not allowed on {request.url.path}: see /docs"
+        return error_response(exc.status_code, message, "invalid_request_error")
