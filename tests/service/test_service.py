@@ -179,7 +179,7 @@ def test_files_jobs_and_tenant_isolation(api):
 
     body = {
         "training_file": f["id"],
-        "adapter": {"rank": 4},
+        "lorafleet": {"adapter": {"rank": 4}},
         "hyperparameters": {"n_epochs": 1},
         "suffix": "ab-1",
     }
@@ -188,10 +188,16 @@ def test_files_jobs_and_tenant_isolation(api):
     job = r.json()
     assert (
         job["status"] == "validating_files"
-        and job["adapter"]["rank"] == 4
-        and job["fine_tuned_adapter"] is None
+        and job["lorafleet"]["adapter"]["rank"] == 4
+        and job["fine_tuned_model"] is None
     )
-    assert job["model"] == "tiny-model"
+    assert job["model"] == "tiny-model" and job["organization_id"] == "alice"
+    # the legacy hyperparameters are a supervised method; "auto" is the documented default
+    assert job["method"] == {
+        "type": "supervised",
+        "supervised": {"hyperparameters": {"batch_size": 8, "n_epochs": 1, "learning_rate_multiplier": 1.0}},
+        "dpo": None,
+    }
     # a job naming another tenant's file: refused, with the same words as for a missing file
     r = client.post("/v1/fine_tuning/jobs", headers=h["bob"], json={"training_file": f["id"]})
     assert r.status_code == 400 and "does not exist" in _error(r)
@@ -291,19 +297,28 @@ def test_bad_input_is_4xx_with_clear_messages(api):
     assert r.status_code == 400 and "mix data formats" in _error(r)
 
     fid = _upload(client, hh, _jsonl(ROWS)).json()["id"]
+    lf = "lorafleet"
     cases = [
-        ({"training_file": fid, "adapter": {"rnk": 8}}, 422, "adapter.rnk: unknown field"),
-        ({"training_file": fid, "learning_rate": 1e-3}, 422, "learning_rate: unknown field"),
-        ({"training_file": fid, "hyperparameters": {"learning_rate": -1}}, 422, "greater than 0"),
-        ({"training_file": fid, "adapter": {"target_modules": ["q_proj", "q_proj"]}}, 422, "twice"),
-        ({"training_file": fid, "adapter": {"target_modules": ["lm_head"]}}, 422, "target_modules.0"),
-        ({"training_file": "../../etc/passwd"}, 422, "training_file: String should match pattern"),
-        ({}, 422, "training_file: required field is missing"),
+        ({"training_file": fid, lf: {"adapter": {"rnk": 8}}}, 400, "lorafleet.adapter: unknown field 'rnk' (did you mean 'rank'?)"),
+        ({"training_file": fid, "learning_rate": 1e-3}, 400, "unknown field 'learning_rate' (it belongs in learning_rate_multiplier"),
+        ({"training_file": fid, "hyperparameters": {"max_steps": 3}}, 400, "'max_steps' (it belongs in lorafleet.training)"),
+        ({"training_file": fid, "hyperparameters": {"learning_rate_multiplier": -1}}, 400, "learning_rate_multiplier must be 'auto' or in (0, 100]"),
+        ({"training_file": fid, "hyperparameters": {"n_epochs": "many"}}, 400, "hyperparameters.n_epochs"),
+        ({"training_file": fid, "hyperparameters": {}, "method": {"type": "supervised"}}, 400, "not both"),
+        ({"training_file": fid, "method": {"type": "reinforcement"}}, 400, "reinforcement fine-tuning is not supported"),
+        ({"training_file": fid, "method": {"type": "dpo", "supervised": {}}}, 400, "method.supervised is given but method.type is 'dpo'"),
+        ({"training_file": fid, "seed": 7}, 400, "omit seed or pass 0"),
+        ({"training_file": fid, "metadata": {f"k{i}": "v" for i in range(17)}}, 400, "metadata"),
+        ({"training_file": fid, lf: {"preference": {"objective": "orpo"}}}, 400, "dpo jobs only"),
+        ({"training_file": fid, lf: {"adapter": {"target_modules": ["q_proj", "q_proj"]}}}, 400, "twice"),
+        ({"training_file": fid, lf: {"adapter": {"target_modules": ["lm_head"]}}}, 400, "target_modules.0"),
+        ({"training_file": "../../etc/passwd"}, 400, "training_file: String should match pattern"),
+        ({}, 400, "training_file: required field is missing"),
         ({"training_file": "file-" + "0" * 24}, 400, "does not exist: upload it"),
         ({"training_file": fid, "model": "gpt-9"}, 400, "is not served here"),
-        ({"training_file": fid, "hyperparameters": {"batch_size": 6, "micro_batch_size": 4}}, 400, "micro_batch_size 4 does not divide"),
-        ({"training_file": fid, "hyperparameters": {"max_seq_len": 9000}}, 400, "max-tokens-per-micro-batch"),
-        ({"training_file": fid, "suffix": "../x"}, 422, "suffix: String should match pattern"),
+        ({"training_file": fid, "hyperparameters": {"batch_size": 6}, lf: {"training": {"micro_batch_size": 4}}}, 400, "micro_batch_size 4 does not divide"),
+        ({"training_file": fid, lf: {"training": {"max_seq_len": 9000}}}, 400, "max-tokens-per-micro-batch"),
+        ({"training_file": fid, "suffix": "../x"}, 400, "suffix: String should match pattern"),
     ]  # fmt: skip
     for body, status, expect in cases:
         r = client.post("/v1/fine_tuning/jobs", headers=hh, json=body)
@@ -312,7 +327,7 @@ def test_bad_input_is_4xx_with_clear_messages(api):
     r = client.post(
         "/v1/fine_tuning/jobs", headers={**hh, "Content-Type": "application/json"}, content=b"{oops"
     )
-    assert r.status_code == 422 and "not valid JSON" in _error(r)
+    assert r.status_code == 400 and "not valid JSON" in _error(r)
     # a preference file cannot train an SFT job: the engine's own config rule, answered at creation
     pref = _upload(client, hh, _jsonl([{"prompt": "p", "chosen": "a", "rejected": "b"}])).json()
     assert pref["format"] == "preference"
@@ -324,23 +339,18 @@ def test_bad_input_is_4xx_with_clear_messages(api):
         "/v1/fine_tuning/jobs", headers=hh, json={"training_file": fid, "method": {"type": "dpo"}}
     )
     assert r.status_code == 400 and "type 'dpo' cannot train on" in _error(r) and "'preference'" in _error(r)
-    r = client.post(
-        "/v1/fine_tuning/jobs",
-        headers=hh,
-        json={"training_file": pref["id"], "method": {"type": "dpo", "beta": 0.2}},
-    )
-    assert r.status_code == 200 and r.json()["method"]["beta"] == 0.2
-    r = client.post(
-        "/v1/fine_tuning/jobs",
-        headers=hh,
-        json={"training_file": fid, "hyperparameters": {"eval_every_steps": 5}},
-    )
+    dpo = {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2}}}
+    r = client.post("/v1/fine_tuning/jobs", headers=hh, json={"training_file": pref["id"], "method": dpo})
+    assert r.status_code == 200 and r.json()["method"]["dpo"]["hyperparameters"]["beta"] == 0.2
+    assert r.json()["lorafleet"]["preference"]["objective"] == "dpo"
+    tr = {"eval_every_steps": 5}
+    r = client.post("/v1/fine_tuning/jobs", headers=hh, json={"training_file": fid, lf: {"training": tr}})
     assert r.status_code == 400 and "needs a validation_file" in _error(r)
-    hp = {"eval_every_steps": 5, "early_stopping_patience": 2}
+    tr = {"eval_every_steps": 5, "early_stopping_patience": 2}
     r = client.post(
         "/v1/fine_tuning/jobs",
         headers=hh,
-        json={"training_file": fid, "validation_file": fid, "hyperparameters": hp},
+        json={"training_file": fid, "validation_file": fid, lf: {"training": tr}},
     )
     assert r.status_code == 200, r.text
     # ids that are not ids never reach the store or the disk
@@ -350,10 +360,10 @@ def test_bad_input_is_4xx_with_clear_messages(api):
         "/v1/adapters/adapter-..%2Fx/download",
     ]:
         r = client.get(path, headers=hh)
-        assert r.status_code in (404, 422), (path, r.text)
+        assert r.status_code in (400, 404), (path, r.text)
         _error(r)
     r = client.get("/v1/fine_tuning/jobs?limit=1000", headers=hh)
-    assert r.status_code == 422 and "limit" in _error(r)
+    assert r.status_code == 400 and "limit" in _error(r)
 
 
 def test_dashboard_is_served_without_external_resources(api):
@@ -440,8 +450,9 @@ def test_worker_stores_each_step_before_checkpointing_it(tmp_path, tiny_llama_di
     h = {"Authorization": f"Bearer {secret}"}
     with TestClient(app) as client:
         fid = _upload(client, h, _jsonl(ROWS)).json()["id"]
-        hp = {"batch_size": 2, "max_steps": 4, "save_every_steps": 2, "max_seq_len": 32}
-        r = client.post("/v1/fine_tuning/jobs", headers=h, json={"training_file": fid, "hyperparameters": hp})
+        tr = {"max_steps": 4, "save_every_steps": 2, "max_seq_len": 32}
+        body = {"training_file": fid, "hyperparameters": {"batch_size": 2}, "lorafleet": {"training": tr}}
+        r = client.post("/v1/fine_tuning/jobs", headers=h, json=body)
         job_id = r.json()["id"]
 
     stored_at_save = []

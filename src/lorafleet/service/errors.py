@@ -1,6 +1,7 @@
 """Every error of the REST API, in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``.
 
-The status decides which exception the official ``openai`` SDK raises (400 ``BadRequestError``, 401
+Requests that fail validation (a missing or unknown field, a value out of range) are a 400 naming the
+field, as at OpenAI. The status decides which exception the official ``openai`` SDK raises (400 ``BadRequestError``, 401
 ``AuthenticationError``, 403 ``PermissionDeniedError``, 404 ``NotFoundError``, 409 ``ConflictError``, 422
 ``UnprocessableEntityError``, 429 ``RateLimitError``); 503 means a dependency (the worker) is down. The
 handlers here turn FastAPI's own errors (validation, unknown routes) into the same shape, so no request is
@@ -57,8 +58,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         401: "missing or invalid API token",
         404: "not found (or owned by another tenant)",
         409: "conflict with the object's state",
+        403: "not allowed (deleting the base model)",
         413: "request too large",
-        422: "request fails validation",
     }.items()
 }
 
@@ -71,7 +72,10 @@ def _describe_validation(exc: RequestValidationError) -> tuple[str, list[str], s
         where = ".".join(loc)
         param = param or where
         kind = err.get("type", "")
-        if kind == "extra_forbidden":
+        if kind == "value_error" and str(err.get("msg", "")).startswith("Value error, "):
+            msg = err["msg"].removeprefix("Value error, ")
+            msgs.append(msg if where == "body" else f"{where}: {msg}")
+        elif kind == "extra_forbidden":
             msgs.append(f"{where}: unknown field; remove it (see the schema at /docs for the known fields)")
         elif kind == "missing":
             msgs.append(f"{where}: required field is missing")
@@ -96,7 +100,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, msgs, param = _describe_validation(exc)
-        return error_response(422, message, "invalid_request_error", param, "validation_error", msgs)
+        return error_response(400, message, "invalid_request_error", param, "invalid_value", msgs)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

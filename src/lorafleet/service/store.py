@@ -36,10 +36,11 @@ __all__ = [
     "TokenRecord",
 ]
 
-JOB_STATUSES = ("validating_files", "queued", "running", "succeeded", "failed", "cancelled")
+JOB_STATUSES = ("validating_files", "queued", "running", "paused", "succeeded", "failed", "cancelled")
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
-# statuses the worker owns: after a restart, every job in one of these is picked up again
-ACTIVE_STATUSES = ("validating_files", "queued", "running")
+# statuses of unfinished jobs (cancellable; their files stay in use). A paused job waits for resume, off
+# the engine; the worker picks up queued and running ones again after a restart.
+ACTIVE_STATUSES = ("validating_files", "queued", "running", "paused")
 
 
 @dataclass

@@ -12,6 +12,9 @@ Loop, top to bottom:
      arrival: the others keep training). The engine resumes a task from ``checkpoints/<job id>/`` when it
      holds checkpoints, so after a crash or SIGKILL every unfinished job goes on from its last checkpoint;
    - jobs the engine holds that the store says are ``cancelled``: ``Engine.cancel_task``;
+   - jobs the engine holds that the store says are ``paused``: they leave the engine (``cancel_task``, the
+     store keeps ``paused``) right after their next checkpoint, or at once when nothing was trained since
+     their last one; ``resume`` puts them back to ``queued`` and they are admitted again from it;
 2. ``Engine.run_once()``: one fused micro-batch over all running jobs (plus due optimizer steps);
 3. the engine's events (steps, status changes, checkpoints) go to the store as they happen, each before the
    engine goes on: a step's metrics are stored before that step's checkpoint is written, so a worker killed
@@ -63,6 +66,8 @@ class Worker:
         self.engine: Any = None
         self._held: set[str] = set()  # job ids the engine holds and still trains (queued/running there)
         self._last_metrics: dict[str, EventRecord] = {}  # each job's latest step event, which its eval joins
+        self._saved_step: dict[str, int] = {}  # each held job's step of its newest checkpoint
+        self._pausing: set[str] = set()  # held jobs the store paused: they leave at their next checkpoint
         self.state = "starting"
         self.message = ""
 
@@ -78,6 +83,7 @@ class Worker:
                     self.sync()
                     next_sync = time.monotonic() + self.poll_interval
                 busy = self._step() if self._held else False
+                self._leave_paused()
                 if not busy:
                     stop.wait(self.poll_interval)
         finally:
@@ -124,11 +130,16 @@ class Worker:
             if job is None or job.status not in ACTIVE_STATUSES:
                 self.engine.cancel_task(job_id)
                 self._held.discard(job_id)
+            elif job.status == "paused" and job_id not in self._pausing:
+                self._pausing.add(job_id)
+                if self.engine.state(job_id).step == self._saved_step.get(job_id, 0):
+                    self._leave_paused(now=job_id)
         # finished jobs live on in the store; the engine lets go of their data so it does not grow
         for name, st in list(self.engine.states.items()):
             if name not in self._held and st.status not in ("queued", "running"):
                 self.engine.forget(name)
                 self._last_metrics.pop(name, None)
+                self._saved_step.pop(name, None)
 
     def _configs(self, job):
         files = {}
@@ -170,9 +181,23 @@ class Worker:
         st = self.engine.state(job.id)
         if st.status in ("queued", "running"):
             self._held.add(job.id)
+            self._saved_step[job.id] = st.step  # a resumed job starts at its checkpoint
         self.store.update_progress(job.id, st.step, st.total_steps, st.tokens)
         if st.step > 0:
             self._event(job.id, f"Resumed from the checkpoint at step {st.step} of {st.total_steps}")
+
+    def _leave_paused(self, now: str | None = None) -> None:
+        """Take paused jobs off the engine once their newest checkpoint holds all they trained."""
+        for job_id in sorted(self._pausing):
+            if job_id not in self._held:
+                self._pausing.discard(job_id)
+                continue
+            step = self.engine.state(job_id).step
+            if job_id == now or self._saved_step.get(job_id, 0) == step:
+                self.engine.cancel_task(job_id)
+                self._held.discard(job_id)
+                self._pausing.discard(job_id)
+                self._event(job_id, f"Paused at step {step}; resume continues from there")
 
     # -- engine events ----------------------------------------------------------------------------------
 
@@ -222,6 +247,7 @@ class Worker:
             last = self._last_metrics.get(job_id)
             metrics = {"train_loss": last.data["train_loss"]} if last is not None else {}
             self.store.add_checkpoint(CheckpointRecord(job_id, ev.step, ev.path, now, metrics))
+            self._saved_step[job_id] = ev.step
             self._event(job_id, f"Checkpoint saved at step {ev.step}")
         elif isinstance(ev, EarlyStopEvent):
             self._event(
@@ -236,7 +262,7 @@ class Worker:
             elif status == "succeeded":
                 st = self.engine.state(job_id)
                 done = self.store.transition(
-                    job_id, "succeeded", ["queued", "running"], finished_at=now, step=st.step,
+                    job_id, "succeeded", ["queued", "running", "paused"], finished_at=now, step=st.step,
                     total_steps=st.total_steps, trained_tokens=st.tokens,
                 )  # fmt: skip
                 if done:

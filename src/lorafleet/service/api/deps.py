@@ -26,6 +26,7 @@ __all__ = [
     "Service",
     "ServiceDep",
     "Tenant",
+    "checkpoint_model_id",
     "cursor",
     "model_name",
 ]
@@ -80,6 +81,11 @@ FileId = Annotated[str, PathParam(pattern=FILE_ID_PATTERN, description="file-<24
 JobId = Annotated[str, PathParam(pattern=JOB_ID_PATTERN, description="ftjob-<24 hex>")]
 AdapterId = Annotated[str, PathParam(pattern=ADAPTER_ID_PATTERN, description="adapter-[suffix-]<16 hex>")]
 Limit = Annotated[int, Query(ge=1, le=100, description="page size")]
+
+
+def checkpoint_model_id(adapter_id: str, step: int) -> str:
+    """The model id of a job's checkpoint at ``step``: ``<adapter id>:ckpt-step-<step>``."""
+    return f"{adapter_id}:ckpt-step-{step}"
 
 
 def cursor(value: str | None, prefix: str) -> int | None:
