@@ -17,7 +17,7 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
-from .api import adapters, dashboard, files, jobs, models
+from .api import adapters, dashboard, files, inference, jobs, models
 from .api.deps import Service, model_name
 from .api.limits import BodyLimit
 from .errors import ApiError, install_error_handlers
@@ -59,6 +59,6 @@ def create_app(settings: ServiceSettings, store: Store | None = None) -> FastAPI
     app.state.service = Service(store, dd, settings, model_name(settings.base_model))
     app.add_middleware(BodyLimit, upload_limit=settings.max_upload_bytes)
     install_error_handlers(app)
-    for module in (dashboard, files, jobs, models, adapters):
+    for module in (dashboard, files, jobs, models, inference, adapters):
         app.include_router(module.router)
     return app

@@ -60,6 +60,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         409: "conflict with the object's state",
         403: "not allowed (deleting the base model)",
         413: "request too large",
+        503: "the worker (inference) is not running",
     }.items()
 }
 

@@ -35,6 +35,7 @@ __all__ = [
     "AUTO_DEFAULTS",
     "BASE_LEARNING_RATE",
     "ENGINE_SEED",
+    "StrictRequest",
     "AdapterSettings",
     "JobCreate",
     "LorafleetSettings",
@@ -55,7 +56,7 @@ TargetModule = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_
 _Auto = Literal["auto"]
 
 
-class _Request(BaseModel):
+class StrictRequest(BaseModel):
     """A request object: unknown fields are refused, naming them and the nearest known field."""
 
     model_config = ConfigDict(extra="forbid")
@@ -78,7 +79,7 @@ class _Request(BaseModel):
         return data
 
 
-class AdapterSettings(_Request):
+class AdapterSettings(StrictRequest):
     """The adapter to train (LoRA or DoRA) on the served base model."""
 
     type: Literal["lora", "dora"] = Field("lora", description="lora, or dora (weight-decomposed LoRA)")
@@ -98,7 +99,7 @@ class AdapterSettings(_Request):
         return self
 
 
-class TrainingSettings(_Request):
+class TrainingSettings(StrictRequest):
     """Training settings beyond OpenAI's hyperparameters."""
 
     micro_batch_size: int | None = Field(
@@ -119,7 +120,7 @@ class TrainingSettings(_Request):
     )
 
 
-class PreferenceSettings(_Request):
+class PreferenceSettings(StrictRequest):
     """How a ``dpo`` job optimises its preference pairs."""
 
     objective: Literal["dpo", "orpo"] = Field("dpo", description="dpo, or orpo (odds ratio, no reference)")
@@ -127,7 +128,7 @@ class PreferenceSettings(_Request):
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="dpo with sigmoid loss only")
 
 
-class LorafleetSettings(_Request):
+class LorafleetSettings(StrictRequest):
     """The ``lorafleet`` extension field of a job."""
 
     adapter: AdapterSettings = Field(default_factory=AdapterSettings)
@@ -136,7 +137,7 @@ class LorafleetSettings(_Request):
     priority: int = Field(0, ge=-100, le=100, description="higher runs first when the engine is full")
 
 
-class SupervisedHyperparameters(_Request):
+class SupervisedHyperparameters(StrictRequest):
     batch_size: _Auto | int = Field("auto", description="examples per optimizer step (auto: 8)")
     learning_rate_multiplier: _Auto | float = Field(
         "auto", description=f"times the base learning rate {BASE_LEARNING_RATE} (auto: 1.0)"
@@ -148,15 +149,15 @@ class DpoHyperparameters(SupervisedHyperparameters):
     beta: _Auto | float = Field("auto", description="strength of the preference term (auto: 0.1)")
 
 
-class SupervisedMethod(_Request):
+class SupervisedMethod(StrictRequest):
     hyperparameters: SupervisedHyperparameters = Field(default_factory=SupervisedHyperparameters)
 
 
-class DpoMethod(_Request):
+class DpoMethod(StrictRequest):
     hyperparameters: DpoHyperparameters = Field(default_factory=DpoHyperparameters)
 
 
-class Method(_Request):
+class Method(StrictRequest):
     type: Literal["supervised", "dpo", "reinforcement"]
     supervised: SupervisedMethod | None = None
     dpo: DpoMethod | None = None
@@ -199,7 +200,7 @@ _EXTENSION_HOMES = {
 } | {"learning_rate": "learning_rate_multiplier (times 1e-4)"}
 
 
-class JobCreate(_Request):
+class JobCreate(StrictRequest):
     """``POST /v1/fine_tuning/jobs`` (see the module docstring)."""
 
     model: str | None = Field(None, max_length=512, description="the served base model (omit it or name it)")

@@ -15,7 +15,10 @@ Loop, top to bottom:
    - jobs the engine holds that the store says are ``paused``: they leave the engine (``cancel_task``, the
      store keeps ``paused``) right after their next checkpoint, or at once when nothing was trained since
      their last one; ``resume`` puts them back to ``queued`` and they are admitted again from it;
-2. ``Engine.run_once()``: one fused micro-batch over all running jobs (plus due optimizer steps);
+2. one decode step for every inference request in flight (``inference.py``: chat and completions, all
+   tenants in one continuous batch, each row its own adapter), then ``Engine.run_once()``: one fused
+   micro-batch over all running jobs (plus due optimizer steps). So a decode step waits for at most one
+   training micro-batch, and training goes on while requests are served;
 3. the engine's events (steps, status changes, checkpoints) go to the store as they happen, each before the
    engine goes on: a step's metrics are stored before that step's checkpoint is written, so a worker killed
    at any moment loses no step that its checkpoints hold (a resumed job trains the steps after its last
@@ -57,9 +60,15 @@ class Worker:
     """Runs jobs from ``store`` on one engine (see the module docstring)."""
 
     def __init__(
-        self, store: Store, data_dir: DataDir, settings: EngineSettings, poll_interval: float = 0.5
-    ) -> None:
+        self, store: Store, data_dir: DataDir, settings: EngineSettings, poll_interval: float = 0.5,
+        serve_inference: bool = True, adapter_cache_bytes: int = 1 << 30, max_inference_rows: int = 64,
+    ) -> None:  # fmt: skip
         self.store = store
+        self.serve_inference = serve_inference
+        self.adapter_cache_bytes = adapter_cache_bytes
+        self.max_inference_rows = max_inference_rows
+        self.inference: Any = None  # the InferenceServer, once the engine holds the model
+        self._wake = threading.Event()  # set when an inference request arrives
         self.dd = data_dir
         self.settings = settings
         self.poll_interval = poll_interval
@@ -76,18 +85,34 @@ class Worker:
     def run(self, stop: threading.Event) -> None:
         """Train until ``stop`` is set."""
         self._load_engine()
+        if self.serve_inference:
+            self._start_inference()
         next_sync = 0.0
         try:
             while not stop.is_set():
-                if time.monotonic() >= next_sync or not self._held:
+                serving = self.inference is not None and self.inference.busy
+                if time.monotonic() >= next_sync or not (self._held or serving):
                     self.sync()
                     next_sync = time.monotonic() + self.poll_interval
-                busy = self._step() if self._held else False
+                served = self.inference.step() if serving else False  # one decode step for all requests
+                busy = self._step() if self._held else False  # then at most one training micro-batch
                 self._leave_paused()
-                if not busy:
-                    stop.wait(self.poll_interval)
+                if not (busy or served or (self.inference is not None and self.inference.busy)):
+                    self._wake.wait(self.poll_interval)
+                    self._wake.clear()
         finally:
+            if self.inference is not None:
+                self.inference.close()
             self.engine.metrics.close()
+
+    def _start_inference(self) -> None:
+        from .inference import InferenceServer
+
+        self.inference = InferenceServer(
+            self.engine.model, self.engine.tokenizer, self.dd.inference_socket, self.adapter_cache_bytes,
+            self.max_inference_rows, wake=self._wake,
+        )  # fmt: skip
+        self.inference.start()
 
     def _load_engine(self) -> None:
         from ..train.engine import Engine
@@ -303,6 +328,7 @@ def _heartbeat(store: Store, worker: Worker, stop: threading.Event) -> None:
                     "time": time.time(),
                     "active_jobs": len(worker._held),
                     "message": worker.message,
+                    "inference": dict(worker.inference.stats) if worker.inference is not None else None,
                 },
             )
         except Exception:  # the store may be briefly locked; the next beat retries
@@ -358,6 +384,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrent-tasks", type=int, default=8)
     p.add_argument("--max-tokens-per-micro-batch", type=int, default=4096)
     p.add_argument("--poll-interval", type=float, default=0.5)
+    p.add_argument(
+        "--adapter-cache-mb", type=float, default=1024.0, help="inference adapters kept loaded (LRU)"
+    )
+    p.add_argument("--max-inference-rows", type=int, default=64, help="requests decoded together at most")
+    p.add_argument("--no-inference", action="store_true", help="train only: no chat/completions")
     p.add_argument("--num-threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     p.add_argument(
         "--parent-pid", type=int, default=None, help="exit when this process is no longer the parent"
@@ -386,7 +417,10 @@ def main(argv: list[str] | None = None) -> int:
         base_model=args.base_model, dtype=args.dtype, device=args.device,
         max_concurrent_tasks=args.max_concurrent_tasks, max_tokens_per_micro_batch=args.max_tokens_per_micro_batch,
     )  # fmt: skip
-    worker = Worker(store, dd, settings, poll_interval=args.poll_interval)
+    worker = Worker(
+        store, dd, settings, poll_interval=args.poll_interval, serve_inference=not args.no_inference,
+        adapter_cache_bytes=int(args.adapter_cache_mb * 1024 * 1024), max_inference_rows=args.max_inference_rows,
+    )  # fmt: skip
     beat = threading.Thread(target=_heartbeat, args=(store, worker, stop), daemon=True, name="heartbeat")
     beat.start()
     try:
