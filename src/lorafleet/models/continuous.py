@@ -37,9 +37,11 @@ class GenRow:
     top_p: float = 1.0
     seed: int = 0
     stop_ids: frozenset[int] = frozenset()
+    want_logprobs: bool = False  # record log p(token) of the unscaled distribution for every new token
     on_token: Callable[[GenRow, int], None] | None = None
     on_done: Callable[[GenRow, str], None] | None = None
     tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
     finish_reason: str | None = None  # set by a caller (e.g. a stop string matched) to end the row
     _generator: torch.Generator | None = None
     _next: int = -1  # the token to feed at the next decode step
@@ -116,6 +118,8 @@ class ContinuousBatcher:
             row.finish("stop")
             return
         row.tokens.append(tok)
+        if row.want_logprobs:
+            row.logprobs.append(float(torch.log_softmax(logits_V.float(), -1)[tok]))
         row._next = tok
         if row.on_token is not None:
             row.on_token(row, tok)

@@ -68,6 +68,8 @@ class _Sampling(StrictRequest):
 class ChatCompletionCreate(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    logprobs: bool = Field(False, description="log p of each new token, with its text and bytes")
+    top_logprobs: Literal[0] | None = Field(None, description="only 0: alternatives are not reported")
 
     def new_tokens(self) -> int:
         return self.max_completion_tokens or self.max_tokens or 256

@@ -46,6 +46,7 @@ class InferenceRequest:
     top_p: float = 1.0
     seed: int = 0
     stop: list[str] = field(default_factory=list)
+    logprobs: bool = False  # send {"type": "token", "token", "logprob", "bytes"} for every new token
 
 
 class _Reply:
@@ -121,6 +122,7 @@ class InferenceServer:
         self._inbox: queue.Queue[tuple[dict, _Reply]] = queue.Queue()
         self._loaded: OrderedDict[str, int] = OrderedDict()  # adapter name -> parameter bytes, LRU first
         self._sock: socket.socket | None = None
+        self._byte_of: dict[str, int] | None = None
         self.stats = {"requests": 0, "decode_steps": 0, "max_rows_in_step": 0, "max_adapters_in_step": 0}
 
     # -- the socket (its own threads) -------------------------------------------------------------------
@@ -200,7 +202,15 @@ class InferenceServer:
         stops = frozenset(_stop_ids(self.model, self.tok))
         reply.send({"type": "start", "prompt_tokens": len(prompt)})
 
-        def on_token(row: GenRow, _tok: int) -> None:
+        def on_token(row: GenRow, tok_id: int) -> None:
+            if req.logprobs:
+                raw = self._token_bytes(tok_id)
+                entry = {
+                    "token": raw.decode("utf-8", "replace"),
+                    "logprob": row.logprobs[-1],
+                    "bytes": list(raw),
+                }
+                reply.send({"type": "token", **entry, "top_logprobs": []})
             delta, hit = text.update(self.tok.decode(row.tokens, skip_special_tokens=True))
             if delta:
                 reply.send({"type": "delta", "text": delta})
@@ -221,9 +231,23 @@ class InferenceServer:
 
         row = GenRow(
             prompt, req.max_tokens, adapter=adapter, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-            stop_ids=stops, on_token=on_token, on_done=on_done,
+            stop_ids=stops, want_logprobs=req.logprobs, on_token=on_token, on_done=on_done,
         )  # fmt: skip
         self.batcher.add(row)
+
+    def _token_bytes(self, tok_id: int) -> bytes:
+        """The bytes token ``tok_id`` stands for: byte-level BPE spells bytes with GPT-2's alphabet,
+        SentencePiece writes ``<0xNN>`` byte fallbacks and a "\u2581" for a space."""
+        piece = self.tok.backend.id_to_token(int(tok_id)) or ""
+        if self._byte_of is None:
+            from ..models.tokenizer import _byte_alphabet
+
+            self._byte_of = {ch: b for b, ch in enumerate(_byte_alphabet())}
+        if piece and all(ch in self._byte_of for ch in piece):
+            return bytes(self._byte_of[ch] for ch in piece)
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            return bytes([int(piece[3:5], 16)])
+        return piece.replace("\u2581", " ").encode()
 
     def _prompt(self, req: InferenceRequest) -> list[int]:
         if req.kind == "chat":

@@ -83,6 +83,7 @@ async def _worker_request(svc: Service, tenant: str, body, kind: str) -> dict[st
     if m.job is not None and m.id != m.job.adapter_id:  # a checkpoint: no adapter_config.json of its own
         req["adapter_settings"] = m.job.spec["lorafleet"]["adapter"]
     if kind == "chat":
+        req["logprobs"] = body.logprobs
         req["messages"] = [{"role": msg.role, "content": msg.text()} for msg in body.messages]
     else:
         req["prompt"] = body.prompt
@@ -94,15 +95,17 @@ def _usage(done: dict[str, Any]) -> dict[str, int]:
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
-async def _collect(call: _WorkerCall) -> tuple[str, dict[str, Any]]:
-    parts = []
+async def _collect(call: _WorkerCall) -> tuple[str, dict[str, Any], list[dict[str, Any]]]:
+    parts, tokens = [], []
     try:
         while True:
             msg = await call.next()
             if msg["type"] == "delta":
                 parts.append(msg["text"])
+            elif msg["type"] == "token":
+                tokens.append({k: v for k, v in msg.items() if k != "type"})
             elif msg["type"] == "done":
-                return "".join(parts), msg
+                return "".join(parts), msg, tokens
     finally:
         call.close()
 
@@ -124,6 +127,8 @@ async def _stream(call: _WorkerCall, chunk, usage_chunk) -> AsyncIterator[bytes]
                 return  # the worker went away: the stream ends without [DONE], as a broken stream does
             if msg["type"] == "delta":
                 yield _sse(chunk(msg["text"], None))
+            elif msg["type"] == "token":
+                yield _sse(chunk("", None, {k: v for k, v in msg.items() if k != "type"}))
             elif msg["type"] == "done":
                 yield _sse(chunk("", msg["finish_reason"]))
                 extra = usage_chunk(msg)
@@ -142,17 +147,19 @@ async def create_chat_completion(body: ChatCompletionCreate, tenant_: Tenant, sv
     cid, created = "chatcmpl-" + secrets.token_hex(12), int(time.time())
     head = {"id": cid, "created": created, "model": body.model, "system_fingerprint": None}
     if not body.stream:
-        text, done = await _collect(call)
+        text, done, tokens = await _collect(call)
         choice = {
             "index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-            "finish_reason": done["finish_reason"], "logprobs": None,
+            "finish_reason": done["finish_reason"],
+            "logprobs": {"content": tokens, "refusal": None} if body.logprobs else None,
         }  # fmt: skip
         return {**head, "object": "chat.completion", "choices": [choice], "usage": _usage(done)}
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-    def chunk(text: str | None, finish: str | None) -> dict[str, Any]:
+    def chunk(text: str | None, finish: str | None, token: dict | None = None) -> dict[str, Any]:
         delta = {"role": "assistant", "content": ""} if text is None else ({"content": text} if text else {})
-        choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+        lp = {"content": [token], "refusal": None} if token is not None else None
+        choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": lp}
         return {**head, "object": "chat.completion.chunk", "choices": [choice]}
 
     def usage_chunk(done: dict[str, Any]) -> dict[str, Any] | None:
@@ -171,12 +178,12 @@ async def create_completion(body: CompletionCreate, tenant_: Tenant, svc: Servic
     head = {"id": cid, "object": "text_completion", "created": created, "model": body.model}
     prefix = body.prompt if body.echo else ""
     if not body.stream:
-        text, done = await _collect(call)
+        text, done, _ = await _collect(call)
         choice = {"index": 0, "text": prefix + text, "finish_reason": done["finish_reason"], "logprobs": None}
         return {**head, "choices": [choice], "usage": _usage(done)}
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-    def chunk(text: str | None, finish: str | None) -> dict[str, Any] | None:
+    def chunk(text: str | None, finish: str | None, token: dict | None = None) -> dict[str, Any] | None:
         if text is None:
             text = prefix
             if not text:

@@ -101,6 +101,35 @@ def _cli_generate(capsys, model_dir, adapter_dir, prompt: str, n: int) -> str:
     return next(line for line in out if line.startswith("[ft]")).removeprefix("[ft]").strip()
 
 
+def _gpt2_alphabet() -> dict[str, int]:
+    """Byte-level BPE's printable character for each byte (GPT-2's table, written out independently)."""
+    keep = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    extra = iter(range(256, 512))
+    return {(chr(b) if b in keep else chr(next(extra))): b for b in range(256)}
+
+
+def _generate_tokens(model_dir, adapter_dir, prompt: str, n: int) -> list[bytes]:
+    """The oracle: what `lorafleet generate` runs (greedy ``generate`` with the PEFT folder loaded), its ids
+    spelled as bytes through transformers' tokenizer."""
+    import transformers
+
+    from lorafleet.lora import load_peft
+    from lorafleet.models.generate import generate
+    from lorafleet.models.tokenizer import load_tokenizer
+
+    model = load_model(model_dir)
+    load_peft(model, adapter_dir, "ft")
+    tok = load_tokenizer(model_dir)
+    ids = tok.encode(
+        tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True),
+        add_special_tokens=False,
+    )
+    out = generate(model.eval(), tok, [ids], n, adapters=["ft"])[0]
+    hf = transformers.AutoTokenizer.from_pretrained(model_dir)
+    alphabet = _gpt2_alphabet()
+    return [bytes(alphabet[c] for c in piece) for piece in hf.convert_ids_to_tokens(out)]
+
+
 def test_fine_tune_and_serve_through_the_official_sdk(live, tmp_path, capsys):
     alice, bob = live.client("alice"), live.client("bob", max_retries=0)
     f = alice.files.create(
@@ -111,7 +140,7 @@ def test_fine_tune_and_serve_through_the_official_sdk(live, tmp_path, capsys):
     # the method form, with lorafleet's extension field through extra_body
     job = alice.fine_tuning.jobs.create(
         model=live.base, training_file=f.id, suffix="sdk", metadata={"team": "red"},
-        method={"type": "supervised", "supervised": {"hyperparameters": {"batch_size": 2, "n_epochs": "auto"}}},
+        method={"type": "supervised", "supervised": {"hyperparameters": {"batch_size": 2, "n_epochs": "auto", "learning_rate_multiplier": 20}}},
         extra_body={"lorafleet": {"adapter": {"rank": 4}, "training": TRAINING}},
     )  # fmt: skip
     assert job.status == "validating_files" and job.organization_id == "alice" and job.seed == 0
@@ -167,23 +196,33 @@ def test_fine_tune_and_serve_through_the_official_sdk(live, tmp_path, capsys):
     with pytest.raises(openai.NotFoundError):
         bob.chat.completions.create(model=done.fine_tuned_model, messages=[{"role": "user", "content": "hi"}])
 
-    # greedy chat through the API == `lorafleet generate` with the downloaded adapter
+    # greedy chat through the API == `lorafleet generate` with the downloaded adapter: the same text, and
+    # the same tokens (the API's logprobs bytes; generate's ids spelled by transformers' tokenizer)
     url = f"http://127.0.0.1:{live.port}/v1/adapters/{done.fine_tuned_model}/download"
     z = httpx.get(url, headers={"Authorization": f"Bearer {live.secrets['alice']}"})
     zipfile.ZipFile(io.BytesIO(z.content)).extractall(tmp_path)
+    adapter_dir = tmp_path / done.fine_tuned_model
     prompt = "what is 3 plus 3?"
     msgs = [{"role": "user", "content": prompt}]
     r = alice.chat.completions.create(
-        model=done.fine_tuned_model, messages=msgs, temperature=0, max_tokens=12
+        model=done.fine_tuned_model, messages=msgs, temperature=0, max_tokens=12, logprobs=True
     )
-    want = _cli_generate(capsys, live.model_dir, tmp_path / done.fine_tuned_model, prompt, 12)
-    assert r.choices[0].message.content.strip().replace("\n", " ") == want
-    assert (
-        r.usage.completion_tokens <= 12
-        and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert r.choices[0].message.content.strip().replace("\n", " ") == _cli_generate(
+        capsys, live.model_dir, adapter_dir, prompt, 12
     )
-    base = alice.chat.completions.create(model=live.base, messages=msgs, temperature=0, max_tokens=12)
-    assert base.choices[0].message.content != r.choices[0].message.content  # the adapter changed the answer
+    api_tokens = [bytes(t.bytes) for t in r.choices[0].logprobs.content]
+    assert api_tokens == _generate_tokens(live.model_dir, adapter_dir, prompt, 12)
+    assert len(api_tokens) == r.usage.completion_tokens and all(
+        t.logprob <= 0 for t in r.choices[0].logprobs.content
+    )
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    base = alice.chat.completions.create(
+        model=live.base, messages=msgs, temperature=0, max_tokens=12, logprobs=True
+    )
+    # the adapter is applied (after 4 small steps it moves the probabilities, if not yet the argmax)
+    assert [t.logprob for t in base.choices[0].logprobs.content] != [
+        t.logprob for t in r.choices[0].logprobs.content
+    ]
     stream = alice.chat.completions.create(
         model=done.fine_tuned_model, messages=msgs, temperature=0, max_tokens=12, stream=True,
         stream_options={"include_usage": True},
