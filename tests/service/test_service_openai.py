@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import socket
-import threading
 import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -19,18 +17,14 @@ import httpx
 import openai
 import pytest
 import torch
-import uvicorn
 
 from lorafleet.cli import main as cli_main
 from lorafleet.lora import AdapterSpec, adapter_parameters, add_adapter, save_peft
 from lorafleet.models import load_model
-from lorafleet.service import auth
-from lorafleet.service.app import ServiceSettings, create_app
-from lorafleet.service.files import DataDir, new_adapter_id, new_job_id
+from lorafleet.service.files import new_adapter_id, new_job_id
+from lorafleet.service.inprocess import InProcessService
 from lorafleet.service.jobrequest import JobCreate
-from lorafleet.service.jobspec import EngineSettings
 from lorafleet.service.store import JobRecord
-from lorafleet.service.worker import Worker
 
 pytestmark = pytest.mark.slow
 
@@ -38,47 +32,21 @@ ROWS = [{"prompt": f"what is {i} plus {i}?", "completion": f" {2 * i}"} for i in
 TRAINING = {"max_steps": 4, "save_every_steps": 2, "max_seq_len": 32}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Live:
-    """API on a real port + a worker thread over one data folder; ``client(tenant)`` is an SDK client."""
+class Live(InProcessService):
+    """The service on a real port; ``client(tenant)`` is an official SDK client."""
 
     def __init__(self, root, model_dir) -> None:
+        super().__init__(root, str(model_dir))
         self.model_dir = model_dir
-        self.app = create_app(ServiceSettings(root, str(model_dir)))
-        self.store, self.dd = self.app.state.store, DataDir(root)
-        self.secrets = {t: auth.create_token(self.store, t)[1] for t in ("alice", "bob")}
-        self.worker = Worker(
-            self.store, self.dd, EngineSettings(base_model=str(model_dir)), poll_interval=0.05
-        )
-        self.stop = threading.Event()
-        self.worker_thread = threading.Thread(target=self.worker.run, args=(self.stop,), daemon=True)
-        self.worker_thread.start()
-        self.port = _free_port()
-        self.server = uvicorn.Server(uvicorn.Config(self.app, port=self.port, log_level="warning"))
-        threading.Thread(target=self.server.run, daemon=True).start()
-        deadline = time.monotonic() + 60
-        while not (self.server.started and self.worker.inference is not None):
-            assert time.monotonic() < deadline, "server or worker did not start"
-            time.sleep(0.05)
-        self.base = self.app.state.service.served_model
+        self.secrets = {t: self.token(t) for t in ("alice", "bob")}
 
     def client(self, tenant: str, **kw) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key=self.secrets[tenant], **kw)
-
-    def close(self) -> None:
-        self.server.should_exit = True
-        self.stop.set()
-        self.worker_thread.join(timeout=30)
+        return openai.OpenAI(base_url=self.url, api_key=self.secrets[tenant], **kw)
 
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory, tiny_model_dir):
-    s = Live(tmp_path_factory.mktemp("openai") / "data", tiny_model_dir)
+    s = Live(tmp_path_factory.mktemp("openai") / "data", tiny_model_dir).start()
     yield s
     s.close()
 
