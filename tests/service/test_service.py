@@ -18,39 +18,21 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
+from helpers.service import ROWS, api_client
+from helpers.service import error_message as _error
+from helpers.service import jsonl as _jsonl
+from helpers.service import upload as _upload
 from lorafleet.service import auth
 from lorafleet.service.app import ServiceSettings, create_app
 from lorafleet.service.files import DataDir, UploadError, safe_child, save_upload
 from lorafleet.service.store import EventRecord, JobRecord, SQLiteStore
 
-ROWS = [{"prompt": f"what is {i} plus {i}?", "completion": f" {2 * i}"} for i in range(6)]
-
-
-def _jsonl(rows) -> bytes:
-    return ("\n".join(json.dumps(r) for r in rows) + "\n").encode()
-
 
 @pytest.fixture()
 def api(tmp_path):
     """(client, {tenant: headers}, app) over a fresh data folder, upload limit 4 KiB."""
-    app = create_app(ServiceSettings(tmp_path / "data", str(tmp_path / "tiny-model"), max_upload_bytes=4096))
-    headers = {}
-    for tenant in ("alice", "bob"):
-        _, secret = auth.create_token(app.state.store, tenant)
-        headers[tenant] = {"Authorization": f"Bearer {secret}"}
-    with TestClient(app) as client:
-        yield client, headers, app
-
-
-def _upload(client, headers, data: bytes, name="train.jsonl"):
-    return client.post("/v1/files", headers=headers, files={"file": (name, data, "application/jsonl")})
-
-
-def _error(r) -> str:
-    body = r.json()
-    assert set(body) == {"error"}, body
-    assert body["error"]["message"], body
-    return body["error"]["message"]
+    with api_client(tmp_path) as got:
+        yield got
 
 
 # -- store ------------------------------------------------------------------------------------------------
@@ -472,36 +454,3 @@ def test_worker_stores_each_step_before_checkpointing_it(tmp_path, tiny_llama_di
         worker._step()
     assert store.get_job_any(job_id).status == "succeeded", store.get_job_any(job_id)
     assert stored_at_save == [(2, [1, 2]), (4, [1, 2, 3, 4])]
-
-
-def test_models_pause_resume_and_inference_errors_without_a_worker(api):
-    client, h, _ = api
-    fid = _upload(client, h["alice"], _jsonl(ROWS)).json()["id"]
-    job = client.post("/v1/fine_tuning/jobs", headers=h["alice"], json={"training_file": fid}).json()
-    base = job["model"]
-    models = client.get("/v1/models", headers=h["alice"]).json()
-    assert models["object"] == "list" and [m["id"] for m in models["data"]] == [base]
-    assert client.get(f"/v1/models/{base}", headers=h["bob"]).json()["owned_by"] == "lorafleet"
-    r = client.get("/v1/models/adapter-" + "0" * 16, headers=h["alice"])
-    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
-    assert client.delete(f"/v1/models/{base}", headers=h["alice"]).status_code == 403
-    # pause before the job started: paused at once; resume: queued again; only paused jobs resume
-    jid = job["id"]
-    assert client.post(f"/v1/fine_tuning/jobs/{jid}/pause", headers=h["bob"]).status_code == 404
-    assert client.post(f"/v1/fine_tuning/jobs/{jid}/pause", headers=h["alice"]).json()["status"] == "paused"
-    assert client.post(f"/v1/fine_tuning/jobs/{jid}/pause", headers=h["alice"]).status_code == 409
-    assert client.post(f"/v1/fine_tuning/jobs/{jid}/resume", headers=h["alice"]).json()["status"] == "queued"
-    assert client.post(f"/v1/fine_tuning/jobs/{jid}/resume", headers=h["alice"]).status_code == 409
-    msgs = [{"role": "user", "content": "hi"}]
-    r = client.post("/v1/chat/completions", headers=h["alice"], json={"model": base, "messages": msgs})
-    assert r.status_code == 503 and "worker is not available" in _error(r)
-    for body, expect in [
-        ({"model": base, "messages": msgs, "n": 2}, "n"),
-        ({"model": base, "messages": msgs, "temprature": 0}, "did you mean 'temperature'"),
-        ({"model": base, "messages": msgs, "stop": ["a"] * 5}, "up to 4"),
-        ({"model": base, "messages": []}, "messages"),
-    ]:
-        r = client.post("/v1/chat/completions", headers=h["alice"], json=body)
-        assert r.status_code == 400 and expect in _error(r), (body, r.text)
-    r = client.post("/v1/completions", headers=h["bob"], json={"model": "adapter-" + "1" * 16, "prompt": "x"})
-    assert r.status_code == 404

@@ -36,7 +36,7 @@ def succeeded_adapter_job(svc: Service, tenant: str, adapter_id: str) -> JobReco
 
 
 def _adapter_object(job: JobRecord) -> AdapterObject:
-    a = job.spec["adapter"]
+    a = job.spec["lorafleet"]["adapter"]
     return AdapterObject(
         id=job.adapter_id, created_at=int(job.finished_at or job.created_at), fine_tuning_job_id=job.id,
         base_model=job.spec["model"], type=a["type"], rank=a["rank"],
