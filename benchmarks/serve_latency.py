@@ -66,6 +66,7 @@ def run(args: argparse.Namespace) -> dict:
             for i in range(args.adapters)
         ]
         models = [svc.base] + [_wait(client, j.id, {"succeeded"}).fine_tuned_model for j in jobs]
+        print(f"trained {len(jobs)} fine-tuned models", file=sys.stderr, flush=True)
         background = client.fine_tuning.jobs.create(
             model=svc.base, training_file=f.id, hyperparameters=hp,
             extra_body={"lorafleet": {"training": {**training, "max_steps": 1_000_000}}},
@@ -80,7 +81,9 @@ def run(args: argparse.Namespace) -> dict:
             )  # fmt: skip
             return time.perf_counter() - t0, r.usage.completion_tokens
 
-        ask(0)  # warm-up: loads an adapter, fills caches
+        for i in range(len(models)):  # warm-up: every adapter loaded once
+            ask(i)
+        print("warm; sending the burst", file=sys.stderr, flush=True)
         step0 = svc.store.get_job_any(background.id).step
         stats0 = dict(svc.worker.inference.stats)
         t0 = time.perf_counter()

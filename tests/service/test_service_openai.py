@@ -287,4 +287,10 @@ def test_16_concurrent_chats_over_4_adapters_share_decode_steps_while_training(l
           f"{stats['max_adapters_in_step']}, decode steps {stats['decode_steps'] - before['decode_steps']}")  # fmt: skip
     assert stats["max_rows_in_step"] >= 8 and stats["max_adapters_in_step"] >= 3
     assert live.store.get_job_any(train.id).step > step0  # training went on meanwhile
+    # a budget of one adapter: each request loads its adapter on demand and evicts the least recently used
+    inf = live.worker.inference
+    assert len(inf.loaded_adapters) == 4
+    inf.budget = max(inf._loaded.values())
+    assert [ask(r) for r in requests[:5]] == alone[:5]
+    assert len(inf.loaded_adapters) == 1 and inf.loaded_adapters[0].endswith(adapters[3])
     alice.fine_tuning.jobs.cancel(train.id)
