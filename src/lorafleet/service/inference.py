@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import socket
 import threading
@@ -131,6 +132,7 @@ class InferenceServer:
         self.socket_path.unlink(missing_ok=True)
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.bind(str(self.socket_path))
+        os.chmod(self.socket_path, 0o600)  # only this user's processes (the API) may ask the worker
         self._sock.listen(256)
         threading.Thread(target=self._accept, daemon=True, name="inference-accept").start()
 
