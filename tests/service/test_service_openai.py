@@ -254,7 +254,7 @@ def _random_adapter(live: Live, tenant: str, rank: int, seed: int) -> str:
     return adapter_id
 
 
-def test_16_concurrent_chats_over_4_adapters_share_decode_steps_while_training(live):
+def test_16_concurrent_chats_over_4_adapters_share_decode_steps_while_training(live, capsys):
     alice = live.client("alice")
     adapters = [_random_adapter(live, "alice", rank, seed) for rank, seed in [(2, 1), (4, 2), (8, 3), (4, 4)]]
     f = alice.files.create(
@@ -293,4 +293,15 @@ def test_16_concurrent_chats_over_4_adapters_share_decode_steps_while_training(l
     inf.budget = max(inf._loaded.values())
     assert [ask(r) for r in requests[:5]] == alone[:5]
     assert len(inf.loaded_adapters) == 1 and inf.loaded_adapters[0].endswith(adapters[3])
+    # the command-line client pauses and resumes too
+    cli = ["--url", live.url.removesuffix("/v1"), "--token", live.secrets["alice"]]
+    capsys.readouterr()
+    assert cli_main(["jobs", "pause", train.id, *cli]) == 0 and capsys.readouterr().out.split() == [
+        train.id,
+        "paused",
+    ]
+    assert cli_main(["jobs", "resume", train.id, *cli]) == 0 and capsys.readouterr().out.split() == [
+        train.id,
+        "queued",
+    ]
     alice.fine_tuning.jobs.cancel(train.id)

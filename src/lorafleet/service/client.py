@@ -97,6 +97,12 @@ class Client:
     def cancel_job(self, job_id: str) -> dict:
         return self._call("POST", f"/v1/fine_tuning/jobs/{_id(job_id)}/cancel")
 
+    def pause_job(self, job_id: str) -> dict:
+        return self._call("POST", f"/v1/fine_tuning/jobs/{_id(job_id)}/pause")
+
+    def resume_job(self, job_id: str) -> dict:
+        return self._call("POST", f"/v1/fine_tuning/jobs/{_id(job_id)}/resume")
+
     def events(self, job_id: str, after: str | None = None, limit: int = 100, order: str = "desc") -> dict:
         params = _params(after=after, limit=limit, order=order)
         return self._call("GET", f"/v1/fine_tuning/jobs/{_id(job_id)}/events", params=params)
@@ -256,6 +262,18 @@ def _cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pause(args: argparse.Namespace) -> int:
+    job = _client(args).pause_job(args.id)
+    _print_json(job) if args.json else print(f"{job['id']} {job['status']}")
+    return 0
+
+
+def _cmd_resume(args: argparse.Namespace) -> int:
+    job = _client(args).resume_job(args.id)
+    _print_json(job) if args.json else print(f"{job['id']} {job['status']}")
+    return 0
+
+
 def _cmd_download(args: argparse.Namespace) -> int:
     client = _client(args)
     adapter_id = args.id
@@ -270,7 +288,7 @@ def _cmd_download(args: argparse.Namespace) -> int:
 
 
 def add_jobs_command(sub) -> None:
-    """Register ``lorafleet jobs create|list|show|cancel|download`` on an argparse subparsers object."""
+    """Register ``lorafleet jobs create|list|show|cancel|pause|resume|download`` on an argparse subparsers object."""
     p = sub.add_parser("jobs", help="fine-tuning jobs on a `lorafleet serve` server (REST client)")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", default=os.environ.get("LORAFLEET_URL", "http://127.0.0.1:8000"),
@@ -321,6 +339,14 @@ def add_jobs_command(sub) -> None:
     x = jobs.add_parser("cancel", parents=[common], help="cancel a job that has not finished")
     x.add_argument("id")
     x.set_defaults(func=_cmd_cancel)
+
+    ps = jobs.add_parser("pause", parents=[common], help="pause a job at its next checkpoint")
+    ps.add_argument("id")
+    ps.set_defaults(func=_cmd_pause)
+
+    rs = jobs.add_parser("resume", parents=[common], help="resume a paused job from its checkpoint")
+    rs.add_argument("id")
+    rs.set_defaults(func=_cmd_resume)
 
     d = jobs.add_parser("download", parents=[common], help="download a job's adapter (PEFT folder)")
     d.add_argument("id", help="a job id or an adapter id")
