@@ -8,7 +8,8 @@ What it does, all through the official ``openai`` SDK against the in-process ser
 (``lorafleet.service.inprocess``: the API under uvicorn on a loopback port, the worker in a thread):
 trains ``--adapters`` small fine-tuned models (a few steps each), starts a long training job, then sends
 ``--requests`` chat requests (greedy, ``--max-tokens`` each, models round-robin over the fine-tuned models
-and the base) from ``--concurrency`` client threads. Reported: per-request latency p50 / p99 (request sent
+and the base) from ``--concurrency`` client threads. (With training, every decode step waits for one
+training micro-batch: on a slow CPU that dominates the latency; ``--no-training`` measures inference alone.) Reported: per-request latency p50 / p99 (request sent
 to last byte), completion tokens per second over the burst, the most rows and adapters that shared one decode
 step, and the training job's steps during the burst. Writes ``benchmarks/results/serve_latency.json``.
 """
@@ -67,11 +68,16 @@ def run(args: argparse.Namespace) -> dict:
         ]
         models = [svc.base] + [_wait(client, j.id, {"succeeded"}).fine_tuned_model for j in jobs]
         print(f"trained {len(jobs)} fine-tuned models", file=sys.stderr, flush=True)
-        background = client.fine_tuning.jobs.create(
-            model=svc.base, training_file=f.id, hyperparameters=hp,
-            extra_body={"lorafleet": {"training": {**training, "max_steps": 1_000_000}}},
-        )  # fmt: skip
-        _wait(client, background.id, {"running"})
+        background = None
+        if not args.no_training:
+            background = client.fine_tuning.jobs.create(
+                model=svc.base, training_file=f.id, hyperparameters=hp,
+                extra_body={"lorafleet": {"training": {**training, "max_steps": 1_000_000}}},
+            )  # fmt: skip
+            _wait(client, background.id, {"running"})
+
+        def train_step() -> int:
+            return svc.store.get_job_any(background.id).step if background is not None else 0
 
         def ask(i: int) -> tuple[float, int]:
             t0 = time.perf_counter()
@@ -84,14 +90,15 @@ def run(args: argparse.Namespace) -> dict:
         for i in range(len(models)):  # warm-up: every adapter loaded once
             ask(i)
         print("warm; sending the burst", file=sys.stderr, flush=True)
-        step0 = svc.store.get_job_any(background.id).step
+        step0 = train_step()
         stats0 = dict(svc.worker.inference.stats)
         t0 = time.perf_counter()
         with ThreadPoolExecutor(args.concurrency) as pool:
             results = list(pool.map(ask, range(args.requests)))
         wall = time.perf_counter() - t0
-        steps = svc.store.get_job_any(background.id).step - step0
-        client.fine_tuning.jobs.cancel(background.id)
+        steps = train_step() - step0
+        if background is not None:
+            client.fine_tuning.jobs.cancel(background.id)
         stats = svc.worker.inference.stats
     lat = [r[0] for r in results]
     tokens = sum(r[1] for r in results)
@@ -103,7 +110,7 @@ def run(args: argparse.Namespace) -> dict:
         "max_rows_in_decode_step": stats["max_rows_in_step"],
         "max_adapters_in_decode_step": stats["max_adapters_in_step"],
         "decode_steps": stats["decode_steps"] - stats0["decode_steps"],
-        "training_steps_during_burst": steps,
+        "training_during_burst": background is not None, "training_steps_during_burst": steps,
     }  # fmt: skip
 
 
@@ -117,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=32)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--no-training", action="store_true", help="no training job during the burst")
     p.add_argument("--output", default=str(Path(__file__).parent / "results" / "serve_latency.json"))
     args = p.parse_args(argv)
     result = run(args)
