@@ -289,7 +289,7 @@ def test_16_concurrent_chats_over_4_adapters_share_decode_steps_while_training(l
     assert live.store.get_job_any(train.id).step > step0  # training went on meanwhile
     # a budget of one adapter: each request loads its adapter on demand and evicts the least recently used
     inf = live.worker.inference
-    assert len(inf.loaded_adapters) == 4
+    assert all(any(name.endswith(a) for name in inf.loaded_adapters) for a in adapters)
     inf.budget = max(inf._loaded.values())
     assert [ask(r) for r in requests[:5]] == alone[:5]
     assert len(inf.loaded_adapters) == 1 and inf.loaded_adapters[0].endswith(adapters[3])
