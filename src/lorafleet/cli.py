@@ -143,7 +143,7 @@ def _add_demo(sub) -> None:
 
 
 def _add_export(sub) -> None:
-    from .export import add_export_command
+    from .export_cli import add_export_command
 
     add_export_command(sub)
 
