@@ -6,14 +6,21 @@ Run from the repository root:
     .venv/bin/python benchmarks/fused_op.py                  # T=4096, d=2048, r=16, K in {1,4,8,16}: minutes
     .venv/bin/python benchmarks/fused_op.py --device cuda    # on a GPU (default: cuda when present)
     .venv/bin/python benchmarks/fused_op.py --merge a.json b.json   # best of several runs, on a busy machine
+    .venv/bin/python benchmarks/fused_op.py --quick --masks  # also: keyed dropout masks against bernoulli_
 
 Each case times one forward+backward of a [T, d] x [d, d] projection whose T rows are split evenly among K
 adapters of rank r (x requires grad, as inside a network; the base weight is frozen), for:
 
     base      the frozen linear alone: y = x W^T, dx = g W (the floor; LoRA overhead is measured against it)
     fused     lorafleet's FusedLoRALinear (one base matmul, per-segment low-rank updates, custom backward)
+    dropout   the same layer with adapter dropout ``--dropout`` (default 0.1) on every adapter, training mode
+              (keyed masks: computed in the forward, recomputed in the backward, nothing kept)
     peft      PEFT's own ``lora.Linear`` with K adapters called with ``adapter_names`` (its mixed-batch loop)
     separate  each adapter's rows run on their own, as K single-adapter jobs would (plain autograd), summed
+
+The batch is packed sequences of 256 tokens (``FusedBatch``), so the dropout variant hashes real sequence
+keys and positions. ``--masks`` adds a table of the mask alone: ``lorafleet.masks.keep_mask`` for [T, d]
+against ``torch.empty(T, d, dtype=bool).bernoulli_`` (what the fused layer drew before keyed masks).
 
 Timings are the minimum over ``--reps`` repetitions; the variants and the cases are interleaved (every
 repetition visits every case), so load from other processes spreads over all of them. Every repetition is
@@ -30,13 +37,12 @@ import statistics
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorafleet.batch import Segment
+from lorafleet.batch import FusedBatch, Segment, SequenceInfo
 from lorafleet.lora import AdapterSpec, FusedLoRALinear
 from lorafleet.models.decoder import Linear
 
@@ -48,6 +54,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def _packed(t: int, segments: list[Segment], device: torch.device) -> FusedBatch:
+    """T rows as packed sequences of up to 256 tokens, one SequenceInfo each; ``segments`` as given."""
+    lens = [min(256, t - a) for a in range(0, t, 256)]
+    cu = torch.tensor([0, *[sum(lens[: i + 1]) for i in range(len(lens))]], device=device)
+    return FusedBatch(
+        input_ids=torch.zeros(t, dtype=torch.long, device=device),
+        positions=torch.cat([torch.arange(n, device=device) for n in lens]),
+        cu_seqlens=cu,
+        segments=tuple(segments),
+        sequences=tuple(SequenceInfo(task="bench", example=i, role="sft") for i in range(len(lens))),
+    )
+
+
 def _bounds(t: int, k: int) -> list[tuple[int, int]]:
     cuts = [round(i * t / k) for i in range(k + 1)]
     return list(zip(cuts[:-1], cuts[1:]))
@@ -56,7 +75,9 @@ def _bounds(t: int, k: int) -> list[tuple[int, int]]:
 class _Case:
     """The tensors and callables of one (dtype, K) case; each callable runs forward + backward once."""
 
-    def __init__(self, t: int, d: int, r: int, k: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self, t: int, d: int, r: int, k: int, dtype: torch.dtype, device: torch.device, dropout: float = 0.1
+    ) -> None:
         g = torch.Generator().manual_seed(0)
         self.device = device
         self.weight = (torch.randn(d, d, generator=g) / d**0.5).to(device, dtype)
@@ -71,12 +92,14 @@ class _Case:
         base = Linear(d, d, False, dtype, device)
         base.weight.data.copy_(self.weight)
         self.fused = FusedLoRALinear(base)
+        self.dropped = FusedLoRALinear(base)
         for n, ai, bi in zip(names, a, b):
             spec = AdapterSpec(n, rank=r, alpha=self.scaling * r, target_modules=("q_proj",))
             self.fused.add(spec, ai.to(device, dtype), bi.to(device, dtype))
-        self.batch = SimpleNamespace(
-            segments=tuple(Segment(n, s, e) for n, (s, e) in zip(names, self.bounds))
-        )
+            spec = AdapterSpec(n, rank=r, alpha=self.scaling * r, dropout=dropout, target_modules=("q_proj",))
+            self.dropped.add(spec, ai.to(device, dtype), bi.to(device, dtype))
+        self.dropped.train()
+        self.batch = _packed(t, [Segment(n, s, e) for n, (s, e) in zip(names, self.bounds)], device)
 
         from peft import LoraConfig
         from peft.tuners.lora.layer import Linear as PeftLinear
@@ -96,7 +119,13 @@ class _Case:
 
         self.sep_a = [ai.to(device, dtype).requires_grad_(True) for ai in a]
         self.sep_b = [bi.to(device, dtype).requires_grad_(True) for bi in b]
-        self.params = [*self.fused.parameters(), *self.peft.parameters(), *self.sep_a, *self.sep_b]
+        self.params = [
+            *self.fused.parameters(),
+            *self.dropped.parameters(),
+            *self.peft.parameters(),
+            *self.sep_a,
+            *self.sep_b,
+        ]
 
     def _clear(self) -> None:
         self.x.grad = None
@@ -133,6 +162,9 @@ class _Case:
     def run_fused(self) -> None:
         self.fused(self.x, self.batch).backward(self.grad)
 
+    def run_dropout(self) -> None:
+        self.dropped(self.x, self.batch).backward(self.grad)
+
     def run_peft(self) -> None:
         self.peft(self.x, adapter_names=self.peft_names).backward(self.grad)
 
@@ -156,15 +188,16 @@ def run(args: argparse.Namespace) -> dict:
     # This process's CPU time leaves out the time other processes hold the cores (not their pressure on
     # caches and memory), but it counts every thread's time, spinning ones too: one thread only.
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    variants = ["base", "fused", "peft", "separate"]
+    variants = ["base", "fused", "dropout", "peft", "separate"]
     cases = []
     for dname in args.dtypes:
         for k in args.ks:
-            case = _Case(args.tokens, args.dim, args.rank, k, _DTYPES[dname], device)
+            case = _Case(args.tokens, args.dim, args.rank, k, _DTYPES[dname], device, args.dropout)
             case.check()
             fns = {
                 "base": case.base,
                 "fused": case.run_fused,
+                "dropout": case.run_dropout,
                 "peft": case.run_peft,
                 "separate": case.separate,
             }
@@ -182,6 +215,7 @@ def run(args: argparse.Namespace) -> dict:
     for dname, k, _, _, times in cases:
         results.append(_row(dname, k, {v: [1e3 * t for t in ts] for v, ts in times.items()}))
         print(_format_row(results[-1]), flush=True)
+    masks = _time_masks(args, device, clock) if args.masks else None
     return {
         "benchmark": "fused_op",
         "date": datetime.now(UTC).strftime("%Y-%m-%d"),
@@ -192,8 +226,35 @@ def run(args: argparse.Namespace) -> dict:
         "rank": args.rank,
         "reps": args.reps,
         "clock": args.clock,
+        "dropout": args.dropout,
         "results": results,
+        **({"masks": masks} if masks is not None else {}),
     }
+
+
+def _time_masks(args: argparse.Namespace, device: torch.device, clock) -> list[dict]:
+    """ms per [T, d] keep-mask: keyed (``lorafleet.masks.keep_mask``) against ``bernoulli_``."""
+    from lorafleet.masks import MaskSite, keep_mask
+
+    rows = _packed(args.tokens, [], device).dropout_rows
+    p, t, d = args.dropout, args.tokens, args.dim
+
+    fns = {
+        "keyed": lambda: keep_mask(rows, MaskSite(3, 1), d, p),
+        "bernoulli_": lambda: torch.empty(t, d, dtype=torch.bool, device=device).bernoulli_(1.0 - p),
+    }
+    times: dict[str, list[float]] = {v: [] for v in fns}
+    for rep in range(args.warmup + max(args.reps, 5)):
+        for v, fn in fns.items():
+            _sync(device)
+            t0 = clock()
+            fn()
+            _sync(device)
+            if rep >= args.warmup:
+                times[v].append(1e3 * (clock() - t0))
+    out = [{"mask": v, "ms": min(ts), "median_ms": statistics.median(ts)} for v, ts in times.items()]
+    print(f"\nmask [{t}, {d}], p = {p}: " + ", ".join(f"{r['mask']} {r['ms']:.2f} ms" for r in out))
+    return out
 
 
 def _row(dname: str, k: int, all_ms: dict[str, list[float]]) -> dict:
@@ -205,6 +266,7 @@ def _row(dname: str, k: int, all_ms: dict[str, list[float]]) -> dict:
         "median_ms": {v: statistics.median(ts) for v, ts in all_ms.items()},
         "all_ms": all_ms,
         "lora_overhead": best["fused"] / best["base"] - 1.0,
+        "dropout_cost": best["dropout"] / best["fused"] - 1.0 if "dropout" in best else None,
         "speedup_vs_peft": best["peft"] / best["fused"],
         "speedup_vs_separate": best["separate"] / best["fused"],
     }
@@ -243,16 +305,18 @@ def _cpu_name() -> str:
 
 
 _HEADER = (
-    "| dtype | K | base ms | fused ms | PEFT loop ms | separate ms | LoRA overhead | fused vs PEFT | fused vs separate |\n"
-    "|---|---|---|---|---|---|---|---|---|"
+    "| dtype | K | base ms | fused ms | fused, dropout ms | PEFT loop ms | separate ms | LoRA overhead "
+    "| dropout cost | fused vs PEFT | fused vs separate |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
 def _format_row(row: dict) -> str:
     ms = row["ms"]
     return (
-        f"| {row['dtype']} | {row['K']} | {ms['base']:.1f} | {ms['fused']:.1f} | {ms['peft']:.1f} | "
-        f"{ms['separate']:.1f} | {100 * row['lora_overhead']:+.1f}% | {row['speedup_vs_peft']:.2f}x | "
+        f"| {row['dtype']} | {row['K']} | {ms['base']:.1f} | {ms['fused']:.1f} | {ms.get('dropout', float('nan')):.1f} | "
+        f"{ms['peft']:.1f} | {ms['separate']:.1f} | {100 * row['lora_overhead']:+.1f}% | "
+        f"{100 * (row.get('dropout_cost') or float('nan')):+.1f}% | {row['speedup_vs_peft']:.2f}x | "
         f"{row['speedup_vs_separate']:.2f}x |"
     )
 
@@ -266,6 +330,10 @@ def main() -> None:
     p.add_argument("--ks", type=int, nargs="+", default=[1, 4, 8, 16])
     p.add_argument("--dtypes", nargs="+", choices=list(_DTYPES), default=list(_DTYPES))
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--dropout", type=float, default=0.1, help="adapter dropout of the 'dropout' variant")
+    p.add_argument(
+        "--masks", action="store_true", help="also time the dropout mask alone (keyed vs bernoulli_)"
+    )
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     p.add_argument(

@@ -120,13 +120,13 @@ def _check_fused_layer(
     oracle: str,
 ):
     """The fused layer on the Triton path against ``oracle``: "reference" (``reference_fused_lora``) or
-    "torch" (the PyTorch fast path). On CUDA ``F.dropout`` draws its masks with a fused kernel, not with
-    ``bernoulli_`` as both fast paths do, so with dropout the oracle there is the PyTorch path (itself
-    checked against the reference on the CPU, where the draws agree)."""
+    "torch" (the PyTorch fast path). Dropout masks are keyed (``lorafleet.masks``): all three apply the
+    same masks, computed from the batch's ``dropout_rows`` (one sequence key per 64 rows here)."""
     import torch
 
     from lorafleet.batch import Segment
     from lorafleet.lora import AdapterSpec, FusedLoRALinear, reference_fused_lora
+    from lorafleet.masks import MaskSite, sequence_key, token_rows
     from lorafleet.models.decoder import Linear
 
     i_dim, o_dim = dims
@@ -134,7 +134,7 @@ def _check_fused_layer(
     base = Linear(i_dim, o_dim, True, dtype, device)
     base.weight.data.copy_((torch.randn(o_dim, i_dim, generator=g) / math.sqrt(i_dim)).to(device, dtype))
     base.bias.data.copy_(torch.randn(o_dim, generator=g).to(device, dtype))
-    layer = FusedLoRALinear(base)
+    layer = FusedLoRALinear(base, MaskSite(1, 2))
     names = [f"a{k}" for k in range(len(ranks))]
     for k, (name, r) in enumerate(zip(names, ranks)):
         spec = AdapterSpec(name, rank=r, alpha=2.0 * r, dropout=dropout * (k % 2))
@@ -145,7 +145,10 @@ def _check_fused_layer(
     for name, n in _mix_lengths(mix, names, total):
         segs.append(Segment(name, cursor, cursor + n))
         cursor += n
-    batch = SimpleNamespace(segments=tuple(segs))
+    lens = [min(64, cursor - a) for a in range(0, cursor, 64)]
+    keys = [sequence_key(5, 0, i, "sft") for i in range(len(lens))]
+    rows = token_rows(keys, lens, torch.cat([torch.arange(n) for n in lens]).to(device))
+    batch = SimpleNamespace(segments=tuple(segs), dropout_rows=rows)
     x = torch.randn(cursor, i_dim, generator=g).to(device, dtype)
     grad = torch.randn(cursor, o_dim, generator=g).to(device, dtype)
 
@@ -300,7 +303,7 @@ def part_correctness(run: _Run, device) -> None:
         _check_fused_layer(
             run, device, dtype, mix, ranks, dims[j % len(dims)], t, 0.0 if big else 0.1, "reference"
         )
-    if big:  # dropout: the same masks on both fast paths (see _check_fused_layer)
+    if big:  # dropout: the same keyed masks on both fast paths (see _check_fused_layer)
         for dtype, j in [(torch.bfloat16, 1), (torch.float32, 4)]:
             mix, ranks = cases[j]
             _check_fused_layer(run, device, dtype, mix, ranks, dims[j % len(dims)], t, 0.1, "torch")

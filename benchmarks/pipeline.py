@@ -113,14 +113,15 @@ def _single(cfg_path: Path) -> dict[str, Any]:
 
     from lorafleet.config import load_config
     from lorafleet.train.engine import Engine
+    from lorafleet.train.events import StatusEvent
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     engine = Engine(load_config(cfg_path), tensorboard=False)
     finish: dict[str, float] = {}
     engine.subscribe(
         lambda e: (
-            finish.setdefault(e["task"], time.time() - tic)
-            if e.get("type") == "status" and e.get("status") == "succeeded"
+            finish.setdefault(e.task, time.time() - tic)
+            if isinstance(e, StatusEvent) and e.status == "succeeded"
             else None
         )
     )
@@ -161,9 +162,9 @@ def _fsdp(cfg_path: Path) -> dict[str, Any] | None:
     from lorafleet.models import load_model
     from lorafleet.models.tokenizer import load_tokenizer
     from lorafleet.train.dispatcher import PlanItem, next_waited, plan_next
-    from lorafleet.train.engine import build_task, pack_plan
+    from lorafleet.train.engine import pack_plan
     from lorafleet.train.optim import build_optimizer, build_scheduler
-    from lorafleet.train.tasks import task_kind
+    from lorafleet.train.task import Task
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -172,8 +173,18 @@ def _fsdp(cfg_path: Path) -> dict[str, Any] | None:
     model = load_model(cfg.base_model.path, torch.float32, "cpu")
     tokenizer = load_tokenizer(cfg.base_model.path)
     datasets, adapters = {d.name: d for d in cfg.datasets}, {a.name: a for a in cfg.adapters}
+    ckpt = Path(cfg.output_dir) / "checkpoints"
     tasks = {
-        t.name: build_task(cfg, model, tokenizer, datasets[t.dataset], adapters[t.adapter], t, i)
+        t.name: Task(
+            cfg,
+            model,
+            tokenizer,
+            datasets[t.dataset],
+            adapters[t.adapter],
+            t,
+            i,
+            checkpoint_dir=ckpt / t.name,
+        )
         for i, t in enumerate(cfg.tasks)
     }
 
@@ -189,7 +200,7 @@ def _fsdp(cfg_path: Path) -> dict[str, Any] | None:
             total = hidden.new_zeros(())
             for name, w in weights.items():
                 t = tasks[name]
-                share = task_kind(t.cfg).loss(self.model.lm_head, hidden, batch, name, norms[name]).loss
+                share = t.kind.loss(self.model.lm_head, hidden, batch, name, norms[name]).loss
                 total = total + w * share
             return total
 
@@ -204,8 +215,8 @@ def _fsdp(cfg_path: Path) -> dict[str, Any] | None:
         groups = lora_plus_param_groups(t.params, opt.lr, adapters[t.cfg.adapter].lora_plus_ratio)
         t.optimizer = build_optimizer(groups, opt.name, opt.lr, opt.weight_decay, opt.betas, opt.eps)
         t.scheduler = build_scheduler(t.optimizer, sched.name, sched.warmup_steps, t.state.total_steps)
-        t.begin_step(cfg.seed)
-        norms[t.cfg.name] = task_kind(t.cfg).step_norm([t.example_at(p, cfg.seed) for p in t.pending])
+        t.begin_step()
+        norms[t.cfg.name] = t.step_norm
     waited: dict[str, int] = {}
     finish: dict[str, float] = {}
     tokens = 0
@@ -213,7 +224,7 @@ def _fsdp(cfg_path: Path) -> dict[str, Any] | None:
     tic = time.time()
     while True:
         live = [t for t in tasks.values() if t.state.status in ("queued", "running")]
-        views = [t.view(cfg.seed, waited.get(t.cfg.name, 0)) for t in live]
+        views = [t.view(waited.get(t.cfg.name, 0)) for t in live]
         limit = cfg.dispatcher.max_concurrent_tasks
         plan = plan_next(views, max_tokens=cfg.dispatcher.max_tokens_per_micro_batch, max_concurrent=limit)
         waited = next_waited(views, plan, max_concurrent=limit)
@@ -227,8 +238,8 @@ def _fsdp(cfg_path: Path) -> dict[str, Any] | None:
             # with no example of it runs one with weight 0.
             weights[item.task] = 1.0 if part else 0.0
             mine.append(PlanItem(item.task, part or item.examples[:1], item.ends_step))
-            tokens += sum(len(tasks[item.task].example_at(p, cfg.seed).tokens) for p in item.examples)
-        batch = pack_plan(mine, tasks, cfg.seed, "cpu")
+            tokens += sum(len(tasks[item.task].example_at(p).tokens) for p in item.examples)
+        batch = pack_plan(mine, tasks, "cpu")
         (world * root(batch, weights)).backward()  # FSDP averages over ranks; the step's gradient is the sum
         for item in plan:
             t = tasks[item.task]
@@ -243,8 +254,8 @@ def _fsdp(cfg_path: Path) -> dict[str, Any] | None:
                 t.state.status = "succeeded"
                 finish[t.cfg.name] = time.time() - tic
             else:
-                t.begin_step(cfg.seed)
-                norms[t.cfg.name] = task_kind(t.cfg).step_norm([t.example_at(p, cfg.seed) for p in t.pending])
+                t.begin_step()
+                norms[t.cfg.name] = t.step_norm
     wall = time.time() - tic
     out_dir = Path(cfg.output_dir) / "adapters"
     for t in tasks.values():  # gather the shards of each adapter for the equivalence check

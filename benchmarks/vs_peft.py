@@ -150,17 +150,18 @@ class LorafleetTrainer:
     def run(self, data_paths: list[str], examples: list, hyper: Hyper, out: Path) -> dict[str, Any]:
         from lorafleet.config import parse_config
         from lorafleet.train.engine import Engine
+        from lorafleet.train.events import StatusEvent, StepEvent
 
         cfg = parse_config(self._config(data_paths, hyper, out))
         engine = Engine(cfg, model=self.model, tokenizer=self.tokenizer, tensorboard=False)
         finished: dict[str, float] = {}
         first_loss: dict[str, float] = {}
 
-        def on_event(ev: dict[str, Any]) -> None:
-            if ev["type"] == "status" and ev["status"] == "succeeded":
-                finished.setdefault(ev["task"], time.perf_counter())
-            elif ev["type"] == "step" and ev["step"] == 1:
-                first_loss[ev["task"]] = ev["loss"]
+        def on_event(ev) -> None:
+            if isinstance(ev, StatusEvent) and ev.status == "succeeded":
+                finished.setdefault(ev.task, time.perf_counter())
+            elif isinstance(ev, StepEvent) and ev.step == 1:
+                first_loss[ev.task] = ev.loss
 
         engine.subscribe(on_event)
         t0 = time.perf_counter()

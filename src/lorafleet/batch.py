@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
-import torch.nn.functional as F
+
+from .masks import sequence_key, token_rows
+from .models.attention import AttentionSpec, attend
 
 __all__ = ["FusedBatch", "Segment", "SequenceInfo"]
 
@@ -37,11 +39,17 @@ class Segment:
 
 @dataclass(frozen=True)
 class SequenceInfo:
-    """Where one packed sequence came from: its task, the example's index and its role (e.g. chosen)."""
+    """Where one packed sequence came from: its task, the example's index, its role (e.g. chosen) and key.
+
+    ``key`` is the sequence's 64-bit adapter-dropout key (``lorafleet.masks.sequence_key``: the task's
+    seed, the example's epoch and place in the task's data order, the role); None: the batch gives it one
+    from its place in the batch (see ``FusedBatch.dropout_rows``).
+    """
 
     task: str | None = None
     example: int = -1
     role: str = ""
+    key: int | None = None
 
 
 @dataclass
@@ -54,7 +62,7 @@ class FusedBatch:
         cu_seqlens: [S + 1] cumulative sequence lengths, ``cu_seqlens[0] == 0``, ``cu_seqlens[-1] == T``.
         segments: adapter segments covering ranges of whole sequences, ordered by start.
         labels: [T] next-token target of each position (``IGNORE_INDEX`` where unsupervised), or None.
-        sequences: one ``SequenceInfo`` per sequence (engine bookkeeping; the model ignores it).
+        sequences: one ``SequenceInfo`` per sequence (engine bookkeeping, and the dropout keys).
     """
 
     input_ids: torch.Tensor
@@ -145,6 +153,22 @@ class FusedBatch:
         )
 
     @cached_property
+    def dropout_rows(self) -> torch.Tensor:
+        """[T] int64: each token's ``lorafleet.masks.token_rows`` value, what its dropout masks hash.
+
+        From each sequence's ``SequenceInfo.key`` and each token's position; a sequence without a key (or
+        a batch without ``sequences``) uses ``sequence_key(0, 0, i, role)`` with i its place in the batch,
+        so masks are still deterministic, but then depend on the batch's layout: the engine always gives
+        keys. Built once per batch and shared by every layer.
+        """
+        n = self.num_sequences
+        if self.sequences and len(self.sequences) != n:
+            raise ValueError(f"the batch has {n} sequences but {len(self.sequences)} SequenceInfo entries")
+        infos = self.sequences or (SequenceInfo(),) * n
+        keys = [s.key if s.key is not None else sequence_key(0, 0, i, s.role) for i, s in enumerate(infos)]
+        return token_rows(keys, self.seq_lens, self.positions)
+
+    @cached_property
     def _buckets(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Sequences grouped by length, each group one padded attention call.
 
@@ -206,23 +230,30 @@ class FusedBatch:
         k_TKD: torch.Tensor,
         v_TKD: torch.Tensor,
         layer_idx: int,
-        sliding_window: int | None = None,
+        spec: AttentionSpec | None = None,
     ) -> torch.Tensor:
-        """Causal attention inside each sequence; returns [T, H, D]. ``layer_idx`` is for caches."""
+        """Causal attention inside each sequence (``models.attention.attend``); returns [T, H, D].
+
+        ``layer_idx`` is for caches; ``spec`` holds the layer's window, scale and soft-cap.
+        """
         del layer_idx
-        if q_THD.is_cuda:  # no padding on a GPU when a varlen kernel is there (models/varlen.py)
+        spec = spec or AttentionSpec()
+        window = spec.sliding_window
+        plain = spec.softcap is None and (spec.scale is None or spec.scale == q_THD.shape[-1] ** -0.5)
+        if q_THD.is_cuda and plain:  # no padding on a GPU when a varlen kernel is there (models/varlen.py)
             from .models.varlen import varlen_attention
 
-            o = varlen_attention(q_THD, k_TKD, v_TKD, self.cu_seqlens, max(self.seq_lens), sliding_window)
+            o = varlen_attention(q_THD, k_TKD, v_TKD, self.cu_seqlens, max(self.seq_lens), window)
             if o is not None:
                 return o
-        if self.num_sequences == 1 and sliding_window is None:
-            o = F.scaled_dot_product_attention(
+        if self.num_sequences == 1 and window is None:
+            o = attend(
                 q_THD.transpose(0, 1)[None],
                 k_TKD.transpose(0, 1)[None],
                 v_TKD.transpose(0, 1)[None],
+                None,
+                spec,
                 is_causal=True,
-                enable_gqa=True,
             )
             return o[0].transpose(0, 1)
         q0, k0, v0 = (torch.cat([x, x.new_zeros(1, *x.shape[1:])]) for x in (q_THD, k_TKD, v_TKD))
@@ -230,10 +261,10 @@ class FusedBatch:
         for g, (gather, real, _) in enumerate(self._buckets):
             s, n = gather.shape
             flat = gather.flatten()
-            o = F.scaled_dot_product_attention(
+            o = attend(
                 *(x.index_select(0, flat).view(s, n, *x.shape[1:]).transpose(1, 2) for x in (q0, k0, v0)),
-                attn_mask=self._mask(g, sliding_window),
-                enable_gqa=True,
+                self._mask(g, window),
+                spec,
             )  # [s, H, n, D]
             outs.append(o.transpose(1, 2).reshape(s * n, *o.shape[1:2], o.shape[3]).index_select(0, real))
         return torch.cat(outs).index_select(0, self._unbucket)

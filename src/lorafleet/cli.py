@@ -59,7 +59,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from .models.generate import cli_generate
+    from .generate_cli import cli_generate
 
     return cli_generate(args)
 
@@ -145,7 +145,7 @@ def _add_demo(sub) -> None:
 
 
 def _add_export(sub) -> None:
-    from .export import add_export_command
+    from .export_cli import add_export_command
 
     add_export_command(sub)
 

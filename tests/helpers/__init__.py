@@ -6,7 +6,8 @@ norm scale random, so no parameter silently stays at its default), saves it with
 template next to it, and returns the model. ``tests/conftest.py`` turns them into session fixtures.
 
 Families: llama2, llama3 (llama3 rope scaling), mistral (sliding window 4), qwen2 (q/k/v bias),
-qwen3 (q/k norm, head_dim != hidden / heads), smollm2 (tied embeddings).
+qwen3 (q/k norm, head_dim != hidden / heads), smollm2 (tied embeddings); and ``TINY_NEW_FAMILIES``
+(gemma2, gemma3, phi3, mixtral, qwen3_moe; see ``_tiny_new_family``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ __all__ = [
     "REPO",
     "SMOLLM2_GGUF",
     "TINY_FAMILIES",
+    "TINY_NEW_FAMILIES",
     "TINY_VOCAB",
     "assert_same_tokenizer",
     "make_tiny_model",
@@ -31,6 +33,8 @@ __all__ = [
 REPO = Path(__file__).resolve().parents[2]
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_FAMILIES = ("llama2", "llama3", "mistral", "qwen2", "qwen3", "smollm2")
+# The families of issue 16 (Gemma 2/3, Phi-3/4, MoE); kept apart so older loops over TINY_FAMILIES stay fast.
+TINY_NEW_FAMILIES = ("gemma2", "gemma3", "phi3", "mixtral", "qwen3_moe")
 TINY_VOCAB = 320  # the tokenizer uses ids < 300; the rest are unused rows, as in real models
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHATML_TEMPLATE = (
@@ -87,9 +91,41 @@ def tiny_config(family: str, **overrides):
         cfg = tf.Qwen3Config(**_common(head_dim=32, use_sliding_window=False, **overrides))
     elif family == "smollm2":
         cfg = tf.LlamaConfig(**_common(tie_word_embeddings=True, rope_theta=100000.0, **overrides))
+    elif family in TINY_NEW_FAMILIES:
+        cfg = _tiny_new_family(tf, family, overrides)
     else:
-        raise ValueError(f"unknown tiny family {family!r}; choose from {TINY_FAMILIES}")
+        raise ValueError(f"unknown tiny family {family!r}; choose from {TINY_FAMILIES + TINY_NEW_FAMILIES}")
     return cfg
+
+
+def _tiny_new_family(tf, family: str, overrides: dict):
+    """gemma2: soft-capped attention and logits, local/global layers; gemma3: local/global layers with
+    their own rope (linear scaling on global), q/k norms, query_pre_attn_scalar, final soft-cap; phi3:
+    LongRoPE (original context 8, so 13-token inputs take the long factors) on half of each head; mixtral:
+    4 experts, top 2; qwen3_moe: 6 experts, top 2, norm_topk_prob off, a dense layer among MoE ones."""
+    gemma = dict(head_dim=16, sliding_window=4, query_pre_attn_scalar=24, final_logit_softcapping=3.0,
+                 hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True)  # fmt: skip
+    if family == "gemma2":
+        kw = _common(**{**gemma, "attn_logit_softcapping": 2.0, **overrides})
+        return tf.Gemma2Config(**kw)
+    if family == "gemma3":
+        rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000000.0}}  # fmt: skip
+        layer_types = ["sliding_attention", "full_attention", "sliding_attention"]
+        kw = _common(**{**gemma, "rope_parameters": rope, "layer_types": layer_types, **overrides})
+        return tf.Gemma3TextConfig(**kw)
+    if family == "phi3":
+        g = torch.Generator().manual_seed(3)
+        rope = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                "short_factor": (1 + torch.rand(4, generator=g)).tolist(),
+                "long_factor": (2 + 4 * torch.rand(4, generator=g)).tolist()}  # fmt: skip
+        kw = _common(**{"rope_parameters": rope, "original_max_position_embeddings": 8, **overrides})
+        return tf.Phi3Config(**kw)
+    if family == "mixtral":
+        return tf.MixtralConfig(**_common(**{"num_local_experts": 4, "num_experts_per_tok": 2, **overrides}))
+    moe = {"num_experts": 6, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "norm_topk_prob": False,
+           "mlp_only_layers": [1], "head_dim": 16, "use_sliding_window": False}  # fmt: skip
+    return tf.Qwen3MoeConfig(**_common(**{**moe, **overrides}))
 
 
 def make_tiny_tokenizer(path: str | Path, **config_overrides) -> None:

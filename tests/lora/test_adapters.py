@@ -72,7 +72,7 @@ def test_spec_scaling_and_validation() -> None:
         (dict(kind="ia3"), "'x'.*kind"),
         (dict(alpha=-1.0), "'x'.*alpha"),
         (dict(dropout=1.0), "'x'.*dropout"),
-        (dict(target_modules=("qkv_proj",)), r"'x'.*target_modules.*unknown: \['qkv_proj'\]"),
+        (dict(target_modules=("c_attn",)), r"'x'.*target_modules.*unknown: \['c_attn'\]"),
         (dict(target_modules=()), "'x'.*target_modules"),
         (dict(target_modules=("q_proj", "q_proj")), "'x'.*target_modules"),
     ]

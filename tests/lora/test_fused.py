@@ -1,6 +1,9 @@
 """The fused multi-adapter linear against its oracles: the plain autograd loop, PEFT's LoRA layer, gradcheck.
 
 Legend: T rows, I input features, O output features, R rank.
+
+Dropout masks are keyed (``lorafleet.masks``): every batch here carries ``dropout_rows`` built from
+sequence keys, and no test seeds torch's RNG to make two paths agree.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from torch import nn
 
 from lorafleet.batch import Segment
 from lorafleet.lora import AdapterSpec, FusedLoRALinear, reference_fused_lora
+from lorafleet.masks import MaskSite, keep_mask, sequence_key, token_rows
 from lorafleet.models.decoder import Linear
 
 I, O = 48, 40
@@ -65,13 +69,21 @@ def _segments(mix: str, names: list[str]) -> tuple[list[Segment], int]:
     return segs, cursor
 
 
+def _keyed(segments, t: int, seed: int = 1) -> SimpleNamespace:
+    """A batch of ``segments`` over T rows that are the tokens of sequences of 8, each with its dropout key."""
+    lens = [min(8, t - a) for a in range(0, t, 8)]
+    keys = [sequence_key(seed, 0, i, "sft") for i in range(len(lens))]
+    pos = torch.cat([torch.arange(n) for n in lens])
+    return SimpleNamespace(segments=tuple(segments), dropout_rows=token_rows(keys, lens, pos))
+
+
 def _layer(specs: list[AdapterSpec], dtype: torch.dtype, bias: bool, seed: int = 0) -> FusedLoRALinear:
     g = torch.Generator().manual_seed(seed)
     base = Linear(I, O, bias, dtype, "cpu")
     base.weight.data.copy_(torch.randn(O, I, generator=g) / math.sqrt(I))
     if bias:
         base.bias.data.copy_(torch.randn(O, generator=g))
-    layer = FusedLoRALinear(base)
+    layer = FusedLoRALinear(base, MaskSite(3, 2))
     for spec in specs:
         a = torch.randn(spec.rank, I, generator=g) / math.sqrt(I)
         b = torch.randn(O, spec.rank, generator=g)  # nonzero B, or A's gradient would be zero
@@ -80,12 +92,13 @@ def _layer(specs: list[AdapterSpec], dtype: torch.dtype, bias: bool, seed: int =
     return layer.train()
 
 
-def _run(fn, layer: nn.Module, x_TI: torch.Tensor, batch, g_TO: torch.Tensor, seed: int = 1):
-    """Output, input gradient and parameter gradients of one forward+backward with a fixed RNG seed."""
+def _run(fn, layer: nn.Module, x_TI: torch.Tensor, batch, g_TO: torch.Tensor, rng: int = 1):
+    """Output, input gradient and parameter gradients of one forward+backward (torch's RNG set to ``rng``:
+    keyed masks must not depend on it)."""
     x = x_TI.detach().clone().requires_grad_(True)
     for p in layer.parameters():
         p.grad = None
-    torch.manual_seed(seed)
+    torch.manual_seed(rng)
     y = fn(layer, x, batch)
     y.backward(g_TO)
     grads = {
@@ -108,12 +121,12 @@ def test_fused_matches_reference(mix: str, adapters: str, dtype: torch.dtype) ->
     specs = ADAPTER_SETS[adapters]
     layer = _layer(specs, dtype, bias=adapters != "lora")
     segs, t = _segments(mix, [s.name for s in specs])
-    batch = SimpleNamespace(segments=tuple(segs))
+    batch = _keyed(segs, t)
     g = torch.Generator().manual_seed(2)
     x = torch.randn(t, I, generator=g).to(dtype)
     dy = torch.randn(t, O, generator=g).to(dtype)
-    y1, dx1, g1 = _run(lambda m, x, b: m(x, b), layer, x, batch, dy)
-    y2, dx2, g2 = _run(reference_fused_lora, layer, x, batch, dy)
+    y1, dx1, g1 = _run(lambda m, x, b: m(x, b), layer, x, batch, dy, rng=1)
+    y2, dx2, g2 = _run(reference_fused_lora, layer, x, batch, dy, rng=2)
     tol = TOL[dtype]
     assert _rel(y1, y2) <= tol
     assert _rel(dx1, dx2) <= tol
@@ -132,22 +145,58 @@ def test_fused_matches_reference(mix: str, adapters: str, dtype: torch.dtype) ->
             torch.testing.assert_close(y1[s.start : s.end], base[s.start : s.end], rtol=0, atol=0)
 
 
-def test_dropout_mask_is_shared_and_is_torchs() -> None:
-    """Fused and reference draw the same mask (F.dropout's draw); a different seed gives other outputs."""
+def test_dropout_masks_are_keyed() -> None:
+    """Fused and reference apply the keyed mask of each row (whatever torch's RNG holds); other keys or
+    another site give other outputs; the same keys give bit-identical ones; eval mode has no dropout."""
     layer = _layer([AdapterSpec("a", rank=4, dropout=0.5)], torch.float32, bias=False)
-    batch = SimpleNamespace(segments=(Segment("a", 0, 64),))
+    batch = _keyed((Segment("a", 0, 64),), 64, seed=7)
     x = torch.randn(64, I)
     dy = torch.randn(64, O)
-    y1, dx1, g1 = _run(lambda m, x, b: m(x, b), layer, x, batch, dy, seed=7)
-    y2, dx2, g2 = _run(reference_fused_lora, layer, x, batch, dy, seed=7)
-    y3, _, _ = _run(lambda m, x, b: m(x, b), layer, x, batch, dy, seed=8)
+    y1, dx1, g1 = _run(lambda m, x, b: m(x, b), layer, x, batch, dy, rng=7)
+    y2, dx2, g2 = _run(reference_fused_lora, layer, x, batch, dy, rng=8)
+    y1b, dx1b, g1b = _run(lambda m, x, b: m(x, b), layer, x, batch, dy, rng=9)
     assert _rel(y1, y2) <= 1e-6 and _rel(dx1, dx2) <= 1e-6
     assert all(_rel(g1[n], g2[n]) <= 1e-6 for n in g1)
+    assert torch.equal(y1, y1b) and torch.equal(dx1, dx1b) and all(torch.equal(g1[n], g1b[n]) for n in g1)
+    # The mask is lorafleet.masks' one: the adapter sees x * keep / (1 - p), its input gradient is masked.
+    keep = keep_mask(batch.dropout_rows, layer.mask_site, I, 0.5)
+    a, b = layer.lora_A["a"].detach(), layer.lora_B["a"].detach()
+    want = F.linear(x, layer.weight) + (x * keep * 2.0) @ a.t() @ b.t() * layer.specs["a"].scaling
+    assert _rel(y1, want) <= 1e-6
+    want_dx = dy @ layer.weight + (dy @ b * layer.specs["a"].scaling) @ a * keep * 2.0
+    assert _rel(dx1, want_dx) <= 1e-6
+    y3, _, _ = _run(lambda m, x, b: m(x, b), layer, x, _keyed(batch.segments, 64, seed=8), dy)
     assert _rel(y1, y3) > 1e-3
-    layer.eval()  # no dropout outside training mode: the seed no longer matters
-    ya, _, _ = _run(lambda m, x, b: m(x, b), layer, x, batch, dy, seed=7)
-    yb, _, _ = _run(lambda m, x, b: m(x, b), layer, x, batch, dy, seed=8)
-    torch.testing.assert_close(ya, yb, rtol=0, atol=0)
+    layer.mask_site = MaskSite(3, 1)
+    y4, _, _ = _run(lambda m, x, b: m(x, b), layer, x, batch, dy)
+    assert _rel(y1, y4) > 1e-3
+    layer.eval()  # no dropout outside training mode: no keys needed
+    ya, _, _ = _run(lambda m, x, b: m(x, b), layer, x, SimpleNamespace(segments=batch.segments), dy)
+    want_eval = F.linear(x, layer.weight) + x @ a.t() @ b.t() * layer.specs["a"].scaling
+    assert _rel(ya, want_eval) <= 1e-6
+
+
+def test_dropout_needs_keys() -> None:
+    layer = _layer([AdapterSpec("a", rank=4, dropout=0.1)], torch.float32, bias=False)
+    x = torch.randn(8, I)
+    for fn in (lambda b: layer(x, b), lambda b: reference_fused_lora(layer, x, b)):
+        with pytest.raises(ValueError, match="dropout keys"):
+            fn(SimpleNamespace(segments=(Segment("a", 0, 8),)))
+        with pytest.raises(ValueError, match="one entry per row"):
+            fn(SimpleNamespace(segments=(Segment("a", 0, 8),), dropout_rows=torch.zeros(5, dtype=torch.long)))
+
+
+class _KeyedDropout(nn.Module):
+    """Stands in for PEFT's ``nn.Dropout``: the keyed mask of lorafleet.masks, so PEFT stays the oracle."""
+
+    def __init__(self, batch, site: MaskSite, p: float) -> None:
+        super().__init__()
+        self.batch, self.site, self.p = batch, site, p
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        return x * keep_mask(self.batch.dropout_rows, self.site, x.shape[1], self.p) / (1 - self.p)
 
 
 @pytest.mark.parametrize(
@@ -192,10 +241,12 @@ def test_single_adapter_matches_peft_layer(spec: AdapterSpec, training: bool) ->
     peft.train(training)
     x = torch.randn(30, I)
     dy = torch.randn(30, O)
-    batch = SimpleNamespace(segments=(Segment("ad", 0, 30),))
-    y0, dx0, g0 = _run(lambda m, x, b: m(x), peft, x, None, dy, seed=3)
+    batch = _keyed((Segment("ad", 0, 30),), 30)
+    if spec.dropout > 0:
+        peft.lora_dropout["ad"] = _KeyedDropout(batch, layer.mask_site, spec.dropout).train(training)
+    y0, dx0, g0 = _run(lambda m, x, b: m(x), peft, x, None, dy)
     for fn in (lambda m, x, b: m(x, b), reference_fused_lora):
-        y1, dx1, g1 = _run(fn, layer, x, batch, dy, seed=3)
+        y1, dx1, g1 = _run(fn, layer, x, batch, dy)
         assert _rel(y1, y0) <= 1e-5 and _rel(dx1, dx0) <= 1e-5
         assert _rel(g1["lora_A.ad"], g0["lora_A.ad.weight"]) <= 1e-5
         assert _rel(g1["lora_B.ad"], g0["lora_B.ad.weight"]) <= 1e-5
@@ -204,7 +255,7 @@ def test_single_adapter_matches_peft_layer(spec: AdapterSpec, training: bool) ->
 
 
 def test_gradcheck_float64() -> None:
-    """Finite differences in float64 (dropout fixed by reseeding inside the function).
+    """Finite differences in float64 (keyed dropout: the masks are fixed by the batch's keys).
 
     DoRA's A and B are left out: its norm is detached by definition, so their gradient is deliberately not
     the derivative of the output (the PEFT-layer test covers them); x and the magnitude are exact.
@@ -215,9 +266,7 @@ def test_gradcheck_float64() -> None:
         AdapterSpec("c", kind="dora", rank=2, dropout=0.2, use_rslora=True),
     ]
     layer = _layer(specs, torch.float32, bias=True).double()
-    batch = SimpleNamespace(
-        segments=(Segment("a", 0, 4), Segment(None, 4, 5), Segment("b", 5, 8), Segment("c", 8, 11))
-    )
+    batch = _keyed((Segment("a", 0, 4), Segment(None, 4, 5), Segment("b", 5, 8), Segment("c", 8, 11)), 11)
     dora = {"b", "c"}
     names = [
         n
@@ -228,7 +277,6 @@ def test_gradcheck_float64() -> None:
     x = torch.randn(11, I, dtype=torch.float64, requires_grad=True)
 
     def f(x, *ps):
-        torch.manual_seed(0)
         return torch.func.functional_call(layer, dict(zip(names, ps)), (x, batch))
 
     assert torch.autograd.gradcheck(f, (x, *values), eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=True)
@@ -291,14 +339,13 @@ def test_saved_memory_per_token(kind: str, p: float, dtype: torch.dtype) -> None
     e = torch.finfo(dtype).bits // 8
     layer = _layer([AdapterSpec("a", kind=kind, rank=r, dropout=p)], dtype, bias=True)
     x = torch.randn(t, I, dtype=dtype, requires_grad=True)
-    batch = SimpleNamespace(segments=(Segment("a", 0, t),))
-    skip = [x, *layer.parameters()]
+    batch = _keyed((Segment("a", 0, t),), t)
+    skip = [x, *layer.parameters(), batch.dropout_rows]
     fused = _saved_bytes(lambda: layer(x, batch), skip)
     plain = _saved_bytes(lambda: reference_fused_lora(layer, x, batch), skip)
     norm = O * e if kind == "dora" else 0  # DoRA's per-call [O] norm
-    drop_bytes = I if p > 0 else 0
-    assert fused == t * (drop_bytes + e * r) + norm
-    assert plain - fused >= t * ((2 * e - 1) * I * (p > 0) + 2 * e * O * (kind == "dora"))
+    assert fused == t * e * r + norm  # keyed dropout keeps no mask: the backward recomputes it
+    assert plain - fused >= t * ((e + 1) * I * (p > 0) + 2 * e * O * (kind == "dora"))
 
 
 def test_bad_inputs() -> None:

@@ -8,7 +8,9 @@ larger session another module may have imported Triton already (``import peft`` 
 ``test_in_subprocess`` runs this module again in a fresh interpreter-mode process instead. Oracles: the
 plain-loop references of the segmented operators, and ``reference_fused_lora`` (plain autograd) for the
 fused layer, forward and gradients, across adapter mixes (one adapter, all distinct, identical, skewed,
-Zipf), ranks 1 to 80, float32 and bfloat16, with dropout, on a dense and on a quantized base.
+Zipf), ranks 1 to 80, float32 and bfloat16, with dropout, on a dense and on a quantized base. Dropout masks
+are keyed (``lorafleet.masks``): every batch carries ``dropout_rows``, and the Triton path must apply the
+masks the reference applies, whatever torch's RNG holds.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from lorafleet.lora.kernels import (
     triton_unsupported,
 )
 from lorafleet.lora.kernels._triton import Tiles, interpreting
+from lorafleet.masks import MaskSite, sequence_key, token_rows
 from lorafleet.models import Decoder, ModelConfig
 from lorafleet.models.decoder import Linear
 
@@ -172,13 +175,21 @@ def _segments(mix: str, names: list[str]) -> tuple[list[Segment], int]:
     return segs, cursor
 
 
+def _keyed(segments, t: int, seed: int = 1) -> SimpleNamespace:
+    """A batch of ``segments`` over T rows that are the tokens of sequences of 8, each with its dropout key."""
+    lens = [min(8, t - a) for a in range(0, t, 8)]
+    keys = [sequence_key(seed, 0, i, "sft") for i in range(len(lens))]
+    pos = torch.cat([torch.arange(n) for n in lens])
+    return SimpleNamespace(segments=tuple(segments), dropout_rows=token_rows(keys, lens, pos))
+
+
 def _layer(ranks: list[int], dtype: torch.dtype, bias: bool, dropout: float = 0.0) -> FusedLoRALinear:
     g = torch.Generator().manual_seed(sum(ranks))
     base = Linear(I, O, bias, dtype, "cpu")
     base.weight.data.copy_(torch.randn(O, I, generator=g) / math.sqrt(I))
     if bias:
         base.bias.data.copy_(torch.randn(O, generator=g))
-    layer = FusedLoRALinear(base)
+    layer = FusedLoRALinear(base, MaskSite(2, 5))
     for i, r in enumerate(ranks):
         spec = AdapterSpec(f"a{i}", rank=r, alpha=2.0 * r, dropout=dropout * (i % 2), use_rslora=i == 3)
         a = torch.randn(r, I, generator=g) / math.sqrt(I)
@@ -205,16 +216,19 @@ def test_triton_layer_equals_reference(mix, dtype):
     layer = _layer(ranks, dtype, bias=mix != "zipf", dropout=0.25 if mix in ("distinct", "skewed") else 0.0)
     layer.backend = "triton"
     segs, t = _segments(mix, [f"a{i}" for i in range(len(ranks))])
-    batch = SimpleNamespace(segments=tuple(segs))
+    batch = _keyed(segs, t)
     g = torch.Generator().manual_seed(7)
     x = torch.randn(t, I, generator=g).to(dtype)
     grad = torch.randn(t, O, generator=g).to(dtype)
 
     y, dx, grads = _run(layer, x, batch, grad, use_reference=False, seed=3)
-    y_ref, dx_ref, grads_ref = _run(layer, x, batch, grad, use_reference=True, seed=3)
+    y_ref, dx_ref, grads_ref = _run(layer, x, batch, grad, use_reference=True, seed=4)
     tol = TOL[dtype]
     assert y.dtype == dtype and _rel(y, y_ref) < tol
     assert _rel(dx, dx_ref) < tol
+    if mix in ("distinct", "skewed"):  # with dropout: other keys give the reference other masks
+        _, dx_other, _ = _run(layer, x, _keyed(segs, t, seed=2), grad, use_reference=True, seed=3)
+        assert _rel(dx, dx_other) > 20 * tol
     used = {s.adapter for s in segs if s.adapter in layer.specs}
     assert {n.split(".")[-1] for n in grads} == used  # adapters without rows get no gradient
     assert grads.keys() == grads_ref.keys()
@@ -227,7 +241,7 @@ def test_triton_layer_without_grad_and_eval_mode():
     layer = _layer(RANKS["r1-16"], torch.float32, bias=True, dropout=0.3).eval()
     layer.backend = "triton"
     segs, t = _segments("distinct", [f"a{i}" for i in range(6)])
-    batch = SimpleNamespace(segments=tuple(segs))
+    batch = SimpleNamespace(segments=tuple(segs))  # eval mode needs no dropout keys
     x = torch.randn(t, I, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         got = layer(x, batch)
@@ -338,7 +352,7 @@ def test_triton_layer_on_quantized_base_equals_reference_on_dense_twin(mode):
         quant.add(spec, a, b)
         dense.add(spec, a.clone(), b.clone())
     quant.backend = "triton"
-    batch = SimpleNamespace(segments=(Segment("a0", 0, 9), Segment(None, 9, 12), Segment("a1", 12, 30)))
+    batch = _keyed((Segment("a0", 0, 9), Segment(None, 9, 12), Segment("a1", 12, 30)), 30)
     x, grad = torch.randn(30, 64, generator=g), torch.randn(30, 48, generator=g)
     y, dx, grads = _run(quant.train(), x, batch, grad, use_reference=False, seed=2)
     y_ref, dx_ref, grads_ref = _run(dense.train(), x, batch, grad, use_reference=True, seed=2)

@@ -18,6 +18,7 @@ import torch
 
 from lorafleet.batch import FusedBatch
 from lorafleet.models import varlen
+from lorafleet.models.attention import AttentionSpec
 from lorafleet.models.varlen import reference_varlen_attention, varlen_attention, varlen_backend
 
 H, K, D = 6, 2, 16
@@ -61,7 +62,7 @@ def _emulated_flash(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size, causal=Fa
 def test_reference_equals_the_padded_cpu_path(mix, window, dtype):
     q, k, v, batch = _qkv(LENGTHS[mix], dtype)
     got = reference_varlen_attention(q, k, v, batch.cu_seqlens, window)
-    ref = batch.attention(q, k, v, 0, window)
+    ref = batch.attention(q, k, v, 0, AttentionSpec(window))
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert got.shape == (q.shape[0], H, D)
     assert torch.allclose(got.float(), ref.float(), rtol=tol, atol=tol)

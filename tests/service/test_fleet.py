@@ -133,7 +133,13 @@ def _submit(client: httpx.Client, n: int, hp=HP) -> list[str]:
     fid = client.post("/v1/files", files={"file": ("train.jsonl", data, "application/jsonl")}).json()["id"]
     ids = []
     for _ in range(n):
-        r = client.post("/v1/fine_tuning/jobs", json={"training_file": fid, "hyperparameters": hp})
+        training = {k: v for k, v in hp.items() if k != "batch_size"}
+        body = {
+            "training_file": fid,
+            "hyperparameters": {"batch_size": hp["batch_size"]},
+            "lorafleet": {"training": training},
+        }
+        r = client.post("/v1/fine_tuning/jobs", json=body)
         assert r.status_code == 200, r.text
         ids.append(r.json()["id"])
     return ids

@@ -17,39 +17,21 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
+from helpers.service import ROWS, api_client
+from helpers.service import error_message as _error
+from helpers.service import jsonl as _jsonl
+from helpers.service import upload as _upload
 from lorafleet.service import auth
 from lorafleet.service.app import ServiceSettings, create_app
 from lorafleet.service.files import DataDir, UploadError, safe_child, save_upload
 from lorafleet.service.store import SQLiteStore
 
-ROWS = [{"prompt": f"what is {i} plus {i}?", "completion": f" {2 * i}"} for i in range(6)]
-
-
-def _jsonl(rows) -> bytes:
-    return ("\n".join(json.dumps(r) for r in rows) + "\n").encode()
-
 
 @pytest.fixture()
 def api(tmp_path):
     """(client, {tenant: headers}, app) over a fresh data folder, upload limit 4 KiB."""
-    app = create_app(ServiceSettings(tmp_path / "data", str(tmp_path / "tiny-model"), max_upload_bytes=4096))
-    headers = {}
-    for tenant in ("alice", "bob"):
-        _, secret = auth.create_token(app.state.store, tenant)
-        headers[tenant] = {"Authorization": f"Bearer {secret}"}
-    with TestClient(app) as client:
-        yield client, headers, app
-
-
-def _upload(client, headers, data: bytes, name="train.jsonl"):
-    return client.post("/v1/files", headers=headers, files={"file": (name, data, "application/jsonl")})
-
-
-def _error(r) -> str:
-    body = r.json()
-    assert set(body) == {"error"}, body
-    assert body["error"]["message"], body
-    return body["error"]["message"]
+    with api_client(tmp_path) as got:
+        yield got
 
 
 # -- files and paths --------------------------------------------------------------------------------------
@@ -117,7 +99,7 @@ def test_files_jobs_and_tenant_isolation(api):
 
     body = {
         "training_file": f["id"],
-        "adapter": {"rank": 4},
+        "lorafleet": {"adapter": {"rank": 4}},
         "hyperparameters": {"n_epochs": 1},
         "suffix": "ab-1",
     }
@@ -126,10 +108,16 @@ def test_files_jobs_and_tenant_isolation(api):
     job = r.json()
     assert (
         job["status"] == "validating_files"
-        and job["adapter"]["rank"] == 4
-        and job["fine_tuned_adapter"] is None
+        and job["lorafleet"]["adapter"]["rank"] == 4
+        and job["fine_tuned_model"] is None
     )
-    assert job["model"] == "tiny-model"
+    assert job["model"] == "tiny-model" and job["organization_id"] == "alice"
+    # the legacy hyperparameters are a supervised method; "auto" is the documented default
+    assert job["method"] == {
+        "type": "supervised",
+        "supervised": {"hyperparameters": {"batch_size": 8, "n_epochs": 1, "learning_rate_multiplier": 1.0}},
+        "dpo": None,
+    }
     # a job naming another tenant's file: refused, with the same words as for a missing file
     r = client.post("/v1/fine_tuning/jobs", headers=h["bob"], json={"training_file": f["id"]})
     assert r.status_code == 400 and "does not exist" in _error(r)
@@ -229,19 +217,28 @@ def test_bad_input_is_4xx_with_clear_messages(api):
     assert r.status_code == 400 and "mix data formats" in _error(r)
 
     fid = _upload(client, hh, _jsonl(ROWS)).json()["id"]
+    lf = "lorafleet"
     cases = [
-        ({"training_file": fid, "adapter": {"rnk": 8}}, 422, "adapter.rnk: unknown field"),
-        ({"training_file": fid, "learning_rate": 1e-3}, 422, "learning_rate: unknown field"),
-        ({"training_file": fid, "hyperparameters": {"learning_rate": -1}}, 422, "greater than 0"),
-        ({"training_file": fid, "adapter": {"target_modules": ["q_proj", "q_proj"]}}, 422, "twice"),
-        ({"training_file": fid, "adapter": {"target_modules": ["lm_head"]}}, 422, "target_modules.0"),
-        ({"training_file": "../../etc/passwd"}, 422, "training_file: String should match pattern"),
-        ({}, 422, "training_file: required field is missing"),
+        ({"training_file": fid, lf: {"adapter": {"rnk": 8}}}, 400, "lorafleet.adapter: unknown field 'rnk' (did you mean 'rank'?)"),
+        ({"training_file": fid, "learning_rate": 1e-3}, 400, "unknown field 'learning_rate' (it belongs in learning_rate_multiplier"),
+        ({"training_file": fid, "hyperparameters": {"max_steps": 3}}, 400, "'max_steps' (it belongs in lorafleet.training)"),
+        ({"training_file": fid, "hyperparameters": {"learning_rate_multiplier": -1}}, 400, "learning_rate_multiplier must be 'auto' or in (0, 100]"),
+        ({"training_file": fid, "hyperparameters": {"n_epochs": "many"}}, 400, "hyperparameters.n_epochs"),
+        ({"training_file": fid, "hyperparameters": {}, "method": {"type": "supervised"}}, 400, "not both"),
+        ({"training_file": fid, "method": {"type": "reinforcement"}}, 400, "reinforcement fine-tuning is not supported"),
+        ({"training_file": fid, "method": {"type": "dpo", "supervised": {}}}, 400, "method.supervised is given but method.type is 'dpo'"),
+        ({"training_file": fid, "seed": 7}, 400, "omit seed or pass 0"),
+        ({"training_file": fid, "metadata": {f"k{i}": "v" for i in range(17)}}, 400, "metadata"),
+        ({"training_file": fid, lf: {"preference": {"objective": "orpo"}}}, 400, "dpo jobs only"),
+        ({"training_file": fid, lf: {"adapter": {"target_modules": ["q_proj", "q_proj"]}}}, 400, "twice"),
+        ({"training_file": fid, lf: {"adapter": {"target_modules": ["lm_head"]}}}, 400, "target_modules.0"),
+        ({"training_file": "../../etc/passwd"}, 400, "training_file: String should match pattern"),
+        ({}, 400, "training_file: required field is missing"),
         ({"training_file": "file-" + "0" * 24}, 400, "does not exist: upload it"),
         ({"training_file": fid, "model": "gpt-9"}, 400, "is not served here"),
-        ({"training_file": fid, "hyperparameters": {"batch_size": 6, "micro_batch_size": 4}}, 400, "micro_batch_size 4 does not divide"),
-        ({"training_file": fid, "hyperparameters": {"max_seq_len": 9000}}, 400, "max-tokens-per-micro-batch"),
-        ({"training_file": fid, "suffix": "../x"}, 422, "suffix: String should match pattern"),
+        ({"training_file": fid, "hyperparameters": {"batch_size": 6}, lf: {"training": {"micro_batch_size": 4}}}, 400, "micro_batch_size 4 does not divide"),
+        ({"training_file": fid, lf: {"training": {"max_seq_len": 9000}}}, 400, "max-tokens-per-micro-batch"),
+        ({"training_file": fid, "suffix": "../x"}, 400, "suffix: String should match pattern"),
     ]  # fmt: skip
     for body, status, expect in cases:
         r = client.post("/v1/fine_tuning/jobs", headers=hh, json=body)
@@ -250,7 +247,7 @@ def test_bad_input_is_4xx_with_clear_messages(api):
     r = client.post(
         "/v1/fine_tuning/jobs", headers={**hh, "Content-Type": "application/json"}, content=b"{oops"
     )
-    assert r.status_code == 422 and "not valid JSON" in _error(r)
+    assert r.status_code == 400 and "not valid JSON" in _error(r)
     # a preference file cannot train an SFT job: the engine's own config rule, answered at creation
     pref = _upload(client, hh, _jsonl([{"prompt": "p", "chosen": "a", "rejected": "b"}])).json()
     assert pref["format"] == "preference"
@@ -262,23 +259,18 @@ def test_bad_input_is_4xx_with_clear_messages(api):
         "/v1/fine_tuning/jobs", headers=hh, json={"training_file": fid, "method": {"type": "dpo"}}
     )
     assert r.status_code == 400 and "type 'dpo' cannot train on" in _error(r) and "'preference'" in _error(r)
-    r = client.post(
-        "/v1/fine_tuning/jobs",
-        headers=hh,
-        json={"training_file": pref["id"], "method": {"type": "dpo", "beta": 0.2}},
-    )
-    assert r.status_code == 200 and r.json()["method"]["beta"] == 0.2
-    r = client.post(
-        "/v1/fine_tuning/jobs",
-        headers=hh,
-        json={"training_file": fid, "hyperparameters": {"eval_every_steps": 5}},
-    )
+    dpo = {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2}}}
+    r = client.post("/v1/fine_tuning/jobs", headers=hh, json={"training_file": pref["id"], "method": dpo})
+    assert r.status_code == 200 and r.json()["method"]["dpo"]["hyperparameters"]["beta"] == 0.2
+    assert r.json()["lorafleet"]["preference"]["objective"] == "dpo"
+    tr = {"eval_every_steps": 5}
+    r = client.post("/v1/fine_tuning/jobs", headers=hh, json={"training_file": fid, lf: {"training": tr}})
     assert r.status_code == 400 and "needs a validation_file" in _error(r)
-    hp = {"eval_every_steps": 5, "early_stopping_patience": 2}
+    tr = {"eval_every_steps": 5, "early_stopping_patience": 2}
     r = client.post(
         "/v1/fine_tuning/jobs",
         headers=hh,
-        json={"training_file": fid, "validation_file": fid, "hyperparameters": hp},
+        json={"training_file": fid, "validation_file": fid, lf: {"training": tr}},
     )
     assert r.status_code == 200, r.text
     # ids that are not ids never reach the store or the disk
@@ -288,10 +280,10 @@ def test_bad_input_is_4xx_with_clear_messages(api):
         "/v1/adapters/adapter-..%2Fx/download",
     ]:
         r = client.get(path, headers=hh)
-        assert r.status_code in (404, 422), (path, r.text)
+        assert r.status_code in (400, 404), (path, r.text)
         _error(r)
     r = client.get("/v1/fine_tuning/jobs?limit=1000", headers=hh)
-    assert r.status_code == 422 and "limit" in _error(r)
+    assert r.status_code == 400 and "limit" in _error(r)
 
 
 def test_dashboard_is_served_without_external_resources(api):
@@ -370,7 +362,7 @@ def test_worker_stores_each_step_before_checkpointing_it(tmp_path, tiny_llama_di
     resumed job starts after the checkpoint and never trains (nor reports) that step again."""
     from lorafleet.service.jobspec import EngineSettings
     from lorafleet.service.worker import Worker
-    from lorafleet.train import engine as engine_mod
+    from lorafleet.train import task as task_mod
 
     app = create_app(ServiceSettings(tmp_path / "data", str(tiny_llama_dir)))
     store, dd = app.state.store, DataDir(tmp_path / "data")
@@ -378,19 +370,20 @@ def test_worker_stores_each_step_before_checkpointing_it(tmp_path, tiny_llama_di
     h = {"Authorization": f"Bearer {secret}"}
     with TestClient(app) as client:
         fid = _upload(client, h, _jsonl(ROWS)).json()["id"]
-        hp = {"batch_size": 2, "max_steps": 4, "save_every_steps": 2, "max_seq_len": 32}
-        r = client.post("/v1/fine_tuning/jobs", headers=h, json={"training_file": fid, "hyperparameters": hp})
+        tr = {"max_steps": 4, "save_every_steps": 2, "max_seq_len": 32}
+        body = {"training_file": fid, "hyperparameters": {"batch_size": 2}, "lorafleet": {"training": tr}}
+        r = client.post("/v1/fine_tuning/jobs", headers=h, json=body)
         job_id = r.json()["id"]
 
     stored_at_save = []
-    real_save = engine_mod.save_checkpoint
+    real_save = task_mod.save_checkpoint
 
     def save_and_look(root, step, *args, **kwargs):
         events, _ = store.list_events(job_id, None, 1000, True)
         stored_at_save.append((step, [e.step for e in events if e.type == "metrics"]))
         return real_save(root, step, *args, **kwargs)
 
-    monkeypatch.setattr(engine_mod, "save_checkpoint", save_and_look)
+    monkeypatch.setattr(task_mod, "save_checkpoint", save_and_look)
     worker = Worker(store, dd, EngineSettings(base_model=str(tiny_llama_dir)), poll_interval=0.0)
     worker._load_engine()
     deadline = time.monotonic() + 120
@@ -428,7 +421,7 @@ def test_over_quota_requests_get_429_with_retry_after_naming_the_quota(api, tmp_
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
-    body = {"training_file": fid, "hyperparameters": {"max_steps": 2}}
+    body = {"training_file": fid, "lorafleet": {"training": {"max_steps": 2}}}
     assert client.post("/v1/fine_tuning/jobs", headers=h["alice"], json=body).status_code == 200
     r = client.post("/v1/fine_tuning/jobs", headers=h["alice"], json=body)
     assert r.status_code == 429 and int(r.headers["retry-after"]) > 0
@@ -453,7 +446,7 @@ def test_jobs_for_a_base_model_the_fleet_announces_go_to_its_workers(api):
     client, h, app = api
     store = app.state.store
     fid = _upload(client, h["alice"], _jsonl(ROWS)).json()["id"]
-    body = {"training_file": fid, "model": "qwen3-0.6b", "hyperparameters": {"max_steps": 2}}
+    body = {"training_file": fid, "model": "qwen3-0.6b", "lorafleet": {"training": {"max_steps": 2}}}
     r = client.post("/v1/fine_tuning/jobs", headers=h["alice"], json=body)
     assert r.status_code == 400 and "'tiny-model'" in _error(r)  # no worker serves it yet
     store.heartbeat(WorkerRecord("gpu-b-0", "host-b", 1, "qwen3-0.6b", "ready", 8, 4096))
@@ -467,3 +460,8 @@ def test_jobs_for_a_base_model_the_fleet_announces_go_to_its_workers(api):
     assert [j.id for j, _ in store.claim_jobs("gpu-b-0", "qwen3-0.6b", 5, 30.0)] == [r.json()["id"]]
     workers = client.get("/healthz").json()["workers"]
     assert [(w["id"], w["base_model"], w["alive"]) for w in workers] == [("gpu-b-0", "qwen3-0.6b", True)]
+    # /v1/models lists the fleet's base models, this server's first
+    models = client.get("/v1/models", headers=h["alice"]).json()["data"]
+    assert [m["id"] for m in models if m["owned_by"] == "lorafleet"] == ["tiny-model", "qwen3-0.6b"]
+    assert client.get("/v1/models/qwen3-0.6b", headers=h["alice"]).json()["parent"] is None
+    assert client.delete("/v1/models/qwen3-0.6b", headers=h["alice"]).status_code == 403

@@ -45,6 +45,17 @@ CHAT = [
 ]
 
 
+def _job(training_file: str, hp: dict, adapter: dict | None = None, **top) -> dict:
+    """A job body from flat settings: OpenAI's hyperparameters (a learning rate as its multiplier of the
+    base rate 1e-4), the rest in the lorafleet extension field."""
+    hp = dict(hp)
+    openai_hp = {k: hp.pop(k) for k in ("batch_size", "n_epochs") if k in hp}
+    if "learning_rate" in hp:
+        openai_hp["learning_rate_multiplier"] = hp.pop("learning_rate") / 1e-4
+    ext: dict = {"training": hp, **({"adapter": adapter} if adapter else {})}
+    return {"training_file": training_file, "hyperparameters": openai_hp, "lorafleet": ext, **top}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -196,16 +207,14 @@ def trained(service):
     )
     assert fa.status_code == fb.status_code == 200, (fa.text, fb.text)
     common = {"max_steps": STEPS, "learning_rate": 5e-3, "max_seq_len": 64, "lr_scheduler": "constant"}
-    body_a = {
-        "training_file": fa.json()["id"], "suffix": "alice",
-        "adapter": {"rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
-        "hyperparameters": {"batch_size": 4, "save_every_steps": 8, **common},
-    }  # fmt: skip
-    body_b = {
-        "training_file": fb.json()["id"], "suffix": "bob",
-        "adapter": {"rank": 8, "target_modules": ["q_proj", "k_proj", "o_proj"]},
-        "hyperparameters": {"batch_size": 2, **common},
-    }  # fmt: skip
+    body_a = _job(
+        fa.json()["id"], {"batch_size": 4, "save_every_steps": 8, **common}, suffix="alice",
+        adapter={"rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+    )  # fmt: skip
+    body_b = _job(
+        fb.json()["id"], {"batch_size": 2, **common}, suffix="bob",
+        adapter={"rank": 8, "target_modules": ["q_proj", "k_proj", "o_proj"]},
+    )  # fmt: skip
     job_a = alice.post("/v1/fine_tuning/jobs", json=body_a).json()["id"]
     job_b = bob.post("/v1/fine_tuning/jobs", json=body_b).json()["id"]
     return {
@@ -218,7 +227,12 @@ def test_two_tenants_train_together_download_and_stay_apart(service, trained, tm
     server, tokens, model = service["server"], service["tokens"], service["model"]
     (alice, a), (bob, b) = trained["alice"], trained["bob"]
     assert a["status"] == b["status"] == "succeeded", (a, b)
-    assert (a["step"], a["total_steps"], b["step"], b["total_steps"]) == (STEPS,) * 4
+    assert (
+        a["lorafleet"]["step"],
+        a["lorafleet"]["total_steps"],
+        b["lorafleet"]["step"],
+        b["lorafleet"]["total_steps"],
+    ) == (STEPS,) * 4
     # both trained together on the one engine: each one's steps began before the other's ended
     ma = [e for e in _metrics(alice, a["id"]) if e["type"] == "metrics"]
     mb = [e for e in _metrics(bob, b["id"]) if e["type"] == "metrics"]
@@ -228,21 +242,21 @@ def test_two_tenants_train_together_download_and_stay_apart(service, trained, tm
     assert [c["step_number"] for c in ckpts] == [24, 16, 8]
 
     # Alice downloads over HTTP: the zip holds exactly the engine's exported PEFT folder
-    engine_dir = DataDir(server.data).adapter_dir(a["fine_tuned_adapter"])
-    z = alice.get(f"/v1/adapters/{a['fine_tuned_adapter']}/download")
+    engine_dir = DataDir(server.data).adapter_dir(a["fine_tuned_model"])
+    z = alice.get(f"/v1/adapters/{a['fine_tuned_model']}/download")
     assert z.status_code == 200 and z.headers["content-type"] == "application/zip"
     with zipfile.ZipFile(io.BytesIO(z.content)) as zf:
         names = {n: zf.read(n) for n in zf.namelist()}
         zf.extractall(tmp_path / "alice")
     expected = {
-        f"{a['fine_tuned_adapter']}/{p.name}": p.read_bytes() for p in engine_dir.iterdir() if p.is_file()
+        f"{a['fine_tuned_model']}/{p.name}": p.read_bytes() for p in engine_dir.iterdir() if p.is_file()
     }
-    assert names == expected and f"{a['fine_tuned_adapter']}/adapter_config.json" in names
-    _peft_check(model, tmp_path / "alice" / a["fine_tuned_adapter"], 4, {"q_proj", "v_proj"})
+    assert names == expected and f"{a['fine_tuned_model']}/adapter_config.json" in names
+    _peft_check(model, tmp_path / "alice" / a["fine_tuned_model"], 4, {"q_proj", "v_proj"})
     # Bob downloads with the CLI (by job id), which unpacks the folder
     r = _cli(server, tokens["bob"], "download", b["id"], "--output", str(tmp_path / "bob"))
     assert r.returncode == 0, r.stderr
-    assert Path(r.stdout.strip()) == tmp_path / "bob" / b["fine_tuned_adapter"]
+    assert Path(r.stdout.strip()) == tmp_path / "bob" / b["fine_tuned_model"]
     _peft_check(model, Path(r.stdout.strip()), 8, {"q_proj", "k_proj", "o_proj"})
 
     # neither sees the other's jobs, files, events or adapters
@@ -252,11 +266,11 @@ def test_two_tenants_train_together_download_and_stay_apart(service, trained, tm
         for path in (
             f"/v1/fine_tuning/jobs/{theirs['id']}", f"/v1/fine_tuning/jobs/{theirs['id']}/events",
             f"/v1/fine_tuning/jobs/{theirs['id']}/checkpoints", f"/v1/files/{theirs['training_file']}",
-            f"/v1/adapters/{theirs['fine_tuned_adapter']}", f"/v1/adapters/{theirs['fine_tuned_adapter']}/download",
+            f"/v1/adapters/{theirs['fine_tuned_model']}", f"/v1/adapters/{theirs['fine_tuned_model']}/download",
         ):  # fmt: skip
             assert me.get(path).status_code == 404, path
         assert me.post(f"/v1/fine_tuning/jobs/{theirs['id']}/cancel").status_code == 404
-        assert [x["id"] for x in me.get("/v1/adapters").json()["data"]] == [mine["fine_tuned_adapter"]]
+        assert [x["id"] for x in me.get("/v1/adapters").json()["data"]] == [mine["fine_tuned_model"]]
     # the CLI shows Bob his job and only his
     r = _cli(server, tokens["bob"], "list")
     assert r.returncode == 0 and b["id"] in r.stdout and a["id"] not in r.stdout
@@ -270,12 +284,11 @@ def test_200_concurrent_status_requests_while_training(service, trained):
     server, tokens = service["server"], service["tokens"]
     alice = _client(server, tokens["alice"])
     fid = _file_named(alice, "qa.jsonl")
-    body = {
-        "training_file": fid,
-        "hyperparameters": {"batch_size": 4, "max_steps": 100000, "max_seq_len": 64},
-    }
+    body = _job(fid, {"batch_size": 4, "max_steps": 100000, "max_seq_len": 64})
     job_id = alice.post("/v1/fine_tuning/jobs", json=body).json()["id"]
-    before = _wait(alice, job_id, until=lambda j: j["status"] == "running" and j["step"] >= 1, server=server)
+    before = _wait(
+        alice, job_id, until=lambda j: j["status"] == "running" and j["lorafleet"]["step"] >= 1, server=server
+    )
 
     async def one() -> tuple[int, float]:
         # a bare HTTP/1.1 request on its own connection: an HTTP client library spends more CPU per request
@@ -307,7 +320,9 @@ def test_200_concurrent_status_requests_while_training(service, trained):
     (service["root"] / "load.json").write_text(json.dumps({"p50_s": p50, "p99_s": p99, "wall_s": wall}))
     assert statuses == [200] * 200
     # training went on meanwhile; then cancelling the running job stops it
-    after = _wait(alice, job_id, until=lambda j: j["step"] > before["step"], server=server)
+    after = _wait(
+        alice, job_id, until=lambda j: j["lorafleet"]["step"] > before["lorafleet"]["step"], server=server
+    )
     assert after["status"] == "running"
     cancelled_at = time.time()
     assert alice.post(f"/v1/fine_tuning/jobs/{job_id}/cancel").json()["status"] == "cancelled"
@@ -321,10 +336,10 @@ def test_200_concurrent_status_requests_while_training(service, trained):
         time.sleep(0.1)
     else:
         raise AssertionError(f"the worker still trains after the cancel: {beat}\n{server.tail()}")
-    step = alice.get(f"/v1/fine_tuning/jobs/{job_id}").json()["step"]
+    step = alice.get(f"/v1/fine_tuning/jobs/{job_id}").json()["lorafleet"]["step"]
     time.sleep(1.0)
     final = alice.get(f"/v1/fine_tuning/jobs/{job_id}").json()
-    assert (final["status"], final["step"]) == ("cancelled", step)
+    assert (final["status"], final["lorafleet"]["step"]) == ("cancelled", step)
 
 
 def test_job_the_engine_rejects_fails_with_the_reason(service, trained):
@@ -336,7 +351,7 @@ def test_job_the_engine_rejects_fails_with_the_reason(service, trained):
     fid = alice.post(
         "/v1/files", files={"file": ("long.jsonl", "".join(json.dumps(r) + "\n" for r in long_prompts))}
     )
-    body = {"training_file": fid.json()["id"], "hyperparameters": {"max_seq_len": 8, "max_steps": 2}}
+    body = _job(fid.json()["id"], {"max_seq_len": 8, "max_steps": 2})
     job = _wait(alice, alice.post("/v1/fine_tuning/jobs", json=body).json()["id"], server=server)
     assert job["status"] == "failed", job
     assert (
@@ -365,13 +380,15 @@ def test_dpo_job_with_validation_file_from_the_cli(service, trained):
     r = _cli(
         server, tokens["bob"], "create", "--training-file", str(train), "--validation-file", str(valid),
         "--method", "dpo", "--beta", "0.2", "--batch-size", "2", "--max-steps", "4", "--eval-every-steps", "2",
-        "--max-seq-len", "64", "--learning-rate", "1e-3", "--wait", "--json",
+        "--max-seq-len", "64", "--learning-rate-multiplier", "10", "--wait", "--json",
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     job = json.loads(r.stdout)
-    assert job["status"] == "succeeded" and job["method"] == {**job["method"], "type": "dpo", "beta": 0.2}, (
-        job
-    )
+    assert (
+        job["status"] == "succeeded"
+        and job["method"]["type"] == "dpo"
+        and job["method"]["dpo"]["hyperparameters"]["beta"] == 0.2
+    ), job
     assert "Training succeeded" in r.stderr and "uploaded" in r.stderr  # --wait printed the events
     bob = _client(server, tokens["bob"])
     assert {
@@ -383,10 +400,10 @@ def test_dpo_job_with_validation_file_from_the_cli(service, trained):
     assert sorted(metrics) == [1, 2, 3, 4]
     assert [s for s, d in metrics.items() if "valid_loss" in d] == [2, 4]
     assert all(d["train_loss"] > 0 and len(d) > 5 for d in metrics.values())  # DPO's rewards/accuracies too
-    z = bob.get(f"/v1/adapters/{job['fine_tuned_adapter']}/download")
+    z = bob.get(f"/v1/adapters/{job['fine_tuned_model']}/download")
     assert (
         z.status_code == 200
-        and f"{job['fine_tuned_adapter']}/adapter_config.json"
+        and f"{job['fine_tuned_model']}/adapter_config.json"
         in zipfile.ZipFile(io.BytesIO(z.content)).namelist()
     )
 
@@ -400,13 +417,15 @@ def test_killed_worker_is_restarted_and_resumes(service, trained):
     alice = _client(server, tokens["alice"])
     fid = _file_named(alice, "qa.jsonl")
     hp = {"batch_size": 2, "max_steps": LONG, "max_seq_len": 64, "save_every_steps": 5}
-    r = alice.post("/v1/fine_tuning/jobs", json={"training_file": fid, "hyperparameters": hp})
+    r = alice.post("/v1/fine_tuning/jobs", json=_job(fid, hp))
     job_id = r.json()["id"]
     ckpt = DataDir(server.data).checkpoint_dir(job_id)
     _wait(
         alice,
         job_id,
-        until=lambda j: j["status"] in TERMINAL or j["step"] > max(_checkpoint_steps(ckpt), default=99),
+        until=lambda j: (
+            j["status"] in TERMINAL or j["lorafleet"]["step"] > max(_checkpoint_steps(ckpt), default=99)
+        ),
     )
     old_pid = httpx.get(f"{server.url}/healthz").json()["worker"]["pid"]
     os.kill(old_pid, signal.SIGKILL)
@@ -416,7 +435,7 @@ def test_killed_worker_is_restarted_and_resumes(service, trained):
     resume_from = _checkpoint_steps(ckpt)[-1]
     assert alice.get(f"/v1/fine_tuning/jobs/{job_id}").json()["status"] == "running"
     job = _wait(alice, job_id, server=server)  # the supervisor starts a new worker, which resumes the job
-    assert job["status"] == "succeeded" and job["step"] == LONG
+    assert job["status"] == "succeeded" and job["lorafleet"]["step"] == LONG
     assert httpx.get(f"{server.url}/healthz").json()["worker"]["pid"] != old_pid
     events = _metrics(alice, job_id)
     assert f"Resumed from the checkpoint at step {resume_from} of {LONG}" in [e["message"] for e in events]
@@ -449,7 +468,7 @@ def test_dashboard_renders_jobs_and_loss_curves_in_chromium(service, trained, tm
     assert rows == [(j["id"], j["status"]) for j in jobs]
     # one curve per job with steps; alice's trained job has one point per step the API reports
     curves = dict(re.findall(r'<polyline class="curve" data-job="([^"]+)" data-points="(\d+)"', html))
-    assert curves[a["id"]] == str(a["step"]) == str(STEPS)
+    assert curves[a["id"]] == str(a["lorafleet"]["step"]) == str(STEPS)
     assert tokens["bob"] not in html and trained["bob"][1]["id"] not in html
     shot = tmp_path / "dashboard.png"
     r = subprocess.run(
@@ -488,21 +507,20 @@ def test_sigkill_mid_training_then_restart_resumes_from_checkpoints(tmp_path, ti
         "/v1/files", files={"file": ("qa.jsonl", _write_jsonl(tmp_path / "qa.jsonl", QA).read_bytes())}
     ).json()["id"]
     hp = {"batch_size": 2, "max_seq_len": 64, "learning_rate": 1e-3, "save_every_steps": 5}
-    job1 = c.post(
-        "/v1/fine_tuning/jobs", json={"training_file": fid, "hyperparameters": {**hp, "max_steps": LONG}}
-    ).json()["id"]
-    job2 = c.post(
-        "/v1/fine_tuning/jobs", json={"training_file": fid, "hyperparameters": {**hp, "max_steps": 4}}
-    ).json()["id"]
+    job1 = c.post("/v1/fine_tuning/jobs", json=_job(fid, {**hp, "max_steps": LONG})).json()["id"]
+    job2 = c.post("/v1/fine_tuning/jobs", json=_job(fid, {**hp, "max_steps": 4})).json()["id"]
     # kill once job 1 has a checkpoint and has trained past it (so some steps must be redone)
     ckpt_dir = DataDir(data).checkpoint_dir(job1)
-    past = lambda j: j["status"] in TERMINAL or j["step"] > max(_checkpoint_steps(ckpt_dir), default=99)  # noqa: E731
+
+    def past(j):
+        return j["status"] in TERMINAL or j["lorafleet"]["step"] > max(
+            _checkpoint_steps(ckpt_dir), default=99
+        )
+
     j1 = _wait(c, job1, until=past, server=server)
     assert j1["status"] == "running", j1
     # acknowledged just before the kill: must survive it
-    job3 = c.post(
-        "/v1/fine_tuning/jobs", json={"training_file": fid, "hyperparameters": {**hp, "max_steps": 3}}
-    ).json()["id"]
+    job3 = c.post("/v1/fine_tuning/jobs", json=_job(fid, {**hp, "max_steps": 3})).json()["id"]
     worker_pid = server.worker_pid
     server.proc.send_signal(signal.SIGKILL)
     server.proc.wait()
@@ -527,9 +545,9 @@ def test_sigkill_mid_training_then_restart_resumes_from_checkpoints(tmp_path, ti
         assert f"Resumed from the checkpoint at step {resume_from} of {LONG}" in messages, messages
         # every step once in the loss history, the redone ones replaced by their second run
         assert [e["data"]["step"] for e in events if e["type"] == "metrics"] == list(range(1, LONG + 1))
-        assert done[job1]["step"] == LONG
+        assert done[job1]["lorafleet"]["step"] == LONG
         assert not any("Resumed" in e["message"] for e in _metrics(c, job2) + _metrics(c, job3))
-        z = c.get(f"/v1/adapters/{done[job1]['fine_tuned_adapter']}/download")
+        z = c.get(f"/v1/adapters/{done[job1]['fine_tuned_model']}/download")
         assert z.status_code == 200 and zipfile.ZipFile(io.BytesIO(z.content)).namelist()
     finally:
         server.stop()

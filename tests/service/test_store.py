@@ -69,7 +69,7 @@ def test_store_pagination_isolation_and_compare_and_set(store):
     assert not store.transition(jid, "running", ["queued"])
     assert store.get_job_any(jid).status == "cancelled"
     with pytest.raises(ValueError, match="unknown job status"):
-        store.transition(jid, "paused", ["queued"])
+        store.transition(jid, "sleeping", ["queued"])
 
 
 def test_store_metrics_event_replaced_on_resume(store):
@@ -223,6 +223,25 @@ def test_released_lease_is_claimable_at_once(store):
     assert [lease.token for _, lease in store.claim_jobs("w3", "m", 5, 30.0)] == [3, 2]
     history = store.lease_history(f"ftjob-{1:024x}")
     assert [g.released_at is not None for g in history] == [True, True, False]  # w3 holds token 3
+
+
+def test_a_paused_job_keeps_its_lease_until_released_and_is_claimed_only_after_resume(store):
+    jid = f"ftjob-{1:024x}"
+    store.add_job(_job(1, "alice"))
+    [(_, lease)] = store.claim_jobs("w1", "m", 1, 0.3)
+    assert store.transition(jid, "paused", ["queued", "running"])  # the API pauses it
+    # the holder still renews and writes (its pause checkpoint); nobody claims a paused job
+    assert [x.token for x in store.renew_leases([lease], 30.0)] == [lease.token]
+    time.sleep(0.4)  # past the first expiry: the renewal held it
+    assert store.claim_jobs("w2", "m", 1, 30.0) == []
+    store.add_events([EventRecord(jid, "metrics", "step 3", 0.0, step=3)], lease=lease)
+    assert store.claim_jobs("w2", "m", 1, 30.0) == []
+    assert store.release_lease(lease)  # the worker let it go after its last checkpoint
+    assert store.claim_jobs("w2", "m", 1, 30.0) == []  # still paused
+    assert store.transition(jid, "queued", ["paused"])  # resume
+    [(job, again)] = store.claim_jobs("w2", "m", 1, 30.0)
+    assert job.id == jid and again.token == lease.token + 1
+    assert store.renew_leases([lease], 30.0) == []  # the old holder is fenced off
 
 
 def test_concurrent_claims_never_share_a_job(store):

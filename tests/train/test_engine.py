@@ -19,156 +19,8 @@ import yaml
 from safetensors.torch import load_file
 
 from helpers import make_tiny_model
+from helpers.peft_oracle import STEPS, TASKS, engine_config, peft_alone, peft_init, rel_diff
 from lorafleet.cli import main as cli_main
-
-PROMPTS = [
-    "What is the capital of France?",
-    "Hello world.",
-    "The quick brown fox",
-    "def add(a, b):",
-    "caf\u00e9, na\u00efve",
-    "HELLO, it's a tiny tokenizer",
-    "jumps over the lazy dog",
-    "12345 times!",
-    "they'll see.",
-    "Paris is",
-]
-COMPLETIONS = [
-    "The capital of France is Paris.",
-    "hello World.",
-    "jumps over the lazy dog, 12345 times!",
-    "return a + b",
-    "\u65e5\u672c\u8a9e emoji",
-    "for tests; they'll see.",
-    "12345",
-    "quick brown",
-    "Hello",
-    "the capital of France.",
-]
-
-
-def _write_data(path: Path, shift: int, n: int) -> None:
-    rows = [
-        {"prompt": PROMPTS[(i + shift) % 10], "completion": COMPLETIONS[(i * 3 + shift) % 10]}
-        for i in range(n)
-    ]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
-# adapter name -> (rank, alpha, targets, lr, batch_size, micro_batch_size, rows, rslora)
-TASKS = {
-    "a": (4, 8, ["q_proj", "v_proj"], 1e-2, 4, 4, 9, False),
-    "b": (
-        8,
-        8,
-        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        5e-3,
-        4,
-        2,
-        7,
-        True,
-    ),
-    "c": (2, 4, ["o_proj", "down_proj"], 2e-2, 2, 1, 5, False),
-}
-STEPS = 3
-
-
-def _peft_init(model_dir: Path, out: Path, name: str, rank, alpha, targets, rslora, seed) -> None:
-    """An adapter made by PEFT with random A and B (so every gradient is non-trivial)."""
-    import transformers as tf
-    from peft import LoraConfig, get_peft_model
-
-    base = tf.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, use_rslora=rslora)
-    pm = get_peft_model(base, cfg)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_" in n:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-    pm.save_pretrained(out / name)
-
-
-def _config(tmp: Path, model_dir: Path, tasks: dict, **task_overrides) -> Path:
-    cfg = {
-        "base_model": {"path": str(model_dir), "dtype": "float32", "device": "cpu"},
-        "output_dir": str(tmp / "run"),
-        "seed": 0,
-        "datasets": [],
-        "adapters": [],
-        "tasks": [],
-        "dispatcher": {"max_concurrent_tasks": 8, "max_tokens_per_micro_batch": 256},
-    }
-    for i, (name, (rank, alpha, targets, lr, bs, mbs, rows, rslora)) in enumerate(tasks.items()):
-        _write_data(tmp / f"{name}.jsonl", i, rows)
-        cfg["datasets"].append(
-            {"name": name, "path": str(tmp / f"{name}.jsonl"), "format": "prompt_completion"}
-        )
-        cfg["adapters"].append(
-            {
-                "name": name,
-                "rank": rank,
-                "alpha": alpha,
-                "dropout": 0.0,
-                "use_rslora": rslora,
-                "target_modules": targets,
-                "init_from": str(tmp / "init" / name),
-            }
-        )
-        task = {
-            "name": name,
-            "adapter": name,
-            "dataset": name,
-            "batch_size": bs,
-            "micro_batch_size": mbs,
-            "max_steps": STEPS,
-            "max_seq_len": 64,
-            "shuffle": False,
-            "optimizer": {"lr": lr, "weight_decay": 0.01},
-            "save_every_steps": 1,
-        }
-        task.update(task_overrides.get(name, {}))
-        cfg["tasks"].append(task)
-    path = tmp / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def _peft_alone(model_dir: Path, tmp: Path, name: str, spec: tuple, shift: int) -> dict[str, torch.Tensor]:
-    """The oracle: one PEFT model, torch AdamW, the same examples in the same order, loss = sum CE / count."""
-    import transformers as tf
-    from peft import PeftModel
-
-    rank, alpha, targets, lr, bs, mbs, rows, rslora = spec
-    tok = tf.AutoTokenizer.from_pretrained(model_dir)
-    data = [json.loads(line) for line in (tmp / f"{name}.jsonl").read_text().splitlines()]
-    examples = []
-    for r in data:
-        p = tok(r["prompt"], add_special_tokens=True)["input_ids"]
-        c = tok(r["completion"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        ids = (p + c)[:64]
-        labels = ([-100] * len(p) + c)[:64]
-        examples.append((ids, labels))
-    base = tf.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    pm = PeftModel.from_pretrained(base, tmp / "init" / name, is_trainable=True)
-    params = [p for p in pm.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    for step in range(STEPS):
-        batch = [examples[(step * bs + j) % len(examples)] for j in range(bs)]
-        count = sum(sum(1 for x in lab[1:] if x != -100) for _, lab in batch)
-        total = 0.0
-        for ids, lab in batch:
-            logits = pm(torch.tensor([ids])).logits[0, :-1]
-            target = torch.tensor(lab[1:])
-            total = total + torch.nn.functional.cross_entropy(
-                logits, target, ignore_index=-100, reduction="sum"
-            )
-        (total / count).backward()
-        opt.step()
-        opt.zero_grad()
-    from peft.utils import get_peft_model_state_dict
-
-    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(pm).items()}
 
 
 @pytest.fixture(scope="module")
@@ -177,27 +29,20 @@ def setup(tmp_path_factory):
     model_dir = tmp / "model"
     make_tiny_model("llama2", model_dir)
     for i, (name, (rank, alpha, targets, *_rest)) in enumerate(TASKS.items()):
-        _peft_init(model_dir, tmp / "init", name, rank, alpha, targets, TASKS[name][7], seed=10 + i)
+        peft_init(model_dir, tmp / "init", name, rank, alpha, targets, TASKS[name][7], seed=10 + i)
     return tmp, model_dir
-
-
-def _rel_diff(a: dict, b: dict) -> float:
-    assert set(a) == set(b), set(a) ^ set(b)
-    num = sum(float((a[k].float() - b[k].float()).norm() ** 2) for k in a) ** 0.5
-    den = sum(float(b[k].float().norm() ** 2) for k in b) ** 0.5
-    return num / den
 
 
 def test_together_equals_peft_alone(setup):
     tmp, model_dir = setup
-    cfg = _config(tmp, model_dir, TASKS)
+    cfg = engine_config(tmp, model_dir, TASKS)
     assert cli_main(["train", str(cfg), "--no-progress"]) == 0
     for i, (name, spec) in enumerate(TASKS.items()):
         ours = load_file(str(tmp / "run" / "adapters" / name / "adapter_model.safetensors"))
-        ref = _peft_alone(model_dir, tmp, name, spec, i)
+        ref = peft_alone(model_dir, tmp, name, spec, i)
         init = load_file(str(tmp / "init" / name / "adapter_model.safetensors"))
-        assert _rel_diff(ours, init) > 1e-3, "training must have moved the weights"
-        assert _rel_diff(ours, ref) <= 1e-5, name
+        assert rel_diff(ours, init) > 1e-3, "training must have moved the weights"
+        assert rel_diff(ours, ref) <= 1e-5, name
     records = [json.loads(x) for x in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
     assert {(r["task"], r["step"]) for r in records} == {(n, s) for n in TASKS for s in range(1, STEPS + 1)}
     for r in records:
@@ -225,7 +70,11 @@ def test_resume_after_sigkill_equals_uninterrupted(setup, tmp_path):
         (tmp_path / "init").mkdir(exist_ok=True)
         os.symlink(setup[0] / "init" / name, tmp_path / "init" / name)
     overrides = {n: {"max_steps": 6} for n in tasks}
-    cfg = _config(tmp_path, model_dir, tasks, **overrides)
+    cfg = engine_config(tmp_path, model_dir, tasks, **overrides)
+    data = yaml.safe_load(cfg.read_text())
+    for adapter in data["adapters"]:  # keyed dropout masks: a resumed run draws the masks it would have
+        adapter["dropout"] = 0.1
+    cfg.write_text(yaml.safe_dump(data))
     # uninterrupted reference, in-process
     ref_dir = tmp_path / "ref"
     ref_cfg = yaml.safe_load(cfg.read_text())
@@ -248,7 +97,7 @@ def test_resume_after_sigkill_equals_uninterrupted(setup, tmp_path):
     for name in tasks:
         ours = load_file(str(tmp_path / "run" / "adapters" / name / "adapter_model.safetensors"))
         ref = load_file(str(ref_dir / "adapters" / name / "adapter_model.safetensors"))
-        assert _rel_diff(ours, ref) <= 1e-6, name
+        assert rel_diff(ours, ref) <= 1e-6, name
 
 
 def test_diverging_task_fails_alone(setup, tmp_path):
@@ -257,7 +106,7 @@ def test_diverging_task_fails_alone(setup, tmp_path):
     for name in ("a", "b"):
         os.symlink(tmp / "init" / name, tmp_path / "init" / name)
     tasks = {k: TASKS[k] for k in ("a", "b")}
-    cfg = _config(tmp_path, model_dir, tasks, b={"optimizer": {"lr": 1e30}})
+    cfg = engine_config(tmp_path, model_dir, tasks, b={"optimizer": {"lr": 1e30}})
     assert cli_main(["train", str(cfg), "--no-progress"]) == 1  # a failed task makes the run exit 1
     assert (tmp_path / "run" / "adapters" / "a").is_dir()
     assert not (tmp_path / "run" / "adapters" / "b").exists()
@@ -275,7 +124,7 @@ def test_diverging_task_fails_alone(setup, tmp_path):
     assert cli_main(["train", str(alone / "c.yaml"), "--no-progress"]) == 0
     a1 = load_file(str(tmp_path / "run" / "adapters" / "a" / "adapter_model.safetensors"))
     a2 = load_file(str(alone / "run" / "adapters" / "a" / "adapter_model.safetensors"))
-    assert _rel_diff(a1, a2) <= 1e-6
+    assert rel_diff(a1, a2) <= 1e-6
 
 
 def _cli_error(cfg: Path) -> str:
@@ -294,7 +143,7 @@ def test_cli_bad_input_clear_errors(setup, tmp_path):
     tmp, model_dir = setup
     (tmp_path / "init").mkdir()
     os.symlink(tmp / "init" / "a", tmp_path / "init" / "a")
-    good = yaml.safe_load(_config(tmp_path, model_dir, {"a": TASKS["a"]}).read_text())
+    good = yaml.safe_load(engine_config(tmp_path, model_dir, {"a": TASKS["a"]}).read_text())
 
     def variant(name: str, mutate) -> Path:
         cfg = json.loads(json.dumps(good))
@@ -341,7 +190,7 @@ def test_forget_drops_finished_tasks_only(setup, tmp_path):
     tmp, model_dir = setup
     (tmp_path / "init").mkdir()
     os.symlink(tmp / "init" / "a", tmp_path / "init" / "a")
-    cfg = load_config(_config(tmp_path, model_dir, {"a": TASKS["a"]}, a={"max_steps": 1}))
+    cfg = load_config(engine_config(tmp_path, model_dir, {"a": TASKS["a"]}, a={"max_steps": 1}))
     engine = Engine(cfg, tensorboard=False)
     with pytest.raises(ValueError, match="queued"):
         engine.forget("a")
@@ -359,7 +208,7 @@ def _train_variant(setup, run: Path, names: tuple[str, ...], steps: int, edit) -
     for name in names:
         os.symlink(tmp / "init" / name, run / "init" / name)
     overrides = {n: {"max_steps": steps} for n in names}
-    cfg = yaml.safe_load(_config(run, model_dir, {n: TASKS[n] for n in names}, **overrides).read_text())
+    cfg = yaml.safe_load(engine_config(run, model_dir, {n: TASKS[n] for n in names}, **overrides).read_text())
     edit(cfg)
     (run / "c.yaml").write_text(yaml.safe_dump(cfg))
     assert cli_main(["train", str(run / "c.yaml"), "--no-progress"]) == 0
@@ -382,8 +231,8 @@ def test_adapter_dropout_is_active_in_training(setup, tmp_path):
         torch.rand(7)  # whatever ran before in the process
         edit = _set_dropout(0.5 if p == "0.5 again" else p)
         results[p] = _train_variant(setup, tmp_path / f"p{p}", ("a",), 2, edit)["a"]
-    assert _rel_diff(results[0.5], results[0.0]) > 1e-4
-    assert _rel_diff(results["0.5 again"], results[0.5]) == 0.0
+    assert rel_diff(results[0.5], results[0.0]) > 1e-4
+    assert rel_diff(results["0.5 again"], results[0.5]) == 0.0
 
 
 def test_recompute_trains_the_same_weights(setup, tmp_path):
@@ -398,4 +247,4 @@ def test_recompute_trains_the_same_weights(setup, tmp_path):
 
         results[recompute] = _train_variant(setup, tmp_path / f"r{recompute}", ("a", "b"), 3, edit)
     for n in ("a", "b"):
-        assert _rel_diff(results[True][n], results[False][n]) <= 1e-6, n
+        assert rel_diff(results[True][n], results[False][n]) <= 1e-6, n

@@ -35,7 +35,12 @@ __all__ = [
     "steps_for",
 ]
 
-TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Keep equal to lorafleet.lora.adapters.TARGET_MODULES (tests/lora/test_lora_experts.py checks it); spelled
+# out here so that reading a config needs no torch. Which names a model has depends on its family.
+TARGET_MODULES = (
+    "q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj", "up_proj", "down_proj", "gate_up_proj",
+    "experts.gate_up_proj", "experts.down_proj",
+)  # fmt: skip
 DATASET_FORMATS = ("prompt_completion", "chat", "alpaca", "text", "preference")
 
 # Which dataset formats each task type trains on. A new task type (dpo, orpo, ...) adds its name to
@@ -125,9 +130,7 @@ class AdapterConfig(Section):
         0.05, ge=0, lt=1, description="Dropout on the adapter's input during training (0: none)."
     )
     use_rslora: bool = Field(False, description="Scale by alpha / sqrt(r) instead of alpha / r (rsLoRA).")
-    target_modules: list[
-        Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    ] = Field(
+    target_modules: list[Literal[TARGET_MODULES]] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
         description="Which linear layers of every decoder layer get this adapter: any of "
         + ", ".join(TARGET_MODULES)

@@ -22,19 +22,22 @@ def pack(
     groups: Sequence[tuple[str | None, str | None, Sequence[tuple]]],
     device: torch.device | str = "cpu",
 ) -> FusedBatch:
-    """Pack ``[(task, adapter, [(example id, tokens, mask[, role]), ...]), ...]``; each group becomes one segment.
+    """Pack ``[(task, adapter, [(example id, tokens, mask[, role[, key]]), ...]), ...]``; one segment per group.
 
     A group's sequences stay adjacent and in order, so each adapter's tokens are contiguous. ``role`` (e.g.
-    ``chosen``, see ``train/tasks.py``) is recorded in the sequence's ``SequenceInfo``.
+    ``chosen``, see ``train/tasks.py``) and ``key`` (the sequence's dropout key, ``masks.sequence_key``)
+    are recorded in the sequence's ``SequenceInfo``.
     """
     seqs: list[list[int]] = []
     labels: list[list[int]] = []
     adapters: list[str | None] = []
     infos: list[SequenceInfo] = []
     for task, adapter, examples in groups:
-        for example_id, tokens, mask, *role in examples:
+        for example_id, tokens, mask, *extra in examples:
             seqs.append(list(tokens))
             labels.append(shifted_labels(tokens, mask))
             adapters.append(adapter)
-            infos.append(SequenceInfo(task=task, example=example_id, role=role[0] if role else ""))
+            role = extra[0] if extra else ""
+            key = extra[1] if len(extra) > 1 else None
+            infos.append(SequenceInfo(task=task, example=example_id, role=role, key=key))
     return FusedBatch.from_sequences(seqs, adapters=adapters, labels=labels, sequences=infos, device=device)

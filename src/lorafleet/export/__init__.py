@@ -7,11 +7,10 @@ saved adapter names (``lorafleet train`` uses it too).
 from .base_ref import base_model_reference, check_hf_id, hf_id_of, resolve_base
 from .gguf_out import write_gguf_adapter, write_gguf_model
 from .merge import merge_adapter, merged_weight, write_hf_folder
-from .run import ExportResult, add_export_command, export_adapter, parse_size
+from .run import ExportResult, export_adapter, parse_size
 
 __all__ = [
     "ExportResult",
-    "add_export_command",
     "base_model_reference",
     "check_hf_id",
     "export_adapter",

@@ -12,7 +12,6 @@ existing non-empty destination is refused.
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import shutil
@@ -27,7 +26,7 @@ from ..lora.peft_format import CONFIG_NAME, read_peft, save_peft
 from ..models.families import ModelConfig
 from .base_ref import base_model_reference, check_hf_id, resolve_base
 
-__all__ = ["EXPORT_DTYPES", "ExportResult", "add_export_command", "export_adapter", "parse_size"]
+__all__ = ["EXPORT_DTYPES", "ExportResult", "export_adapter", "parse_size"]
 
 EXPORT_DTYPES = ("float32", "float16", "bfloat16")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*$", re.IGNORECASE)
@@ -209,66 +208,3 @@ def _local_base(recorded: str) -> Path | None:
         return resolve_base(recorded)
     except ValueError:
         return None
-
-
-def _cli_export(args: argparse.Namespace) -> int:
-    result = export_adapter(
-        args.adapter,
-        args.output,
-        merge=args.merge,
-        gguf=args.gguf,
-        base=args.base,
-        hf_id=args.hf_id,
-        dtype=args.dtype,
-        max_shard_size=args.max_shard_size,
-    )
-    what = {
-        "peft": f"PEFT adapter folder (base_model_name_or_path: {result.base})",
-        "hf": f"merged Hugging Face model folder ({len(result.files)} safetensors file(s); base {result.base})",
-        "gguf-adapter": f"llama.cpp LoRA adapter (base {result.base}; llama-cli -m BASE.gguf --lora FILE)",
-        "gguf-model": f"merged GGUF model (base {result.base})",
-    }[result.kind]
-    print(f"wrote {result.path}: {what}")
-    return 0
-
-
-def add_export_command(sub) -> None:
-    """The ``lorafleet export`` subcommand."""
-    p = sub.add_parser(
-        "export",
-        help="export a trained adapter: PEFT folder, merged HF model, llama.cpp adapter or merged GGUF",
-        description="Export a trained adapter: a PEFT folder naming a resolvable base, the merged model "
-        "(Hugging Face safetensors, or GGUF with --gguf), or a llama.cpp LoRA adapter (--gguf).",
-    )
-    p.add_argument(
-        "--adapter",
-        required=True,
-        metavar="DIR",
-        help="a PEFT adapter folder (e.g. OUTPUT_DIR/adapters/NAME)",
-    )
-    p.add_argument(
-        "--output", required=True, metavar="PATH", help="the folder (or .gguf file with --gguf) to write"
-    )
-    p.add_argument(
-        "--merge", action="store_true", help="merge the adapter into the base and write the whole model"
-    )
-    p.add_argument(
-        "--gguf", action="store_true", help="write llama.cpp's GGUF (an adapter, or with --merge a model)"
-    )
-    p.add_argument(
-        "--base", default=None, metavar="PATH", help="the base model (default: the one the adapter records)"
-    )
-    p.add_argument(
-        "--hf-id",
-        default=None,
-        metavar="OWNER/NAME",
-        help="Hugging Face id to record as the PEFT export's base (default: from the base's metadata, else its path)",
-    )
-    p.add_argument(
-        "--dtype",
-        choices=EXPORT_DTYPES,
-        default="float32",
-        help="dtype of merged weights (GGUF: float32 or float16; norms stay float32)",
-    )
-    p.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard of a merged HF folder")
-    p.set_defaults(func=_cli_export)

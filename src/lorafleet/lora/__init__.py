@@ -11,6 +11,7 @@ from .adapters import (
     lora_plus_param_groups,
     remove_adapter,
 )
+from .experts import FusedLoRAExperts, reference_expert_lora
 from .fused import FusedLoRALinear, reference_fused_lora
 from .peft_format import load_peft, read_peft, save_peft
 
@@ -18,6 +19,7 @@ __all__ = [
     "ADAPTER_KINDS",
     "TARGET_MODULES",
     "AdapterSpec",
+    "FusedLoRAExperts",
     "FusedLoRALinear",
     "adapter_names",
     "adapter_parameters",
@@ -26,6 +28,7 @@ __all__ = [
     "load_peft",
     "lora_plus_param_groups",
     "read_peft",
+    "reference_expert_lora",
     "reference_fused_lora",
     "remove_adapter",
     "save_peft",

@@ -7,6 +7,9 @@ targeted projection of the layers the model holds, A [R, I], B [O, R] and for Do
 parameters live in the ``FusedLoRALinear`` that replaces each targeted ``Linear``; ``adapter_parameters``
 names them with HF PEFT's state-dict keys, so saving, loading and optimizer groups need no other mapping.
 
+Each adapted projection knows its ``MaskSite`` (layer index, index of its name in ``TARGET_MODULES``),
+where its keyed dropout masks are drawn (``lorafleet.masks``).
+
 Initialisation is PEFT's: A ``kaiming_uniform_(a=sqrt(5))``, B zeros, DoRA magnitude = the row norms of
 W + scaling * B A (= ||W|| row-wise at init). Each projection draws A from its own generator, seeded from
 one number drawn from ``generator`` and the projection's name, so a pipeline stage that holds layers
@@ -24,7 +27,10 @@ from functools import cache
 import torch
 from torch import nn
 
+from ..masks import MaskSite
 from ..models.decoder import Decoder, Linear
+from ..models.moe import Experts
+from .experts import EXPERT_TARGETS, FusedLoRAExperts, expert_peft_keys, init_expert_factors
 from .fused import FusedLoRALinear, dora_weight_norm
 
 __all__ = [
@@ -41,7 +47,13 @@ __all__ = [
 ]
 
 ADAPTER_KINDS = ("lora", "dora")
-TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Every target name of every family, in PEFT's names: the projections (PEFT's target_modules; Phi-3's
+# fused qkv_proj and gate_up_proj) and the MoE expert tensors (PEFT's target_parameters). Which of them a
+# model has is the family's: add_adapter names the ones it lacks.
+LINEAR_TARGETS = (
+    "q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj", "up_proj", "down_proj", "gate_up_proj",
+)  # fmt: skip
+TARGET_MODULES = LINEAR_TARGETS + EXPERT_TARGETS
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 _MODULE = re.compile(r"^layers\.(\d+)\.(self_attn|mlp)\.([a-z_]+)$")
 PEFT_PREFIX = "base_model.model.model."
@@ -98,6 +110,11 @@ class AdapterSpec:
                 f"{who}: target_modules {list(targets)} must be distinct names among {list(TARGET_MODULES)}"
                 + (f"; unknown: {unknown}" if unknown else "")
             )
+        if any(t in EXPERT_TARGETS for t in targets) and (self.kind != "lora" or self.dropout > 0):
+            raise ValueError(
+                f"{who}: LoRA on experts ({', '.join(EXPERT_TARGETS)}) is plain LoRA without dropout, as in PEFT "
+                f"(target_parameters); set dropout: 0 and kind: lora, or drop the expert targets"
+            )
         object.__setattr__(self, "target_modules", targets)
         object.__setattr__(self, "alpha", float(self.alpha))
         object.__setattr__(self, "dropout", float(self.dropout))
@@ -113,8 +130,8 @@ def peft_key(module_name: str, part: str) -> str:
     return f"{PEFT_PREFIX}{module_name}.{part}"
 
 
-def _fused_layers(model: nn.Module) -> list[tuple[str, FusedLoRALinear]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, FusedLoRALinear)]
+def _fused_layers(model: nn.Module) -> list[tuple[str, FusedLoRALinear | FusedLoRAExperts]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, FusedLoRALinear | FusedLoRAExperts)]
 
 
 def adapter_names(model: nn.Module) -> list[str]:
@@ -155,23 +172,42 @@ def add_adapter(
         raise ValueError(
             f"adapter {spec.name!r}: name is already used on this model; remove it or pick another name"
         )
-    targets: list[tuple[nn.Module, str, str, Linear]] = []
+    targets: list[tuple[nn.Module, int, str, str, Linear]] = []
+    expert_targets: list[tuple[nn.Module, str, Experts]] = []
     found: set[str] = set()
+    available: set[str] = set()
+    wanted_params = tuple(p for p in ("gate_up_proj", "down_proj") if f"experts.{p}" in spec.target_modules)
     for mod_name, mod in model.named_modules():
+        if isinstance(mod, Experts):
+            available.update(EXPERT_TARGETS)
+            if wanted_params:
+                expert_targets.append((model.get_submodule(mod_name.rsplit(".", 1)[0]), mod_name, mod))
+                found.update(f"experts.{p}" for p in wanted_params)
+            continue
         m = _MODULE.match(mod_name)
-        if m and m.group(3) in spec.target_modules and isinstance(mod, Linear):
-            parent = model.get_submodule(mod_name.rsplit(".", 1)[0])
-            targets.append((parent, m.group(3), mod_name, mod))
-            found.add(m.group(3))
+        if m and isinstance(mod, Linear):
+            available.add(m.group(3))
+            if m.group(3) in spec.target_modules:
+                parent = model.get_submodule(mod_name.rsplit(".", 1)[0])
+                targets.append((parent, int(m.group(1)), m.group(3), mod_name, mod))
+                found.add(m.group(3))
     missing = [t for t in spec.target_modules if t not in found]
     if missing:
         raise ValueError(
             f"adapter {spec.name!r}: target_modules {missing} are not projections of this model "
-            f"(it has {sorted({_MODULE.match(n).group(3) for n, _ in model.named_modules() if _MODULE.match(n)})})"
+            f"({model.config.architecture}; it has {sorted(available)})"
         )
     seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
-    for parent, leaf, mod_name, mod in targets:
-        layer = mod if isinstance(mod, FusedLoRALinear) else FusedLoRALinear(mod)
+    for parent, mod_name, mod in expert_targets:
+        layer = mod if isinstance(mod, FusedLoRAExperts) else FusedLoRAExperts(mod)
+        if layer is not mod:
+            parent.experts = layer
+        g = torch.Generator().manual_seed(_module_seed(seed, mod_name))
+        layer.add(spec, init_expert_factors(layer, spec, wanted_params, g, dtype))
+    for parent, layer_index, leaf, mod_name, mod in targets:
+        # The dropout masks' site: the layer's index in the full model and the projection's fixed id.
+        site = MaskSite(layer_index, TARGET_MODULES.index(leaf))
+        layer = mod if isinstance(mod, FusedLoRALinear) else FusedLoRALinear(mod, site)
         if layer is not mod:
             setattr(parent, leaf, layer)
         g = torch.Generator().manual_seed(_module_seed(seed, mod_name))
@@ -201,7 +237,13 @@ def adapter_parameters(model: Decoder, name: str) -> dict[str, nn.Parameter]:
     """
     out: dict[str, nn.Parameter] = {}
     for mod_name, layer in _fused_layers(model):
-        if name in layer.specs:
+        if name in layer.specs and isinstance(layer, FusedLoRAExperts):
+            parent = mod_name.rsplit(".", 1)[0]
+            paths = expert_peft_keys(layer.specs[name].target_modules)
+            for param, (a, b) in layer.parameters_of(name).items():
+                out[peft_key(f"{parent}.{paths[param]}", "lora_A.weight")] = a
+                out[peft_key(f"{parent}.{paths[param]}", "lora_B.weight")] = b
+        elif name in layer.specs:
             out[peft_key(mod_name, "lora_A.weight")] = layer.lora_A[name]
             out[peft_key(mod_name, "lora_B.weight")] = layer.lora_B[name]
             if name in layer.lora_magnitude_vector:

@@ -7,8 +7,8 @@ segment.
 ``bias`` parameters, so the base checkpoint names do not change) and holds, per adapter, ``lora_A[name]``
 [R, I], ``lora_B[name]`` [O, R] and for DoRA ``lora_magnitude_vector[name]`` [O]. It is called as
 ``layer(x_TI, batch)``; ``batch.segments`` says which contiguous rows belong to which adapter. What it
-computes is ``reference_fused_lora`` (the ``Semantics:`` there is the contract); the fast path below computes
-the same thing with fewer passes over memory and an exact hand-written backward.
+computes is ``reference_fused_lora`` (``lora/reference.py``; the ``Semantics:`` there is the contract); the
+fast path below computes the same thing with fewer passes over memory and an exact hand-written backward.
 
 Fast path (training, ``_FusedLoRAFunction``; s = scaling, h = drop(x_S) A^T [S, R]):
     forward   each plain-LoRA segment writes b + (s h) B^T into its rows of y; the other rows get b (or 0);
@@ -18,23 +18,28 @@ Fast path (training, ``_FusedLoRAFunction``; s = scaling, h = drop(x_S) A^T [S, 
     backward  each segment writes its low-rank term s (g_S B) A into its rows of dx (the other rows 0),
               then ONE GEMM for all T rows accumulates g W onto dx (DoRA rows of g pre-scaled by
               m / ||W + sBA||); dB = g_S^T (s h), dA = (s g_S B)^T drop(x_S).
-    The dropout mask is drawn once in the forward with torch's RNG (the same draw as ``F.dropout``) and
-    kept as a bool tensor only when dropout > 0 in training mode; the dropped-out input is rebuilt from
-    x and the mask when the backward needs it. Without grad (``torch.no_grad``, inference mode, KV-cache
-    generation) the same forward runs with nothing saved.
+    Dropout masks are keyed (``lorafleet.masks``): a pure function of each row's sequence key and
+    position (``batch.dropout_rows``), the layer's ``mask_site`` and the feature, drawn from no RNG. The
+    forward computes a segment's mask, uses it and drops it; the backward computes it again from the same
+    keys, so dropout keeps nothing for the backward. Without grad (``torch.no_grad``, inference mode,
+    KV-cache generation) the same forward runs with nothing saved.
 
 Memory saved for the backward, per token of a segment, per adapted module (bytes; e = 4 for float32,
 2 for bfloat16; the input x and the weights are referenced, never copied, by both; measured with
-``torch.autograd.graph.saved_tensors_hooks`` in tests/test_fused.py, CPU):
+``torch.autograd.graph.saved_tensors_hooks`` in tests/lora/test_fused.py, CPU):
 
     adapter              plain autograd (reference_fused_lora)        fused       saved per token
     LoRA, dropout 0      e*R (h)                                      e*R (s h)   0
-    LoRA, dropout > 0    e*I (dropout noise) + e*I (dropped x) + e*R  I + e*R     (2e - 1) * I
+    LoRA, dropout > 0    I (keep mask) + e*I (dropped x) + e*R        e*R         (e + 1) * I
     DoRA, dropout 0      2*e*O (base and LoRA outputs) + e*R          e*R         2e * O
-    DoRA, dropout > 0    2*e*I + 2*e*O + e*R                          I + e*R     (2e - 1) * I + 2e * O
+    DoRA, dropout > 0    I + e*I + 2*e*O + e*R                        e*R         (e + 1) * I + 2e * O
 
-(DoRA also keeps one [O] norm per call.) With dropout on a 2048 x 2048 projection that is 6 KiB less per
-token and module in bfloat16 (LoRA) and 14 KiB (DoRA); 14 and 30 KiB in float32. PEFT's own mixed-batch
+(DoRA also keeps one [O] norm per call; the batch's [T] int64 ``dropout_rows`` is shared by every layer.)
+With dropout on a 2048 x 2048 projection that is 6 KiB less per token and module in bfloat16 (LoRA) and
+14 KiB (DoRA); 10 and 26 KiB in float32. Before keyed masks the fused path kept an I-byte bool mask per
+token and module (2 KiB here). The price is a second mask computation per segment, in the backward (one
+keyed mask costs about 0.7x a ``bernoulli_`` draw on a CPU; ``benchmarks/fused_op.py --masks``). PEFT's
+own mixed-batch
 loop saves more than the plain loop: an indexed *copy* of each adapter's input rows (``x[sub_batch_indices]``,
 e*I per token). The price of DoRA's saving is one recomputed S x I x O matmul (x_S W^T, for the
 magnitude's gradient) in the backward.
@@ -46,108 +51,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..masks import MaskSite, keep_mask
 from ..models.decoder import BatchLike, Linear
 from ..models.quant import base_linear, dense_weight
+from .reference import batch_dropout_rows, check_segments, dora_weight_norm, reference_fused_lora
 
 if TYPE_CHECKING:
     from .adapters import AdapterSpec
 
-__all__ = ["FusedLoRALinear", "dora_weight_norm", "draw_dropout_mask", "reference_fused_lora"]
-
-
-def draw_dropout_mask(x_SI: torch.Tensor, p: float) -> torch.Tensor:
-    """Keep-mask [S, I] (bool) drawn with torch's RNG exactly as ``F.dropout(x_SI, p)`` draws it."""
-    return torch.empty(x_SI.shape, dtype=torch.bool, device=x_SI.device).bernoulli_(1.0 - p)
-
-
-def dora_weight_norm(
-    weight_OI: torch.Tensor, a_RI: torch.Tensor, b_OR: torch.Tensor, scaling: float, dtype: torch.dtype
-) -> torch.Tensor:
-    """DoRA's row norm ||W + scaling * B A|| [O] in ``dtype``, detached, as PEFT 0.21 computes it.
-
-    PEFT forms the low-rank product in the adapter's dtype, casts it and W to the input's dtype and takes
-    the norm of each output row there; no gradient flows through the norm (DoRA paper, section 4.3).
-    """
-    with torch.no_grad():
-        lora_OI = (b_OR @ a_RI).to(dtype)
-        return torch.linalg.vector_norm(dense_weight(weight_OI, dtype).to(dtype) + scaling * lora_OI, dim=1)
-
-
-def _check_segments(segments: list[tuple[int, int, str]], num_rows: int) -> None:
-    last = 0
-    for start, end, name in sorted(segments):
-        if not 0 <= start < end <= num_rows or start < last:
-            raise ValueError(
-                f"adapter {name!r}: segment [{start}, {end}) is outside the batch's {num_rows} rows or overlaps "
-                "another segment; segments must be disjoint row ranges of the input"
-            )
-        last = end
-
-
-def reference_fused_lora(layer: FusedLoRALinear, x_TI: torch.Tensor, batch: BatchLike | None) -> torch.Tensor:
-    """The contract of ``FusedLoRALinear``, written as a plain autograd loop (the test oracle).
-
-    Args:
-        layer: the fused layer; its ``weight`` [O, I], ``bias`` [O] or None and per-adapter parameters
-            ``lora_A[n]`` [R, I], ``lora_B[n]`` [O, R], ``lora_magnitude_vector[n]`` [O] (DoRA) are used.
-        x_TI: [T, I] input rows.
-        batch: anything with ``segments``: ``Segment(adapter, start, end)`` row ranges, disjoint.
-    Returns:
-        y_TO [T, O].
-
-    Semantics:
-        y = F.linear(x, W, b)                              # every row, adapter or not
-        for (name, start, end) in sorted(batch.segments):  # rows of no adapter, or of an adapter that
-            if name not in layer.lora_A: continue          # does not target this layer: base only
-            s, p = scaling(name), dropout(name) if layer.training else 0.0
-            xs = x[start:end]
-            xd = F.dropout(xs, p)                          # one mask per segment, in row order
-            lora = xd @ A.T @ B.T                          # A, B cast to x's dtype
-            if kind(name) == "lora":
-                y[start:end] += s * lora
-            else:                                          # DoRA, as PEFT 0.21 in training mode
-                n = ||W + s * B @ A|| per output row, detached
-                c = m / n
-                base = y[start:end] - b if p == 0 else xd @ W.T   # PEFT reuses the base output
-                y[start:end] += (c - 1) * base + c * s * lora      # only when there is no dropout;
-                                                                   # the bias is never rescaled
-    Gradients flow to x and to every adapter's A, B and m; W and b are frozen.
-    """
-    if batch is None or not layer.specs:
-        return F.linear(x_TI, layer.weight, layer.bias)
-    y_TO = F.linear(x_TI, layer.weight, layer.bias)
-    segments = [
-        (s.start, s.end, s.adapter) for s in batch.segments if s.adapter in layer.specs and s.end > s.start
-    ]
-    _check_segments(segments, x_TI.shape[0])
-    pieces, cursor = [], 0
-    for start, end, name in sorted(segments):
-        spec = layer.specs[name]
-        a_RI = layer.lora_A[name].to(x_TI.dtype)
-        b_OR = layer.lora_B[name].to(x_TI.dtype)
-        p = spec.dropout if layer.training else 0.0
-        xd_SI = F.dropout(x_TI[start:end], p, training=p > 0)
-        lora_SO = F.linear(F.linear(xd_SI, a_RI), b_OR)
-        y_SO = y_TO[start:end]
-        if spec.kind == "lora":
-            out_SO = y_SO + lora_SO * spec.scaling
-        else:
-            norm_O = dora_weight_norm(
-                layer.weight, layer.lora_A[name], layer.lora_B[name], spec.scaling, x_TI.dtype
-            )
-            c_O = layer.lora_magnitude_vector[name] / norm_O.detach()
-            if p == 0:
-                base_SO = y_SO if layer.bias is None else y_SO - layer.bias
-            else:
-                base_SO = F.linear(xd_SI, layer.weight)
-            out_SO = y_SO + ((c_O - 1) * base_SO + c_O * lora_SO * spec.scaling).to(y_SO.dtype)
-        pieces += [y_TO[cursor:start], out_SO]
-        cursor = end
-    pieces.append(y_TO[cursor:])
-    return torch.cat(pieces)
+__all__ = ["FusedLoRALinear", "batch_dropout_rows", "dora_weight_norm", "reference_fused_lora"]
 
 
 @dataclass(frozen=True)
@@ -164,6 +78,14 @@ class _Slot:
 class _Plan:
     slots: tuple[_Slot, ...]
     segments: tuple[tuple[int, int, int], ...]  # (start, end, slot index)
+    site: MaskSite = MaskSite()
+    rows: torch.Tensor | None = None  # [T] batch.dropout_rows when a slot has dropout, else None
+
+    def keep(self, i: int, width: int) -> torch.Tensor | None:
+        """Segment i's keep-mask [S, width] (bool), or None when its adapter has no dropout in this call."""
+        start, end, k = self.segments[i]
+        p = self.slots[k].dropout
+        return keep_mask(self.rows[start:end], self.site, width, p) if p > 0 else None
 
 
 def _dora_scale(magnitude_O: torch.Tensor, norm_O: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -191,8 +113,8 @@ def _fused_forward(
     bias_O: torch.Tensor | None,
     plan: _Plan,
     params: tuple[torch.Tensor, ...],
-) -> tuple[torch.Tensor, list[torch.Tensor | None], list[torch.Tensor | None]]:
-    """y [T, O], the per-segment (mask, s * h) pairs and the per-slot DoRA norms; runs without autograd.
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor | None]]:
+    """y [T, O], the per-segment s * h and the per-slot DoRA norms; runs without autograd.
 
     The low-rank terms of plain-LoRA segments are written into y first and the base GEMM accumulates onto
     them (beta = 1): its read of y hides behind its arithmetic, where a separate ``y += ...`` would be one
@@ -207,16 +129,17 @@ def _fused_forward(
         else None
         for s in plan.slots
     ]
-    saved: list[torch.Tensor | None] = []
-    for start, end, k in plan.segments:
+    saved: list[torch.Tensor] = []
+    dora_inputs: dict[int, torch.Tensor] = {}  # DoRA segments with dropout: their dropped x, this call only
+    for i, (start, end, k) in enumerate(plan.segments):
         slot = plan.slots[k]
         as_RI = params[slot.first].to(dt) * slot.scaling
-        x_SI = x_TI[start:end]
-        mask_SI = None
-        xd_SI = x_SI
-        if slot.dropout > 0:
-            mask_SI = draw_dropout_mask(x_SI, slot.dropout)
-            xd_SI = x_SI.mul(mask_SI).mul_(1.0 / (1.0 - slot.dropout))
+        xd_SI = x_TI[start:end]
+        mask_SI = plan.keep(i, x_TI.shape[1])
+        if mask_SI is not None:
+            xd_SI = xd_SI.mul(mask_SI).mul_(1.0 / (1.0 - slot.dropout))
+            if slot.kind == "dora":
+                dora_inputs[i] = xd_SI
         hs_SR = xd_SI @ as_RI.t()  # scaling * h
         if slot.kind == "lora":
             b_OR = params[slot.first + 1].to(dt)
@@ -224,7 +147,7 @@ def _fused_forward(
                 torch.mm(hs_SR, b_OR.t(), out=y_TO[start:end])
             else:
                 torch.addmm(bias_O, hs_SR, b_OR.t(), out=y_TO[start:end])
-        saved += [mask_SI, hs_SR]
+        saved.append(hs_SR)
     for start, end in _gaps(plan, t, lora_only=True):
         if bias_O is None:
             y_TO[start:end].zero_()
@@ -235,11 +158,11 @@ def _fused_forward(
         slot = plan.slots[k]
         if slot.kind != "dora":
             continue
-        mask_SI, hs_SR = saved[2 * i], saved[2 * i + 1]
+        hs_SR = saved[i]
         c_O = _dora_scale(params[slot.first + 2], norms[k], dt)
         bc_OR = params[slot.first + 1].to(dt) * c_O[:, None]
         y_SO = y_TO[start:end]
-        if mask_SI is None:
+        if i not in dora_inputs:
             # y + (c - 1) * (y - b) == c * (y - b) + b: rescale the base rows in place.
             if bias_O is not None:
                 y_SO.sub_(bias_O)
@@ -248,8 +171,7 @@ def _fused_forward(
             if bias_O is not None:
                 y_SO.add_(bias_O)
         else:
-            xd_SI = x_TI[start:end].mul(mask_SI).mul_(1.0 / (1.0 - slot.dropout))
-            extra_SO = (xd_SI @ weight_OI.t()).mul_(c_O - 1)
+            extra_SO = (dora_inputs.pop(i) @ weight_OI.t()).mul_(c_O - 1)
             y_SO.add_(extra_SO.addmm_(hs_SR, bc_OR.t()))
     return y_TO, saved, norms
 
@@ -264,9 +186,10 @@ class _FusedLoRAFunction(torch.autograd.Function):
         need_params = any(ctx.needs_input_grad[4:])
         ctx.plan = plan
         ctx.num_params = len(params)
-        # x is needed only for the adapters' gradients; h only for B's: keep neither otherwise.
+        # x is needed only for the adapters' gradients; h only for B's: keep neither otherwise. Dropout
+        # masks are not kept: the backward recomputes them from the plan's keys (plan.rows).
         keep_x = x_TI if need_params else None
-        kept = saved if need_params else [m if i % 2 == 0 else None for i, m in enumerate(saved)]
+        kept = saved if need_params else [None] * len(saved)
         ctx.save_for_backward(keep_x, weight_OI, *params, *kept, *norms)
         return y_TO
 
@@ -277,7 +200,7 @@ class _FusedLoRAFunction(torch.autograd.Function):
         x_TI, weight_OI, *rest = ctx.saved_tensors
         weight_OI = dense_weight(weight_OI, g_TO.dtype)
         params, rest = rest[:n], rest[n:]
-        saved, norms = rest[: 2 * len(plan.segments)], rest[2 * len(plan.segments) :]
+        saved, norms = rest[: len(plan.segments)], rest[len(plan.segments) :]
         dt = g_TO.dtype
         g_TO = g_TO.contiguous()
         t = g_TO.shape[0]
@@ -291,7 +214,8 @@ class _FusedLoRAFunction(torch.autograd.Function):
         grads: list[torch.Tensor | None] = [None] * n
         for i, (start, end, k) in enumerate(plan.segments):
             slot, c_O = plan.slots[k], scales[k]
-            mask_SI, hs_SR = saved[2 * i], saved[2 * i + 1]
+            hs_SR = saved[i]
+            mask_SI = plan.keep(i, weight_OI.shape[1])  # the forward's mask, recomputed from its keys
             s = slot.scaling
             keep = 1.0 / (1.0 - slot.dropout) if mask_SI is not None else 1.0
             a_RI, b_OR = params[slot.first].to(dt), params[slot.first + 1].to(dt)
@@ -323,12 +247,12 @@ class _FusedLoRAFunction(torch.autograd.Function):
                 gw_TO[start:end].mul_(c_O)
             if mask_SI is None:
                 torch.mm(us_SR, a_RI, out=dx_SI)
+            elif c_O is None:  # 1 / (1 - p) on the [S, R] factor: one pass less over dx
+                torch.mm(us_SR.mul_(keep), a_RI, out=dx_SI)
+                dx_SI.mul_(mask_SI)
             else:
-                if c_O is None:
-                    torch.mm(us_SR, a_RI, out=dx_SI)
-                else:
-                    torch.mm(g_SO * (c_O - 1), weight_OI, out=dx_SI)
-                    dx_SI.addmm_(us_SR, a_RI)
+                torch.mm(g_SO * (c_O - 1), weight_OI, out=dx_SI)
+                dx_SI.addmm_(us_SR, a_RI)
                 dx_SI.mul_(mask_SI).mul_(keep)
         if dx_TI is not None:
             for start, end in _gaps(plan, t, lora_only=False):
@@ -343,16 +267,19 @@ class FusedLoRALinear(Linear):
     Built from the ``Linear`` it replaces (sharing its ``weight`` and ``bias``). Adapters are added with
     ``add`` (``lorafleet.lora.add_adapter`` does that with PEFT's initialisation for every targeted module).
     ``forward(x_TI, batch)`` returns ``x W^T + b`` plus each segment's adapter update; see
-    ``reference_fused_lora`` for the exact semantics. Dropout applies in training mode only, as in PEFT.
+    ``reference_fused_lora`` for the exact semantics. Dropout applies in training mode only, as in PEFT,
+    with keyed masks (``lorafleet.masks``) at ``mask_site``: the layer's index and module id, which
+    ``add_adapter`` sets when it swaps the layer in (``MaskSite(0, 0)`` for a layer built by hand).
     """
 
-    def __init__(self, base: Linear) -> None:
+    def __init__(self, base: Linear, site: MaskSite | None = None) -> None:
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
         self.bias = base.bias
         self.training = base.training  # swapped into an eval-mode model, it must not start dropping out
         self.backend = "auto"  # "auto" | "torch" | "triton": see lorafleet.lora.kernels.set_lora_backend
+        self.mask_site = site if site is not None else MaskSite()
         self.specs: dict[str, AdapterSpec] = {}
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
@@ -414,7 +341,7 @@ class FusedLoRALinear(Linear):
             raise ValueError(
                 f"the fused LoRA layer takes rows [T, I]; got an input of shape {list(x_TI.shape)}"
             )
-        _check_segments(segments, x_TI.shape[0])
+        check_segments(segments, x_TI.shape[0])
         if self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad):
             raise ValueError("the base weight of a fused LoRA layer must stay frozen (requires_grad=False)")
         index: dict[str, int] = {}
@@ -432,7 +359,8 @@ class FusedLoRALinear(Linear):
                 if spec.kind == "dora":
                     params.append(self.lora_magnitude_vector[name])
             planned.append((start, end, index[name]))
-        return _Plan(tuple(slots), tuple(planned)), tuple(params)
+        rows = batch_dropout_rows(batch, x_TI.shape[0]) if any(s.dropout > 0 for s in slots) else None
+        return _Plan(tuple(slots), tuple(planned), self.mask_site, rows), tuple(params)
 
     def forward(self, x: torch.Tensor, batch: BatchLike | None = None) -> torch.Tensor:
         planned = self._plan(x, batch)

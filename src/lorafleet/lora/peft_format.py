@@ -26,12 +26,14 @@ import torch
 
 from ..models.decoder import Decoder
 from .adapters import (
+    LINEAR_TARGETS,
     TARGET_MODULES,
     AdapterSpec,
     adapter_parameters,
     add_adapter,
     remove_adapter,
 )
+from .experts import EXPERT_TARGETS, expert_peft_keys
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "load_peft", "read_peft", "save_peft"]
 
@@ -41,11 +43,15 @@ _LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 # The PEFT release whose adapter_config.json fields this module writes.
 _PEFT_FORMAT_VERSION = "0.21.2"
 _KEY = re.compile(
-    r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.([a-z_]+)\."
+    r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.([a-z_]+(?:\.base_layer)*)\."
     r"(lora_A\.weight|lora_B\.weight|lora_magnitude_vector(?:\.weight)?)$"
 )
 _PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn"}
+_PARENT |= {"qkv_proj": "self_attn", "gate_up_proj": "mlp"}
 _PARENT |= {"gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+# A PEFT key's module path under an MoE block ("experts", "experts.base_layer") names an expert tensor
+# only together with the adapter's targets (lora/experts.py: expert_peft_keys).
+_EXPERT_PATH = re.compile(r"^experts(?:\.base_layer)*$")
 # Config fields whose non-default value would make the adapter compute something lorafleet does not.
 _UNSUPPORTED = {
     "rank_pattern": ({}, None),
@@ -63,16 +69,29 @@ _UNSUPPORTED = {
     "velora_config": (None,),
     "monteclora_config": (None,),
     "kasa_config": (None,),
-    "target_parameters": (None, []),
 }
 
 
-def _parse_key(key: str) -> tuple[int, str, str, str] | None:
-    """(layer, parent, module, part) of a PEFT key, with part one of lora_A / lora_B / magnitude."""
+def _parse_key(key: str, targets: tuple[str, ...] = EXPERT_TARGETS) -> tuple[int, str, str, str] | None:
+    """(layer, parent, module, part) of a PEFT key, with part one of lora_A / lora_B / magnitude.
+
+    An expert key's module is its target name (``experts.gate_up_proj``), read through ``targets`` (the
+    nesting of PEFT's keys depends on which expert tensors the adapter targets).
+    """
     m = _KEY.match(key)
-    if not m or _PARENT.get(m.group(3)) != m.group(2):
+    if not m:
         return None
     part = m.group(4).split(".")[0]
+    if m.group(2) == "mlp" and _EXPERT_PATH.match(m.group(3)):
+        by_path = {path: f"experts.{p}" for p, path in expert_peft_keys(targets).items()}
+        module = by_path.get(m.group(3))
+        return (
+            None
+            if module is None or part != "lora_A" and part != "lora_B"
+            else (int(m.group(1)), "mlp", module, part)
+        )
+    if _PARENT.get(m.group(3)) != m.group(2):
+        return None
     return int(m.group(1)), m.group(2), m.group(3), part
 
 
@@ -115,8 +134,8 @@ def _config_dict(spec: AdapterSpec, base_model_name_or_path: str | None) -> dict
         "r": spec.rank,
         "rank_pattern": {},
         "revision": None,
-        "target_modules": sorted(spec.target_modules),
-        "target_parameters": None,
+        "target_modules": sorted(t for t in spec.target_modules if t in LINEAR_TARGETS),
+        "target_parameters": sorted(t for t in spec.target_modules if t in EXPERT_TARGETS) or None,
         "task_type": "CAUSAL_LM",
         "trainable_token_indices": None,
         "use_bdlora": None,
@@ -134,7 +153,7 @@ def _check_state(spec: AdapterSpec, state: dict[str, torch.Tensor], where: str) 
         raise ValueError(f"{who}: no weights {where}")
     modules: dict[tuple[int, str], set[str]] = {}
     for key, t in state.items():
-        parsed = _parse_key(key)
+        parsed = _parse_key(key, spec.target_modules)
         if parsed is None:
             raise ValueError(
                 f"{who}: key {key!r} {where} is not a LoRA key of a decoder projection "
@@ -146,6 +165,14 @@ def _check_state(spec: AdapterSpec, state: dict[str, torch.Tensor], where: str) 
                 f"{who}: key {key!r} {where} is for {module}, not in target_modules {spec.target_modules}"
             )
         modules.setdefault((layer, module), set()).add(part)
+        if module in EXPERT_TARGETS:  # PEFT's expert layout: A [E * r, in], B [out, r * E]
+            ok = t.dim() == 2 and (t.shape[0] if part == "lora_A" else t.shape[1]) % spec.rank == 0
+            if not ok:
+                raise ValueError(
+                    f"{who}: {key} {where} has shape {list(t.shape)}; expert LoRA of rank {spec.rank} needs "
+                    f"lora_A [experts * {spec.rank}, in] and lora_B [out, {spec.rank} * experts]"
+                )
+            continue
         if part == "lora_A" and (t.dim() != 2 or t.shape[0] != spec.rank):
             raise ValueError(
                 f"{who}: {key} {where} has shape {list(t.shape)}; rank is {spec.rank}, so [{spec.rank}, in]"
@@ -258,6 +285,26 @@ def read_peft(folder: str | Path, name: str) -> tuple[AdapterSpec, dict[str, tor
     state = {_canonical(k): v for k, v in _read_weights(folder, name).items()}
     found = {_parse_key(k)[2] for k in state if _parse_key(k) is not None}
     targets = cfg.get("target_modules")
+    params = cfg.get("target_parameters") or []
+    if not isinstance(params, list):
+        raise ValueError(f"{who}: {folder / CONFIG_NAME} has target_parameters {params!r}; expected a list")
+
+    # PEFT matches target_parameters as suffixes of parameter names: "down_proj", "experts.down_proj" and
+    # "mlp.experts.down_proj" all name the experts' down_proj.
+    def names(p: str, t: str) -> bool:
+        return p == t.split(".")[-1] or p.endswith(t)
+
+    experts = [t for t in EXPERT_TARGETS if any(names(p, t) for p in params)]
+    odd = [p for p in params if not any(names(p, t) for t in EXPERT_TARGETS)]
+    if odd:
+        raise ValueError(
+            f"{who}: {folder / CONFIG_NAME} targets parameters {odd}; lorafleet adapts the MoE expert "
+            f"tensors {list(EXPERT_TARGETS)} only"
+        )
+    if targets == [] and experts:
+        targets = experts
+    elif isinstance(targets, list):
+        targets = targets + experts
     if isinstance(targets, list):
         unknown = [t for t in targets if t not in TARGET_MODULES]
         if unknown:
@@ -266,7 +313,7 @@ def read_peft(folder: str | Path, name: str) -> tuple[AdapterSpec, dict[str, tor
             )
         targets = [t for t in TARGET_MODULES if t in targets]
     else:  # a regex or "all-linear": the weights say which projections it reached
-        targets = [t for t in TARGET_MODULES if t in found]
+        targets = [t for t in LINEAR_TARGETS if t in found] + experts
     try:
         spec = AdapterSpec(
             name=name,
@@ -309,7 +356,8 @@ def load_peft(
                 )
         spec = replace(spec, dropout=expect.dropout)
     n = model.config.num_hidden_layers
-    beyond = sorted({p[0] for p in map(_parse_key, state) if p[0] >= n})
+    parsed = [_parse_key(k, spec.target_modules) for k in state]
+    beyond = sorted({p[0] for p in parsed if p is not None and p[0] >= n})
     if beyond:
         raise ValueError(
             f"adapter {name!r}: {folder} has weights for layers {beyond[:5]} but the model has {n} layers; "

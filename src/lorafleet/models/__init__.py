@@ -1,12 +1,13 @@
-"""The LLaMA-family base model: decoder, loading, tokenizer and generation.
+"""The frozen base model of every supported family: decoder, loading, tokenizer and generation.
 
 Generation lives in ``lorafleet.models.generate`` (``from lorafleet.models.generate import generate``); it is
 not re-exported here, so that the name keeps meaning the module.
 """
 
 from .decoder import Decoder
-from .families import SUPPORTED_ARCHITECTURES, ModelConfig, UnsupportedModelError
-from .loading import ModelLoadError, load_model, read_model_config
+from .errors import ModelLoadError, UnsupportedModelError
+from .families import SUPPORTED_ARCHITECTURES, ModelConfig
+from .loading import load_model, read_model_config
 from .tokenizer import Tokenizer, load_tokenizer
 
 __all__ = [

@@ -1,4 +1,4 @@
-"""The single-device decoder for the LLaMA family, runnable over a *range* of layers.
+"""The single-device decoder of every supported family, runnable over a *range* of layers.
 
 Legend: T tokens (packed, no padding), E hidden size, H query heads, K key/value heads, D head dim, V vocab.
 
@@ -9,8 +9,10 @@ Face's (without the leading ``model.``), so checkpoints and PEFT keys map one to
 
 Every projection is called as ``proj(x_TE, batch)``: the frozen ``Linear`` ignores the batch, and the fused
 multi-adapter linear of ``lorafleet.lora`` (swapped in from outside) reads the batch's adapter segments.
-Attention is delegated to ``batch.attention`` so that packed training batches and KV-cached generation share
-this code.
+Attention is delegated to ``batch.attention`` (which ends in ``models.attention.attend``) so that packed
+training batches and KV-cached generation share this code. Family differences (``models/families.py``) are
+read from the ``ModelConfig``: norm offset, sandwich norms, fused projections, per-layer rope and window,
+attention scale and soft-cap, routed experts (``models/moe.py``), the head's final soft-cap (``LMHead``).
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..batch import FusedBatch
-from .families import ModelConfig, rope_inv_freq
+from .attention import AttentionSpec
+from .families import ModelConfig, RopeSpec, rope_inv_freq
+from .moe import SparseMoE
 
-__all__ = ["BatchLike", "Decoder", "Linear", "RMSNorm"]
+__all__ = ["BatchLike", "Decoder", "LMHead", "Linear", "RMSNorm", "activation"]
 
 
 class BatchLike(Protocol):
@@ -39,7 +42,7 @@ class BatchLike(Protocol):
         k_TKD: torch.Tensor,
         v_TKD: torch.Tensor,
         layer_idx: int,
-        sliding_window: int | None,
+        spec: AttentionSpec,
     ) -> torch.Tensor: ...
 
 
@@ -58,24 +61,65 @@ class Linear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
-class RMSNorm(nn.Module):
-    """RMSNorm computed in float32 and cast back, as Hugging Face's LLaMA does."""
+class LMHead(Linear):
+    """The output head: ``logits = x W^T``, then ``softcap * tanh(logits / softcap)`` when ``softcap`` is set.
 
-    def __init__(self, dim: int, eps: float, dtype: torch.dtype, device) -> None:
+    The training losses read ``weight``, ``bias`` and ``softcap`` of this module (``train/logprobs.py``), so
+    generation, evaluation and the loss see the same logits.
+    """
+
+    def __init__(self, in_features: int, out_features: int, softcap: float | None, dtype, device) -> None:
+        super().__init__(in_features, out_features, False, dtype, device)
+        self.softcap = softcap
+
+    def forward(self, x: torch.Tensor, batch: BatchLike | None = None) -> torch.Tensor:
+        logits = F.linear(x, self.weight, self.bias)
+        if self.softcap is None:
+            return logits
+        return torch.tanh(logits / self.softcap) * self.softcap
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32, as Hugging Face's models do.
+
+    ``offset`` 0 (LLaMA): ``w * normed.to(dtype)``; ``offset`` 1 (Gemma): ``(normed * (1 + w)).to(dtype)``
+    with the product in float32.
+    """
+
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype, device, offset: float = 0.0) -> None:
         super().__init__()
-        self.eps = eps
+        self.eps, self.offset = eps, offset
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device), False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            return (x32 * (self.offset + self.weight.float())).to(dtype)
         return self.weight * x32.to(dtype)
+
+
+def activation(name: str):
+    """The MLP activation of ``ModelConfig.hidden_act``."""
+    if name == "gelu_pytorch_tanh":
+        return lambda x: F.gelu(x, approximate="tanh")
+    return F.silu
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     a, b = x.chunk(2, dim=-1)
     return torch.cat((-b, a), dim=-1)
+
+
+def _apply_rope(x_THD: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor) -> torch.Tensor:
+    """Rotate the first R dims of every head (all of them unless the family uses partial rotary)."""
+    r = cos_TR.shape[-1]
+    cos, sin = cos_TR[:, None], sin_TR[:, None]
+    if r == x_THD.shape[-1]:
+        return x_THD * cos + _rotate_half(x_THD) * sin
+    rot, rest = x_THD[..., :r], x_THD[..., r:]
+    return torch.cat((rot * cos + _rotate_half(rot) * sin, rest), dim=-1)
 
 
 class Attention(nn.Module):
@@ -84,58 +128,92 @@ class Attention(nn.Module):
         e, d = cfg.hidden_size, cfg.head_dim
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, d
-        self.window = cfg.window_of(layer_idx)
-        self.q_proj = Linear(e, self.num_heads * d, cfg.qkv_bias, dtype, device)
-        self.k_proj = Linear(e, self.num_kv_heads * d, cfg.qkv_bias, dtype, device)
-        self.v_proj = Linear(e, self.num_kv_heads * d, cfg.qkv_bias, dtype, device)
+        self.spec = AttentionSpec(cfg.window_of(layer_idx), cfg.attention_scale(), cfg.attn_logit_softcapping)
+        self.fused_qkv = cfg.fused_qkv
+        if cfg.fused_qkv:
+            self.qkv_proj = Linear(
+                e, (self.num_heads + 2 * self.num_kv_heads) * d, cfg.qkv_bias, dtype, device
+            )
+        else:
+            self.q_proj = Linear(e, self.num_heads * d, cfg.qkv_bias, dtype, device)
+            self.k_proj = Linear(e, self.num_kv_heads * d, cfg.qkv_bias, dtype, device)
+            self.v_proj = Linear(e, self.num_kv_heads * d, cfg.qkv_bias, dtype, device)
         self.o_proj = Linear(self.num_heads * d, e, cfg.o_bias, dtype, device)
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype, device)
-            self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype, device)
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype, device, cfg.norm_offset)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype, device, cfg.norm_offset)
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x_TE: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor, batch: BatchLike):
-        t = x_TE.shape[0]
-        q = self.q_proj(x_TE, batch).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x_TE, batch).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x_TE, batch).view(t, self.num_kv_heads, self.head_dim)
+    def forward(self, x_TE: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor, batch: BatchLike):
+        t, h, kv, d = x_TE.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        if self.fused_qkv:
+            q, k, v = self.qkv_proj(x_TE, batch).split([h * d, kv * d, kv * d], dim=-1)
+        else:
+            q, k, v = self.q_proj(x_TE, batch), self.k_proj(x_TE, batch), self.v_proj(x_TE, batch)
+        q, k, v = q.reshape(t, h, d), k.reshape(t, kv, d), v.reshape(t, kv, d)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = cos_TD[:, None], sin_TD[:, None]
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        o = batch.attention(q, k, v, self.layer_idx, self.window)
-        return self.o_proj(o.reshape(t, self.num_heads * self.head_dim), batch)
+        q, k = _apply_rope(q, cos_TR, sin_TR), _apply_rope(k, cos_TR, sin_TR)
+        o = batch.attention(q, k, v, self.layer_idx, self.spec)
+        return self.o_proj(o.reshape(t, h * d), batch)
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device) -> None:
         super().__init__()
         e, i = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = Linear(e, i, cfg.mlp_bias, dtype, device)
-        self.up_proj = Linear(e, i, cfg.mlp_bias, dtype, device)
+        self.act = activation(cfg.hidden_act)
+        self.fused_gate_up = cfg.fused_gate_up
+        if cfg.fused_gate_up:
+            self.gate_up_proj = Linear(e, 2 * i, cfg.mlp_bias, dtype, device)
+        else:
+            self.gate_proj = Linear(e, i, cfg.mlp_bias, dtype, device)
+            self.up_proj = Linear(e, i, cfg.mlp_bias, dtype, device)
         self.down_proj = Linear(i, e, cfg.mlp_bias, dtype, device)
 
     def forward(self, x_TE: torch.Tensor, batch: BatchLike) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x_TE, batch)) * self.up_proj(x_TE, batch), batch)
+        if self.fused_gate_up:
+            gate, up = self.gate_up_proj(x_TE, batch).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x_TE, batch), self.up_proj(x_TE, batch)
+        return self.down_proj(self.act(gate) * up, batch)
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, dtype: torch.dtype, device) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        e, eps, off = cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset
+        self.input_layernorm = RMSNorm(e, eps, dtype, device, off)
         self.self_attn = Attention(cfg, layer_idx, dtype, device)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        self.mlp = MLP(cfg, dtype, device)
+        self.post_attention_layernorm = RMSNorm(e, eps, dtype, device, off)
+        self.sandwich = cfg.sandwich_norm
+        if cfg.sandwich_norm:
+            self.pre_feedforward_layernorm = RMSNorm(e, eps, dtype, device, off)
+            self.post_feedforward_layernorm = RMSNorm(e, eps, dtype, device, off)
+        self.mlp = SparseMoE(cfg, dtype, device) if cfg.is_moe_layer(layer_idx) else MLP(cfg, dtype, device)
 
-    def forward(self, x_TE, cos_TD, sin_TD, batch: BatchLike) -> torch.Tensor:
-        x_TE = x_TE + self.self_attn(self.input_layernorm(x_TE), cos_TD, sin_TD, batch)
-        return x_TE + self.mlp(self.post_attention_layernorm(x_TE), batch)
+    def forward(self, x_TE, cos_TR, sin_TR, batch: BatchLike) -> torch.Tensor:
+        h_TE = self.self_attn(self.input_layernorm(x_TE), cos_TR, sin_TR, batch)
+        if not self.sandwich:
+            x_TE = x_TE + h_TE
+            return x_TE + self.mlp(self.post_attention_layernorm(x_TE), batch)
+        x_TE = x_TE + self.post_attention_layernorm(h_TE)
+        h_TE = self.mlp(self.pre_feedforward_layernorm(x_TE), batch)
+        return x_TE + self.post_feedforward_layernorm(h_TE)
+
+
+def _last_positions(batch: BatchLike) -> torch.Tensor | None:
+    """Per token, the last position of its sequence, for a batch of whole sequences (``cu_seqlens``)."""
+    cu = getattr(batch, "cu_seqlens", None)
+    if cu is None:
+        return None
+    lens = cu[1:] - cu[:-1]
+    return torch.repeat_interleave(lens - 1, lens)
 
 
 class Decoder(nn.Module):
-    """Layers ``[first_layer, last_layer)`` of a LLaMA-family model (all of them by default).
+    """Layers ``[first_layer, last_layer)`` of a model of any supported family (all of them by default).
 
     ``model(input_ids)`` with input_ids [B, L] returns logits [B, L, V] (full range only).
     ``model.forward_packed(x, batch)`` is the stage entry: x is token ids [T] on the first stage, hidden
@@ -170,33 +248,83 @@ class Decoder(nn.Module):
             {str(i): DecoderLayer(cfg, i, dtype, device) for i in range(first_layer, last_layer)}
         )
         if self.has_head:
-            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, False, dtype, device)
+            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device, cfg.norm_offset)
+            self.lm_head = LMHead(cfg.hidden_size, cfg.vocab_size, cfg.final_logit_softcapping, dtype, device)
             if cfg.tie_word_embeddings and self.embed_tokens is not None:
                 self.lm_head.weight = self.embed_tokens.weight
         else:
             self.norm = self.lm_head = None
-        self.register_buffer("inv_freq", rope_inv_freq(cfg).to(device), persistent=False)
+        # One rope per distinct RopeSpec of the layers held (Gemma 3: one per layer type); LongRoPE keeps
+        # its short and long frequencies and picks per call, as transformers does.
+        self._rope_specs: list[RopeSpec] = []
+        self._layer_rope: dict[int, int] = {}
+        for i in range(first_layer, last_layer):
+            spec = cfg.rope_of(i)
+            if spec not in self._rope_specs:
+                self._rope_specs.append(spec)
+            self._layer_rope[i] = self._rope_specs.index(spec)
+        self._rope_factor: list[tuple[float, float]] = []
+        for j, spec in enumerate(self._rope_specs):
+            short, f_short = rope_inv_freq(spec, long=False)
+            long, f_long = rope_inv_freq(spec, long=True)
+            self.register_buffer(f"inv_freq_{j}", short.to(device), persistent=False)
+            self.register_buffer(f"inv_freq_long_{j}", long.to(device), persistent=False)
+            self._rope_factor.append((f_short, f_long))
+        self.embed_multiplier = cfg.hidden_size**0.5 if cfg.embed_scale else None
 
     @property
     def dtype(self) -> torch.dtype:
         return next(iter(self.layers.values())).input_layernorm.weight.dtype
 
     @property
-    def device(self) -> torch.device:
-        return self.inv_freq.device
+    def inv_freq(self) -> torch.Tensor:
+        """The (short) inverse frequencies of the first rope; GGUF's rope factors are applied in place."""
+        return self.inv_freq_0
 
-    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [T, D] for the given positions, computed in float32 and cast to ``dtype``."""
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+    @property
+    def device(self) -> torch.device:
+        return self.inv_freq_0.device
+
+    def rope(
+        self,
+        positions: torch.Tensor,
+        dtype: torch.dtype,
+        which: int = 0,
+        last_positions: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, R] of rope ``which`` for the given positions, in float32, cast to ``dtype``.
+
+        LongRoPE: a token takes the long factors when its sequence reaches past the original context
+        (``last_positions``: the last position of each token's sequence; None: the positions themselves,
+        as in a decode step), the short ones otherwise. For one sequence that is transformers' rule (its
+        forward decides by the largest position of the call), for a packed batch each sequence as if alone.
+        """
+        spec = self._rope_specs[which]
+        short = getattr(self, f"inv_freq_{which}")
+        factor_short, factor_long = self._rope_factor[which]
+        freqs = positions.float()[:, None] * short[None, :]
+        factor: float | torch.Tensor = factor_short
+        if spec.scaling and spec.scaling.get("rope_type") == "longrope":
+            last = positions if last_positions is None else last_positions
+            long_T = (last + 1 > int(spec.scaling["original_max_position_embeddings"]))[:, None]
+            long_freqs = positions.float()[:, None] * getattr(self, f"inv_freq_long_{which}")[None, :]
+            freqs = torch.where(long_T, long_freqs, freqs)
+            factor = torch.where(long_T, factor_long, factor_short)
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        cos, sin = emb.cos(), emb.sin()
+        if not isinstance(factor, float) or factor != 1.0:
+            cos, sin = cos * factor, sin * factor
+        return cos.to(dtype), sin.to(dtype)
 
     def forward_packed(self, x: torch.Tensor, batch: BatchLike, apply_head: bool = True) -> torch.Tensor:
         if self.embed_tokens is not None:
             x = self.embed_tokens(x)
-        cos, sin = self.rope(batch.positions, x.dtype)
-        for layer in self.layers.values():
+            if self.embed_multiplier is not None:  # as transformers: the scale cast to the weights' dtype
+                x = x * torch.tensor(self.embed_multiplier, dtype=x.dtype)
+        last = _last_positions(batch)
+        ropes = {j: self.rope(batch.positions, x.dtype, j, last) for j in range(len(self._rope_specs))}
+        for i, layer in self.layers.items():
+            cos, sin = ropes[self._layer_rope[int(i)]]
             x = layer(x, cos, sin, batch)
         if self.norm is not None:
             x = self.norm(x)
@@ -207,6 +335,8 @@ class Decoder(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if not (self.has_embed and self.has_head):
             raise ValueError("model(input_ids) needs the full model; a stage runs forward_packed(x, batch)")
+        from ..batch import FusedBatch
+
         b, n = input_ids.shape
         logits = self.forward_packed(input_ids.reshape(-1), FusedBatch.from_rectangular(input_ids))
         return logits.view(b, n, -1)

@@ -18,17 +18,14 @@ stops, the cache is compacted so that finished rows cost nothing.
 
 from __future__ import annotations
 
-import argparse
-import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ..batch import FusedBatch, Segment
+from .attention import AttentionSpec, attend, causal_window_mask
 
-__all__ = ["KVCache", "cli_generate", "generate"]
+__all__ = ["KVCache", "generate"]
 
 
 class KVCache:
@@ -77,15 +74,16 @@ class _Prefill:
     def __init__(self, fused: FusedBatch, cache: KVCache) -> None:
         self.fused, self.cache = fused, cache
         self.positions = fused.positions
+        self.cu_seqlens = fused.cu_seqlens
         self.segments = fused.segments
         lens = torch.tensor(fused.seq_lens, device=fused.input_ids.device)
         self._row_T = torch.repeat_interleave(torch.arange(len(fused.seq_lens), device=lens.device), lens)
 
-    def attention(self, q_THD, k_TKD, v_TKD, layer_idx: int, sliding_window: int | None):
+    def attention(self, q_THD, k_TKD, v_TKD, layer_idx: int, spec: AttentionSpec):
         kc, vc = self.cache.buffers(layer_idx, k_TKD)
         kc[self._row_T, :, self.positions] = k_TKD
         vc[self._row_T, :, self.positions] = v_TKD
-        return self.fused.attention(q_THD, k_TKD, v_TKD, layer_idx, sliding_window)
+        return self.fused.attention(q_THD, k_TKD, v_TKD, layer_idx, spec)
 
 
 class _Decode:
@@ -104,23 +102,20 @@ class _Decode:
         """[R, 1, 1, n]: row r sees key j iff j <= its position and (position - j) < window."""
         if window not in self._masks:
             j = torch.arange(self._n, device=self.positions.device)
-            pos = self.positions[:, None]
-            allowed = j[None, :] <= pos
-            if window is not None:
-                allowed = allowed & ((pos - j[None, :]) < window)
-            self._masks[window] = allowed[:, None, None, :]
+            allowed = causal_window_mask(self.positions[:, None], j, window)  # [R, 1, n]
+            self._masks[window] = allowed[:, None]
         return self._masks[window]
 
-    def attention(self, q_THD, k_TKD, v_TKD, layer_idx: int, sliding_window: int | None):
+    def attention(self, q_THD, k_TKD, v_TKD, layer_idx: int, spec: AttentionSpec):
         kc, vc = self.cache.buffers(layer_idx, k_TKD)
         kc[self._rows, :, self.positions] = k_TKD
         vc[self._rows, :, self.positions] = v_TKD
-        o = F.scaled_dot_product_attention(
+        o = attend(
             q_THD[:, :, None, :],
             kc[:, :, : self._n],
             vc[:, :, : self._n],
-            attn_mask=self._mask(sliding_window),
-            enable_gqa=True,
+            self._mask(spec.sliding_window),
+            spec,
         )
         return o[:, :, 0]
 
@@ -182,7 +177,9 @@ def generate(
         stop_ids: a row stops after producing one of these (the stop token is not returned); default: the
             tokenizer's and the model config's EOS ids. Pass ``[]`` to always generate ``max_new_tokens``.
 
-    Greedy output equals running the full model on the growing sequence and taking the argmax each step.
+    Greedy output equals running the full model on the growing sequence and taking the argmax each step
+    (with LongRoPE the cache is recomputed once a row grows past the original context, as transformers'
+    Phi-3 generation does, so that this stays true there too).
     """
     n = len(prompts)
     if n == 0 or any(len(p) == 0 for p in prompts):
@@ -223,15 +220,20 @@ def generate(
     outputs: list[list[int]] = [[] for _ in range(n)]  # in sorted order
     active = list(range(n))  # sorted-row index of each cache row
 
-    with torch.inference_mode():
-        fused = FusedBatch.from_sequences(
-            [list(map(int, prompts[i])) for i in order], row_adapters, device=dev
-        )
-        cache = KVCache(fused.seq_lens, max(fused.seq_lens) + max_new_tokens, dev)
+    long_from = _longrope_context(model.config)
+
+    def prefill(rows: list[int], capacity: int) -> tuple[KVCache, torch.Tensor]:
+        """The cache and next-token logits of the sorted rows ``rows`` (prompt + output so far)."""
+        seqs = [list(map(int, prompts[order[r]])) + outputs[r] for r in rows]
+        fused = FusedBatch.from_sequences(seqs, [row_adapters[r] for r in rows], device=dev)
+        cache = KVCache(fused.seq_lens, capacity, dev)
         hidden_TE = model.forward_packed(fused.input_ids, _Prefill(fused, cache), apply_head=False)
-        last_R = fused.cu_seqlens[1:] - 1
-        heads_batch = _Decode(cache, row_adapters)  # only its segments are read by the head
-        logits = model.lm_head(hidden_TE[last_R], heads_batch)
+        heads_batch = _Decode(cache, [row_adapters[r] for r in rows])  # only its segments are read
+        return cache, model.lm_head(hidden_TE[fused.cu_seqlens[1:] - 1], heads_batch)
+
+    with torch.inference_mode():
+        capacity = max(len(p) for p in prompts) + max_new_tokens
+        cache, logits = prefill(active, capacity)
         for step in range(max_new_tokens):
             next_R = _pick(logits, temperature, top_p, [generators[r] for r in active])
             keep = []
@@ -246,6 +248,11 @@ def generate(
                 cache.keep(keep)
                 active = [active[k] for k in keep]
                 next_R = next_R[torch.tensor(keep, device=next_R.device)]
+            if long_from is not None and any(m + 1 > long_from >= m for m in cache.lengths):
+                # A row just grew past LongRoPE's original context: as transformers' Phi-3 does, drop the
+                # cache and recompute it with the long factors (every row: a row's keys do not change).
+                cache, logits = prefill(active, capacity)
+                continue
             logits = model.forward_packed(next_R, _Decode(cache, [row_adapters[r] for r in active]))
             cache.lengths = [m + 1 for m in cache.lengths]
 
@@ -255,103 +262,10 @@ def generate(
     return result
 
 
-def _device(name: str) -> torch.device:
-    try:
-        dev = torch.device(name)
-    except RuntimeError as e:
-        raise ValueError(f"--device {name!r} is not a device name; use cpu, cuda or cuda:N") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
-            f"--device {name} asked for, but this machine has no CUDA GPU visible to torch; use --device cpu"
-        )
-    return dev
-
-
-def cli_generate(args: argparse.Namespace) -> int:
-    """``lorafleet generate``: load the model and tokenizer, apply the chat template, print each answer."""
-    from .loading import load_model
-    from .tokenizer import load_tokenizer
-
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    device = _device(args.device)
-    model = load_model(args.model, dtype=dtype, device=device)
-    tok = load_tokenizer(args.model)
-    use_template = bool(tok.chat_template) and not args.no_chat_template
-    system = getattr(args, "system", None)
-    if system is not None and not use_template:
-        why = "--no-chat-template is set" if tok.chat_template else f"{args.model} has no chat template"
-        raise ValueError(f"--system needs the chat template, but {why}; put the instructions in --prompt")
-    head = [{"role": "system", "content": system}] if system is not None else []
-    prompts = []
-    for text in args.prompt:
-        if use_template:
-            rendered = tok.apply_chat_template(
-                [*head, {"role": "user", "content": text}], add_generation_prompt=True
-            )
-            prompts.append(tok.encode(rendered, add_special_tokens=False))
-        else:
-            prompts.append(tok.encode(text, add_special_tokens=True))
-    columns = _cli_adapters(model, getattr(args, "adapter", None) or [])
-    if columns:
-        return _print_side_by_side(model, tok, args, prompts, columns)
-    outs = generate(model, tok, prompts, args.max_new_tokens, args.temperature, args.top_p, args.seed)
-    for i, (text, ids) in enumerate(zip(args.prompt, outs)):
-        if len(outs) > 1:
-            print(f"--- [{i}] {text}")
-        print(tok.decode(ids, skip_special_tokens=True).strip())
-    sys.stdout.flush()
-    return 0
-
-
-def _cli_adapters(model, values: list[str]) -> list[tuple[str, str | None]]:
-    """``--adapter`` values (``base``, ``PATH`` or ``LABEL=PATH``) loaded onto ``model``: [(label, adapter)]."""
-    from ..lora import load_peft
-
-    columns: list[tuple[str, str | None]] = []
-    for i, value in enumerate(values):
-        label, sep, path = value.partition("=")
-        if not sep:
-            label, path = (value, "") if value == "base" else (Path(value).name or value, value)
-        if any(label == c[0] for c in columns):
-            raise ValueError(
-                f"--adapter {value!r}: the label {label!r} is used twice; name them --adapter LABEL=PATH"
-            )
-        if not path:
-            columns.append((label, None))
-            continue
-        if not (Path(path) / "adapter_config.json").is_file():
-            raise ValueError(
-                f"--adapter {value!r}: {path} is not a PEFT adapter folder (no adapter_config.json); give the "
-                "folder lorafleet train wrote (OUTPUT_DIR/adapters/NAME), or base for the base model"
-            )
-        name = f"cli{i}"  # labels may hold any character; adapter names may not
-        load_peft(model, path, name)
-        columns.append((label, name))
-    return columns
-
-
-def _print_side_by_side(
-    model, tok, args, prompts: list[list[int]], columns: list[tuple[str, str | None]]
-) -> int:
-    """Every prompt answered by every adapter in ONE batch (each row its own adapter), printed together."""
-    rows = [(p, name) for p in range(len(prompts)) for _, name in columns]
-    outs = generate(
-        model,
-        tok,
-        [prompts[p] for p, _ in rows],
-        args.max_new_tokens,
-        args.temperature,
-        args.top_p,
-        args.seed,
-        adapters=[name for _, name in rows],
-    )
-    width = max(len(label) for label, _ in columns) + 2
-    k = 0
-    for i, text in enumerate(args.prompt):
-        print(f"--- [{i}] {text}")
-        for label, _ in columns:
-            answer = tok.decode(outs[k], skip_special_tokens=True).strip().replace("\n", " ")
-            print(f"{f'[{label}]':<{width}} {answer}")
-            k += 1
-    sys.stdout.flush()
-    return 0
+def _longrope_context(cfg) -> int | None:
+    """LongRoPE's original context (past it, the long factors apply), or None for other ropes."""
+    for layer in range(cfg.num_hidden_layers):
+        sc = cfg.rope_of(layer).scaling
+        if sc and sc.get("rope_type") == "longrope":
+            return int(sc["original_max_position_embeddings"])
+    return None

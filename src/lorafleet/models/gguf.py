@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .families import SUPPORTED_ARCHITECTURES, ModelConfig, UnsupportedModelError
-from .loading import ModelLoadError
+from .errors import ModelLoadError, UnsupportedModelError
+from .families import SUPPORTED_ARCHITECTURES, ModelConfig
 
 __all__ = ["GGUF_LAYER_TENSORS", "GGUFFile", "GGUFTensorInfo", "load_gguf_weights", "read_gguf_config"]
 

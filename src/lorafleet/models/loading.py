@@ -12,15 +12,25 @@ from pathlib import Path
 import torch
 
 from .decoder import Decoder
+from .errors import ModelLoadError
 from .families import ModelConfig
 
 __all__ = ["ModelLoadError", "load_model", "read_model_config", "resolve_model_path"]
 
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
-
-
-class ModelLoadError(ValueError):
-    """The model path cannot be loaded; the message says why and what to do."""
+# Per-expert tensors of a checkpoint -> (part of the fused 3-D parameter): "gate" and "up" are the two
+# halves of experts.gate_up_proj[e], "down" is experts.down_proj[e]. Family data: ModelConfig.expert_layout.
+_EXPERT_KEYS = {
+    "mixtral": (
+        re.compile(r"^layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)\.weight$"),
+        {"w1": "gate", "w3": "up", "w2": "down"},
+    ),
+    "qwen3_moe": (
+        re.compile(r"^layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$"),
+        {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"},
+    ),
+}
+_ROUTER_KEY = re.compile(r"^layers\.(\d+)\.block_sparse_moe\.gate\.weight$")
 
 
 def resolve_model_path(path: str | Path) -> Path:
@@ -75,12 +85,31 @@ def read_model_config(path: str | Path) -> ModelConfig:
     return ModelConfig.from_hf(raw)
 
 
+def _expert_part(name: str, model: Decoder) -> tuple[str, int, str] | None:
+    """A checkpoint's per-expert tensor name -> (fused parameter name, expert, part), else None."""
+    layout = model.config.expert_layout
+    if layout is None:
+        return None
+    pattern, parts = _EXPERT_KEYS[layout]
+    m = pattern.match(name)
+    if m is None:
+        return None
+    part = parts[m.group(3)]
+    param = "gate_up_proj" if part in ("gate", "up") else "down_proj"
+    return f"layers.{m.group(1)}.mlp.experts.{param}", int(m.group(2)), part
+
+
 def _wanted(key: str, model: Decoder) -> str | None:
     """Map a HF tensor name to this stage's parameter name, or None when the stage does not hold it."""
     m = _LAYER_KEY.match(key)
     if m:
         i = int(m.group(1))
-        return key[len("model.") :] if model.first_layer <= i < model.last_layer else None
+        if not model.first_layer <= i < model.last_layer:
+            return None
+        name = key[len("model.") :]
+        if _ROUTER_KEY.match(name):  # Mixtral's checkpoint name of the router
+            return f"layers.{i}.mlp.gate.weight"
+        return name
     if key == "model.embed_tokens.weight":
         if model.has_embed:
             return "embed_tokens.weight"
@@ -112,12 +141,19 @@ def _load_hf_weights(folder: Path, model: Decoder) -> None:
 
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded: set[str] = set()
+    pieces: dict[str, set[tuple[int, str]]] = {}  # fused expert parameter -> (expert, part) loaded
     for f in _safetensors_files(folder):
         try:
             with safe_open(str(f), framework="pt") as sf:
                 for key in sf.keys():
                     name = _wanted(key, model)
-                    if name is None or name not in params:
+                    if name is None:
+                        continue
+                    expert = _expert_part(name, model)
+                    if expert is not None:
+                        _load_expert_part(params, expert, sf.get_tensor(key), f.name, key, pieces)
+                        continue
+                    if name not in params:
                         continue
                     t = sf.get_tensor(key)
                     p = params[name]
@@ -134,11 +170,39 @@ def _load_hf_weights(folder: Path, model: Decoder) -> None:
             raise ModelLoadError(
                 f"cannot read {f}: {e} (is the file complete? a truncated download fails here)"
             ) from e
+    for name, got in pieces.items():
+        n = params[name].shape[0]
+        want = {
+            (e, p) for e in range(n) for p in (("gate", "up") if name.endswith("gate_up_proj") else ("down",))
+        }
+        if got == want:
+            loaded.add(name)
     missing = sorted(set(params) - loaded)
     if "lm_head.weight" in missing and model.config.tie_word_embeddings and model.embed_tokens is not None:
         missing.remove("lm_head.weight")  # shares embed_tokens.weight
     if missing:
         raise ModelLoadError(f"{folder}: weights missing for {len(missing)} parameters, e.g. {missing[:3]}")
+
+
+def _load_expert_part(
+    params: dict, expert: tuple[str, int, str], t: torch.Tensor, file: str, key: str, pieces: dict
+) -> None:
+    """Copy one expert's gate, up or down matrix into its slice of the fused 3-D parameter."""
+    name, e, part = expert
+    if name not in params:
+        return
+    p = params[name]
+    inter = p.shape[1] // 2 if part != "down" else p.shape[2]
+    if e >= p.shape[0]:
+        raise ModelLoadError(
+            f"{file}: tensor {key} names expert {e}, but the config has {p.shape[0]} experts"
+        )
+    dst = p[e, :inter] if part == "gate" else p[e, inter:] if part == "up" else p[e]
+    if t.shape != dst.shape:
+        raise ModelLoadError(f"{file}: tensor {key} has shape {tuple(t.shape)}, expected {tuple(dst.shape)}")
+    with torch.no_grad():
+        dst.copy_(t.to(p.dtype))
+    pieces.setdefault(name, set()).add((e, part))
 
 
 def load_model(

@@ -10,7 +10,8 @@ Legend: T rows, I input features, O output features.
 ``quantize_model`` replaces every projection ``Linear`` of the decoder layers (q, k, v, o, gate, up, down)
 by a ``QuantLinear`` whose weight is a bitsandbytes parameter: ``Params4bit`` (NF4, blocks of 64, double
 quantization of the block scales, as the QLoRA paper) or ``Int8Params`` (one absmax scale per output row).
-Embeddings, norms and the LM head stay in the model's dtype, as in QLoRA. Adapters then go on top as usual
+Embeddings, norms and the LM head stay in the model's dtype, as in QLoRA; so do the MoE routers and the
+3-D expert tensors (bitsandbytes quantizes 2-D weights). Adapters then go on top as usual
 and train in their own dtype.
 
 Compute: each call dequantizes the weight to the activations' dtype, runs the dense GEMM and drops the
@@ -33,12 +34,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .decoder import Linear
+from .decoder import Linear, LMHead
+from .moe import Experts
 
 __all__ = ["QUANT_MODES", "QuantLinear", "base_linear", "dense_weight", "is_quantized", "quantize_model"]
 
 QUANT_MODES = ("nf4", "int8")
-_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_PROJECTIONS = (
+    "q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj", "up_proj", "down_proj", "gate_up_proj",
+)  # fmt: skip
 _NF4_BLOCKSIZE = 64  # the QLoRA paper's block size for NF4 weights
 
 
@@ -143,11 +147,9 @@ def quantize_model(model: nn.Module, mode: str) -> int:
     Call it on the loaded base before adding adapters. Raises ValueError for an unknown mode, a model that
     already holds adapters, a model that is not on CUDA, or a missing bitsandbytes.
     """
-    from ..lora.fused import FusedLoRALinear
-
     if mode not in QUANT_MODES:
         raise ValueError(f"base_model.quantize must be one of {QUANT_MODES}, got {mode!r}")
-    if any(isinstance(m, FusedLoRALinear) for m in model.modules()):
+    if _holds_adapters(model):
         raise ValueError("quantize the base model before adding adapters (this model already holds some)")
     device = next(model.parameters()).device
     if device.type != "cuda":
@@ -160,6 +162,13 @@ def quantize_model(model: nn.Module, mode: str) -> int:
     count = _quantize_projections(model, mode)
     torch.cuda.empty_cache()
     return count
+
+
+def _holds_adapters(model: nn.Module) -> bool:
+    """True when a projection or an experts module was replaced by an adapter layer (a subclass of the
+    frozen one: lorafleet.lora's fused layers), so this package needs no import from ``lora``."""
+    plain = (Linear, LMHead, QuantLinear, Experts)
+    return any(isinstance(m, plain) and type(m) not in plain for m in model.modules())
 
 
 def _quantize_projections(model: nn.Module, mode: str) -> int:

@@ -9,8 +9,9 @@ token for a hidden size of 1024 and 8 layers), and a pipeline stage holds that f
 [T, E] and runs its forward again, inside the backward, to rebuild the rest (about one more forward per
 step), so the memory of a step grows far slower with the tokens a fused micro-batch packs.
 
-``apply_recompute`` puts a ``torch.utils.checkpoint`` call (non-reentrant, RNG state preserved, so
-adapter dropout draws the same masks again and gradients are exact) in front of each ``DecoderLayer``'s
+``apply_recompute`` puts a ``torch.utils.checkpoint`` call (non-reentrant; adapter dropout masks are keyed,
+``lorafleet.masks``, so the rerun applies the same masks without saving or restoring any RNG state, and
+gradients are exact) in front of each ``DecoderLayer``'s
 forward, as an attribute of that layer instance: the model's classes, modules and parameter names stay as
 they are (checkpoints and PEFT keys do not change). Under ``torch.no_grad`` the layer runs plainly.
 """
@@ -29,7 +30,7 @@ __all__ = ["apply_recompute", "is_recomputed", "remove_recompute"]
 def _checkpointed(forward, layer: nn.Module, *args, **kwargs):
     if not torch.is_grad_enabled():
         return forward(layer, *args, **kwargs)
-    return checkpoint(forward, layer, *args, use_reentrant=False, **kwargs)
+    return checkpoint(forward, layer, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
 
 
 def _layers(model: nn.Module) -> list[nn.Module]:

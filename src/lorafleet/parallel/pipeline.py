@@ -71,13 +71,13 @@ import torch.distributed as dist
 
 from ..batch import FusedBatch, Segment, SequenceInfo
 from ..config import RunConfig
-from ..export.base_ref import adapter_base
-from ..lora import remove_adapter, save_peft
+from ..devices import resolve_device
 from ..metrics import MetricsWriter
 from ..models import Decoder, load_model, read_model_config
-from ..train.checkpoint import load_checkpoint, save_checkpoint
-from ..train.engine import TaskState, build_task, pack_plan, plan_micro_batch, resolve_device
-from ..train.optim import grad_norm_sq
+from ..train.engine import pack_plan, plan_micro_batch
+from ..train.evaluate import EvalResult, EvalSums, eval_batches
+from ..train.events import StepEvent
+from ..train.task import Task, TaskState
 from .topology import Links, Topology
 
 __all__ = ["PipelineError", "PipelineResult", "run_pipeline", "trace_summary"]
@@ -89,7 +89,7 @@ class PipelineError(RuntimeError):
 
 # -- the point-to-point protocol ------------------------------------------------------------------------------
 
-_KINDS = ("fwd", "bwd", "stop", "stop_ack", "abort")
+_KINDS = ("fwd", "bwd", "evr", "stop", "stop_ack", "abort")
 _END_OF_STREAM = ("stop", "stop_ack", "abort")
 
 
@@ -230,7 +230,7 @@ def _batch_meta(batch: FusedBatch) -> dict[str, Any]:
         "cu_seqlens": batch.cu_seqlens.cpu(),
         "labels": None if batch.labels is None else batch.labels.cpu(),
         "segments": [(s.adapter, s.start, s.end) for s in batch.segments],
-        "sequences": [(s.task, s.example, s.role) for s in batch.sequences],
+        "sequences": [(s.task, s.example, s.role, s.key) for s in batch.sequences],
     }
 
 
@@ -261,14 +261,15 @@ class _InFlight:
 
 @dataclass
 class _StageTask:
-    """A task as one stage sees it: the engine's task (its slice of the adapter) plus pipeline bookkeeping.
+    """A task as one stage sees it: the ``Task`` (its slice of the adapter) plus pipeline bookkeeping.
 
     ``core.step_norm`` (the step's denominators) is computed by the first stage and sent to the last one,
     which computes the losses; ``core.step_loss``, ``step_tokens`` and ``step_metrics`` add up there.
     """
 
-    core: Any  # the engine's task: cfg, spec, kind, examples, params, optimizer, scheduler, state, pending
+    core: Task
     awaiting_norm: bool = False  # stepped once the first stage announces the total gradient norm
+    awaiting_eval: bool = False  # stepped; its step ends when its evaluation's result arrives
     inflight: int = 0  # micro-batches on this stage with a segment of this task
     retired: bool = False  # finished or failed: no later micro-batch contains it
     finished_at: float | None = None
@@ -299,10 +300,16 @@ class _Stage:
         self.tasks: dict[str, _StageTask] = {}
         datasets = {d.name: d for d in cfg.datasets}
         adapters = {a.name: a for a in cfg.adapters}
+        p = topo.num_stages
         for i, task in enumerate(cfg.tasks):
             if topo.replica_of_task(i) != topo.replica:
                 continue
-            core = build_task(cfg, model, tokenizer, datasets[task.dataset], adapters[task.adapter], task, i)
+            eval_dataset = datasets[task.eval_dataset] if task.eval_dataset else None
+            root = self.output_dir / "checkpoints" / task.name / f"stage-{topo.stage}-of-{p}"
+            core = Task(
+                cfg, model, tokenizer, datasets[task.dataset], adapters[task.adapter], task, i,
+                checkpoint_dir=root, eval_dataset=eval_dataset, layers=tuple(topo.layers),
+            )  # fmt: skip
             self.tasks[task.name] = _StageTask(core=core)
         self.inflight: OrderedDict[int, _InFlight] = OrderedDict()
         self.fwd_ready: deque[_Message] = deque()
@@ -319,6 +326,9 @@ class _Stage:
         self._stop_ack: list[_Message] = []
         self.trace: list[dict[str, Any]] = []
         self.waited: dict[str, int] = {}  # dispatcher fairness, as the engine keeps it
+        # Evaluation: batches still to send (first stage), loss sums of running evaluations (last stage).
+        self.eval_queue: deque[tuple[list[str], FusedBatch, list[str]]] = deque()
+        self.eval_sums: dict[str, EvalSums] = {}
         # Last: every mistake in data or adapters is raised above, before any thread waits on a link.
         self.transport = _Transport(topo, links)
 
@@ -332,7 +342,11 @@ class _Stage:
         while True:
             self._drain(block=False)
             if self.bwd_ready:
-                self._backward(self.bwd_ready.popleft())
+                msg = self.bwd_ready.popleft()
+                if msg.kind == "bwd":
+                    self._backward(msg)
+                else:
+                    self._eval_result_received(msg)
             elif self.fwd_ready and (
                 topo.is_last or len(self.inflight) < limit or self.fwd_ready[0].kind == "stop"
             ):
@@ -345,7 +359,7 @@ class _Stage:
                 self._forward_received(msg)
             elif topo.is_first and len(self.inflight) < limit and self._dispatch():
                 pass
-            elif topo.is_first and not self.inflight:
+            elif topo.is_first and not self.inflight and not self._evaluating():
                 self._stop()
                 return
             else:
@@ -359,7 +373,7 @@ class _Stage:
                 self._fail_from_neighbour(msg)
             elif msg.kind in ("fwd", "stop"):
                 self.fwd_ready.append(msg)
-            elif msg.kind == "bwd":
+            elif msg.kind in ("bwd", "evr"):
                 self.bwd_ready.append(msg)
             elif msg.kind == "stop_ack":
                 self._stop_ack.append(msg)
@@ -369,19 +383,20 @@ class _Stage:
 
     def _dispatch(self) -> bool:
         """First stage: plan, pack and forward the next micro-batch; False when no task can run now."""
-        seed = self.cfg.seed
+        if self.eval_queue:
+            names, batch, ends = self.eval_queue.popleft()
+            meta = {"mb": -1, "eval": names, "eval_ends": ends, "batch": _batch_meta(batch), "ends": []}
+            self._run_eval_forward({**meta, "step_norms": {}}, batch, batch.input_ids)
+            return True
         live = [t.core for t in self.tasks.values() if _live(t)]
         plan, self.waited = plan_micro_batch(live, self.cfg, self.waited)
         if not plan:
             return False
-        now = time.time()
         for item in plan:
             t = self.tasks[item.task]
-            if t.core.state.status == "queued":
-                t.core.state.status = "running"
-                t.core.started_at = now
-            del t.core.pending[: len(item.examples)]  # consumed now: the step's rest may follow at once
-        batch = pack_plan(plan, {n: t.core for n, t in self.tasks.items()}, seed, self.device)
+            t.core.start()
+            t.core.consume(len(item.examples))  # consumed now: the step's rest may follow at once
+        batch = pack_plan(plan, {n: t.core for n, t in self.tasks.items()}, self.device)
         meta = {
             "mb": self.next_mb,
             "batch": _batch_meta(batch),
@@ -395,7 +410,10 @@ class _Stage:
     def _forward_received(self, msg: _Message) -> None:
         x = self.transport.fetch(msg, self.device)
         batch = _batch_from_meta(msg.meta["batch"], self.device)
-        self._run_forward(msg.meta, batch, x.requires_grad_(True))
+        if "eval" in msg.meta:
+            self._run_eval_forward(msg.meta, batch, x)
+        else:
+            self._run_forward(msg.meta, batch, x.requires_grad_(True))
 
     def _run_forward(self, meta: dict[str, Any], batch: FusedBatch, x: torch.Tensor) -> None:
         tasks = tuple(dict.fromkeys(s.task for s in batch.sequences if s.task is not None))
@@ -404,7 +422,7 @@ class _Stage:
             if name in self.tasks:
                 self.tasks[name].inflight += 1
                 if self.tasks[name].core.started_at is None:
-                    self.tasks[name].core.started_at = time.time()
+                    self.tasks[name].core.started_at = time.perf_counter()
                 if meta["step_norms"].get(name) is not None:
                     self.tasks[name].core.step_norm = meta["step_norms"][name]
         if self.topo.is_last:
@@ -413,7 +431,15 @@ class _Stage:
         tic = time.time()
         y = self.model.forward_packed(x, batch, apply_head=False)
         self._span("forward", tic, meta["mb"], tasks)
+        self._send_forward(meta, y)
+        self.inflight[meta["mb"]] = _InFlight(
+            meta["mb"], tasks, ends, x if not self.topo.is_first else None, y
+        )
+
+    def _send_forward(self, meta: dict[str, Any], y: torch.Tensor) -> None:
+        """Send a forward message on; the first stage adds its announcements, later stages pass them on."""
         fwd_meta = {k: meta[k] for k in ("mb", "batch", "step_norms", "ends")}
+        fwd_meta.update({k: meta[k] for k in ("eval", "eval_ends") if k in meta})
         if self.topo.is_first:
             fwd_meta["announce_norms"], self.announce_norms = self.announce_norms, {}
             fwd_meta["announce_retired"], self.announce_retired = self.announce_retired, {}
@@ -421,9 +447,65 @@ class _Stage:
             fwd_meta["announce_norms"] = meta.get("announce_norms", {})
             fwd_meta["announce_retired"] = meta.get("announce_retired", {})
         self._send("next", "fwd", fwd_meta, y)
-        self.inflight[meta["mb"]] = _InFlight(
-            meta["mb"], tasks, ends, x if not self.topo.is_first else None, y
-        )
+
+    # -- evaluation ---------------------------------------------------------------------------------------------
+
+    def _evaluating(self) -> bool:
+        return bool(self.eval_queue) or any(t.awaiting_eval for t in self.tasks.values())
+
+    def _queue_eval(self, t: _StageTask) -> None:
+        """First stage: the held-out set of t in fused batches, as the engine's ``evaluate`` packs it."""
+        limit = self.cfg.dispatcher.max_tokens_per_micro_batch
+        batches = list(eval_batches([t.core.eval_job()], limit, self.device))
+        for i, (names, batch) in enumerate(batches):
+            self.eval_queue.append((names, batch, [t.core.name] if i == len(batches) - 1 else []))
+
+    def _run_eval_forward(self, meta: dict[str, Any], batch: FusedBatch, x: torch.Tensor) -> None:
+        """An evaluation batch: forward without gradients, in eval mode (no dropout); the last stage adds
+        the loss shares and, after a task's last batch, hands its result back."""
+        tic = time.time()
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                y = self.model.forward_packed(x, batch, apply_head=False)
+                if self.topo.is_last:
+                    for name in meta["eval"]:
+                        if name not in self.eval_sums:
+                            self.eval_sums[name] = EvalSums([self.tasks[name].core.eval_job()])
+                        self.eval_sums[name].add(self.model.lm_head, y, batch, [name])
+        finally:
+            self.model.train()
+        self._span("eval", tic, -1, meta["eval"])
+        if not self.topo.is_last:
+            self._send_forward(meta, y)
+            return
+        for name in meta["eval_ends"]:
+            self._eval_result(name, self.eval_sums.pop(name).results()[name])
+
+    def _eval_result_received(self, msg: _Message) -> None:
+        for name, reason in msg.meta.get("failed", {}).items():
+            self._note_failure(name, reason)
+        for name, slices in msg.meta.get("exports", {}).items():
+            self._note_exports(name, slices)
+        self._eval_result(msg.meta["task"], msg.meta["result"])
+
+    def _eval_result(self, name: str, result: EvalResult) -> None:
+        """Every stage: the task's evaluation after its step (early stopping alike everywhere), then the
+        rest of the step; relayed towards the first stage."""
+        t = self.tasks[name]
+        t.awaiting_eval = False
+        if _live(t):
+            events = t.core.record_eval(result)
+            if self.metrics is not None:
+                for event in events:
+                    self.metrics.write(event.record())
+            self._end_step(t)
+        if not self.topo.is_first:
+            meta = {"task": name, "result": result}
+            meta["failed"], self.out_failed = self.out_failed, {}
+            meta["exports"], self.out_exports = self.out_exports, {}
+            self._send("prev", "evr", meta)
+        self._remove_retired()
 
     def _forward_backward_last(self, meta, batch: FusedBatch, x: torch.Tensor, tasks, ends) -> None:
         """Last stage: forward, every task's loss, backward; the input gradient goes straight back."""
@@ -435,15 +517,10 @@ class _Stage:
             if t is None or not _live(t):
                 continue
             share = t.core.kind.loss(self.model.lm_head, hidden, batch, name, t.core.step_norm)
-            if not torch.isfinite(share.loss):
-                self._report_failure(
-                    t, f"loss became {float(share.loss.detach())} at step {t.core.state.step + 1}"
-                )
+            failure = t.core.add_share(share)
+            if failure is not None:
+                self._report_failure(t, failure)
                 continue
-            t.core.step_loss += float(share.loss.detach())
-            t.core.step_tokens += share.tokens
-            for k, v in share.metrics.items():
-                t.core.step_metrics[k] = t.core.step_metrics.get(k, 0.0) + v
             total = share.loss if total is None else total + share.loss
         if total is not None and total.requires_grad:
             total.backward()
@@ -481,8 +558,8 @@ class _Stage:
         clipped = []
         for name in rec.ends:
             t = self.tasks.get(name)
-            if t is not None and _live(t) and t.core.cfg.max_grad_norm is not None:
-                norms[name] = norms.get(name, 0.0) + float(grad_norm_sq(list(t.core.params.values())))
+            if t is not None and _live(t) and t.core.clips:
+                norms[name] = norms.get(name, 0.0) + t.core.grad_norm_sq()
                 clipped.append(name)
         if not self.topo.is_first:
             meta = {"mb": rec.mb, "grad_sq": norms}
@@ -525,41 +602,38 @@ class _Stage:
         """Step task t's optimizer for this stage's slice (``grad_norm``: the total over every stage)."""
         tic = time.time()
         core = t.core
-        params = list(core.params.values())
-        if grad_norm is not None:
-            torch.nn.utils.clip_grads_with_norm_(params, core.cfg.max_grad_norm, torch.tensor(grad_norm))
-        lr = core.scheduler.get_last_lr()[0]
-        try:
-            core.optimizer.step()
-        except RuntimeError as e:  # e.g. an update that overflows float32
-            self._report_failure(t, f"optimizer step {core.state.step + 1} failed: {e}")
+        out = core.optimizer_step(grad_norm)
+        self._span("step", tic, -1, (core.name,))
+        if not isinstance(out, StepEvent):
+            self._report_failure(t, out)
             return
-        core.scheduler.step()
-        core.optimizer.zero_grad(set_to_none=True)
-        core.state.step += 1
         if self.topo.is_last:
-            self._log_step(t, lr, grad_norm)
-        self._span("step", tic, -1, (core.cfg.name,))
-        if not all(torch.isfinite(p).all() for p in params):
-            self._report_failure(t, f"adapter weights became NaN/inf at step {core.state.step}")
+            self._log_step(out)
+        if core.eval_due():
+            t.awaiting_eval = True
+            if self.topo.is_first:
+                self._queue_eval(t)
             return
-        done = core.state.step >= core.state.total_steps
-        if done or core.state.step % core.cfg.save_every_steps == 0:
-            self._save(t)
-        if done:
+        self._end_step(t)
+
+    def _end_step(self, t: _StageTask) -> None:
+        """After a step (and its evaluation): checkpoint; finish the task or queue its next step."""
+        core = t.core
+        if core.save_due():
+            core.save()
+        if core.done:
             self._queue_export(t)
             self._retire(t, "succeeded", None)
         else:
-            core.begin_step(self.cfg.seed)
+            core.begin_step()
 
-    def _log_step(self, t: _StageTask, lr: float, grad_norm: float | None) -> None:
-        core = t.core
-        record = core.step_record(lr, grad_norm, time.time())
-        self.metrics.write(record)
+    def _log_step(self, event: StepEvent) -> None:
+        self.metrics.write(event.record())
         if self.progress:
+            core = self.tasks[event.task].core
             print(
-                f"[stage {self.topo.stage}] {core.cfg.name} step {core.state.step}/{core.state.total_steps} "
-                f"loss {record['loss']:.4f}",
+                f"[stage {self.topo.stage}] {event.task} step {event.step}/{core.state.total_steps} "
+                f"loss {event.loss:.4f}",
                 flush=True,
             )
 
@@ -596,16 +670,15 @@ class _Stage:
         if self.topo.is_first:
             self.announce_retired[t.core.cfg.name] = (status, error)
             if t.core.started_at is not None:  # its wall time in the pipeline: tokens/s in the summary
-                t.core.state.busy_s = time.time() - t.core.started_at
+                t.core.state.busy_s = time.perf_counter() - t.core.started_at
 
     def _remove_retired(self) -> None:
         for t in self.tasks.values():
             if t.retired and t.inflight == 0 and t.core.params:
-                remove_adapter(self.model, t.core.spec.name)
-                t.core.params, t.core.optimizer = {}, None
+                t.core.release(self.model)
 
     def _queue_export(self, t: _StageTask) -> None:
-        state = {k: p.detach().cpu().clone() for k, p in t.core.params.items()}
+        state = t.core.final_state()
         if self.topo.is_first:
             self._note_exports(t.core.cfg.name, {0: state})
         else:
@@ -621,63 +694,25 @@ class _Stage:
         if len(got) == self.topo.num_stages:
             t = self.tasks[name]
             merged = {k: v for s in sorted(got) for k, v in got[s].items()}
-            save_peft(
-                self.output_dir / "adapters" / t.core.spec.name,
-                t.core.spec,
-                merged,
-                adapter_base(self.cfg.base_model),
-            )
+            t.core.export(self.output_dir / "adapters" / t.core.spec.name, merged)
             del self.collected[name]
             self.exported.add(name)
 
     # -- checkpoints --------------------------------------------------------------------------------------------
 
-    def _ckpt_root(self, t: _StageTask) -> Path:
-        p = self.topo.num_stages
-        return self.output_dir / "checkpoints" / t.core.cfg.name / f"stage-{self.topo.stage}-of-{p}"
-
-    def _fingerprint(self, t: _StageTask) -> dict[str, Any]:
-        return {**t.core.fingerprint(self.cfg.seed), "layers": list(self.topo.layers)}
-
-    def _save(self, t: _StageTask) -> None:
-        core = t.core
-        state = {
-            "fingerprint": self._fingerprint(t),
-            "status": core.state.status,
-            "tokens": core.state.tokens,
-            "last_loss": core.state.last_loss,
-        }
-        optim = {"optimizer": core.optimizer.state_dict(), "scheduler": core.scheduler.state_dict()}
-        save_checkpoint(
-            self._ckpt_root(t), core.state.step, {k: p.detach() for k, p in core.params.items()}, optim, state
-        )
-
     def _resume(self) -> None:
         """Every stage of a replica restarts each task from the newest step all of them have saved."""
-        mine = {name: _saved_steps(self._ckpt_root(t)) for name, t in self.tasks.items()}
+        mine = {name: t.core.saved_steps() for name, t in self.tasks.items()}
         everyone: list[Any] = [None] * self.topo.world_size
         dist.all_gather_object(everyone, (self.topo.replica, mine))
         for name, t in self.tasks.items():
             sets = [set(m.get(name, [])) for r, m in everyone if r == self.topo.replica]
             common = set.intersection(*sets) if sets else set()
-            if common:
-                step = max(common)
-                tensors, optim, state = load_checkpoint(
-                    self._ckpt_root(t) / f"step-{step:06d}", self._fingerprint(t)
-                )
-                core = t.core
-                with torch.no_grad():
-                    for k, p in core.params.items():
-                        p.copy_(tensors[k].to(p.device, p.dtype))
-                core.optimizer.load_state_dict(optim["optimizer"])
-                core.scheduler.load_state_dict(optim["scheduler"])
-                core.state.step, core.state.tokens = state["step"], state.get("tokens", 0)
-                core.state.last_loss = state.get("last_loss")
-                if core.state.step >= core.state.total_steps:
-                    self._queue_export(t)
-                    self._retire(t, "succeeded", None)
-                    continue
-            t.core.begin_step(self.cfg.seed)
+            if common and t.core.resume(max(common)) and t.core.done:
+                self._queue_export(t)
+                self._retire(t, "succeeded", None)
+                continue
+            t.core.begin_step()
         self.announce_retired = {}  # every stage resumed the same, nothing to announce
         self._remove_retired()
 
@@ -760,14 +795,6 @@ def _live(t: _StageTask) -> bool:
     return not t.retired and t.core.state.status in ("queued", "running")
 
 
-def _saved_steps(root: Path) -> list[int]:
-    """Steps of the complete checkpoints under ``root`` (see ``train/checkpoint.py``)."""
-    if not root.is_dir():
-        return []
-    done = [p for p in root.glob("step-*") if not p.name.endswith(".tmp") and (p / "state.json").is_file()]
-    return sorted(int(p.name.removeprefix("step-")) for p in done)
-
-
 # -- the run -------------------------------------------------------------------------------------------------
 
 
@@ -781,13 +808,6 @@ def run_pipeline(cfg: RunConfig, progress: bool = False, timeout_s: float = 1800
     from ..metrics import plot_curves, read_metrics
     from ..models.tokenizer import load_tokenizer
 
-    evaluated = [f"tasks[{i}].eval_dataset" for i, t in enumerate(cfg.tasks) if t.eval_dataset is not None]
-    if evaluated:
-        raise ValueError(
-            f"{', '.join(evaluated)}: held-out evaluation (and early stopping) runs in the single-process engine "
-            "only, not in a pipeline yet; train this config in one process (without torchrun) or remove "
-            "eval_dataset"
-        )
     device = resolve_device(cfg.base_model.device)
     model_cfg = read_model_config(cfg.base_model.path)
     topo = Topology.from_env(model_cfg, cfg.pipeline, device=device.type)
@@ -810,7 +830,6 @@ def run_pipeline(cfg: RunConfig, progress: bool = False, timeout_s: float = 1800
 
         quantize_model(model, cfg.base_model.quantize)
     model.train()  # as the engine: adapter dropout is active in training mode only
-    torch.manual_seed(cfg.seed + topo.stage)  # as the engine: the config's seed fixes the dropout masks
     if cfg.recompute:  # per-layer activation checkpointing; parameter names (PEFT keys) unchanged
         from ..models.recompute import apply_recompute
 

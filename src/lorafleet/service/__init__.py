@@ -3,7 +3,11 @@
     lorafleet tokens create --tenant alice --data-dir ./service-data
     lorafleet serve --base-model path/to/model --data-dir ./service-data
 
-Modules: ``app`` (FastAPI routes; never imports torch), ``schemas`` (request and response bodies), ``store``
+Modules: ``app`` (the FastAPI app; never imports torch) with its routers in ``api/`` (files, jobs, models,
+inference, adapters, dashboard) and ``errors`` (OpenAI's error shape), ``jobrequest`` (the OpenAI-shaped job
+request and lorafleet's extension field), ``completions`` (chat / completion requests), ``schemas``
+(response bodies), ``inference`` (the worker's side of inference: continuous batching, adapter LRU),
+``inprocess`` (API + worker in one process, for tests and benchmarks), ``store``
 (the ``Store`` interface and its SQLite implementation), ``auth`` (tenants, hashed tokens), ``files`` (upload
 validation, ids and every path built from them), ``jobspec`` (REST job -> engine configs), ``worker`` (the
 training process), ``server`` (API + supervised worker), ``client`` and ``commands`` (the command line).

@@ -97,6 +97,12 @@ class Client:
     def cancel_job(self, job_id: str) -> dict:
         return self._call("POST", f"/v1/fine_tuning/jobs/{_id(job_id)}/cancel")
 
+    def pause_job(self, job_id: str) -> dict:
+        return self._call("POST", f"/v1/fine_tuning/jobs/{_id(job_id)}/pause")
+
+    def resume_job(self, job_id: str) -> dict:
+        return self._call("POST", f"/v1/fine_tuning/jobs/{_id(job_id)}/resume")
+
     def events(self, job_id: str, after: str | None = None, limit: int = 100, order: str = "desc") -> dict:
         params = _params(after=after, limit=limit, order=order)
         return self._call("GET", f"/v1/fine_tuning/jobs/{_id(job_id)}/events", params=params)
@@ -174,26 +180,34 @@ def _print_event(ev: dict) -> None:
 
 def _cmd_create(args: argparse.Namespace) -> int:
     client = _client(args)
-    body: dict[str, Any] = {
-        "training_file": _file_id(client, args.training_file),
+    kind = "dpo" if args.method in ("dpo", "orpo") else "supervised"
+    hp: dict[str, Any] = {
+        "batch_size": args.batch_size, "n_epochs": args.n_epochs,
+        "learning_rate_multiplier": args.learning_rate_multiplier,
+    }  # fmt: skip
+    if kind == "dpo":
+        hp["beta"] = args.beta
+    training: dict[str, Any] = {"max_seq_len": args.max_seq_len}
+    for key in ("eval_every_steps", "max_steps"):
+        if getattr(args, key) is not None:
+            training[key] = getattr(args, key)
+    ext: dict[str, Any] = {
         "adapter": {
             "type": args.type, "rank": args.rank, "alpha": args.alpha, "dropout": args.dropout,
             "target_modules": args.target_modules.split(","),
         },
-        "hyperparameters": {
-            "batch_size": args.batch_size, "learning_rate": args.learning_rate, "n_epochs": args.n_epochs,
-            "max_seq_len": args.max_seq_len,
-        },
+        "training": training,
         "priority": args.priority,
     }  # fmt: skip
+    if kind == "dpo":
+        ext["preference"] = {"objective": args.method}
+    body: dict[str, Any] = {
+        "training_file": _file_id(client, args.training_file),
+        "method": {"type": kind, kind: {"hyperparameters": hp}},
+        "lorafleet": ext,
+    }
     if args.validation_file:
         body["validation_file"] = _file_id(client, args.validation_file)
-    if args.eval_every_steps is not None:
-        body["hyperparameters"]["eval_every_steps"] = args.eval_every_steps
-    if args.method != "sft":
-        body["method"] = {"type": args.method, "beta": args.beta}
-    if args.max_steps is not None:
-        body["hyperparameters"]["max_steps"] = args.max_steps
     if args.suffix:
         body["suffix"] = args.suffix
     job = client.create_job(body)
@@ -202,9 +216,7 @@ def _cmd_create(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(job)
     else:
-        print(
-            job["id"] if not args.wait else f"{job['id']} {job['status']} {job['fine_tuned_adapter'] or ''}"
-        )
+        print(job["id"] if not args.wait else f"{job['id']} {job['status']} {job['fine_tuned_model'] or ''}")
     return 1 if args.wait and job["status"] != "succeeded" else 0
 
 
@@ -215,9 +227,10 @@ def _cmd_list(args: argparse.Namespace) -> int:
         return 0
     print(f"{'id':32} {'status':16} {'steps':>11} {'created':19}  adapter")
     for j in page["data"]:
-        steps = f"{j['step']}/{j['total_steps'] if j['total_steps'] is not None else '?'}"
+        lf = j["lorafleet"]
+        steps = f"{lf['step']}/{lf['total_steps'] if lf['total_steps'] is not None else '?'}"
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j["created_at"]))
-        print(f"{j['id']:32} {j['status']:16} {steps:>11} {created:19}  {j['fine_tuned_adapter'] or '-'}")
+        print(f"{j['id']:32} {j['status']:16} {steps:>11} {created:19}  {j['fine_tuned_model'] or '-'}")
     if page["has_more"]:
         print(f"(more: --after {page['data'][-1]['id']})")
     return 0
@@ -229,9 +242,10 @@ def _cmd_show(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(job)
         return 0
-    for key in ("id", "status", "model", "training_file", "validation_file", "fine_tuned_adapter", "step",
+    shown = {**job, **{k: job["lorafleet"][k] for k in ("step", "total_steps")}}
+    for key in ("id", "status", "model", "training_file", "validation_file", "fine_tuned_model", "step",
                 "total_steps", "trained_tokens"):  # fmt: skip
-        print(f"{key:18} {job[key] if job[key] is not None else '-'}")
+        print(f"{key:18} {shown[key] if shown[key] is not None else '-'}")
     if job["error"]:
         print(f"{'error':18} {job['error']['message']}")
     events = client.events(args.id, limit=args.events)["data"]
@@ -248,6 +262,18 @@ def _cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pause(args: argparse.Namespace) -> int:
+    job = _client(args).pause_job(args.id)
+    _print_json(job) if args.json else print(f"{job['id']} {job['status']}")
+    return 0
+
+
+def _cmd_resume(args: argparse.Namespace) -> int:
+    job = _client(args).resume_job(args.id)
+    _print_json(job) if args.json else print(f"{job['id']} {job['status']}")
+    return 0
+
+
 def _cmd_download(args: argparse.Namespace) -> int:
     client = _client(args)
     adapter_id = args.id
@@ -255,14 +281,14 @@ def _cmd_download(args: argparse.Namespace) -> int:
         job = client.get_job(args.id)
         if job["status"] != "succeeded":
             raise ClientError(0, f"job {args.id} is {job['status']}; only a succeeded job has an adapter")
-        adapter_id = job["fine_tuned_adapter"]
+        adapter_id = job["fine_tuned_model"]
     folder = client.download_adapter(adapter_id, args.output)
     print(folder)
     return 0
 
 
 def add_jobs_command(sub) -> None:
-    """Register ``lorafleet jobs create|list|show|cancel|download`` on an argparse subparsers object."""
+    """Register ``lorafleet jobs create|list|show|cancel|pause|resume|download`` on an argparse subparsers object."""
     p = sub.add_parser("jobs", help="fine-tuning jobs on a `lorafleet serve` server (REST client)")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", default=os.environ.get("LORAFLEET_URL", "http://127.0.0.1:8000"),
@@ -282,7 +308,9 @@ def add_jobs_command(sub) -> None:
     c.add_argument("--dropout", type=float, default=0.0)
     c.add_argument("--target-modules", default="q_proj,v_proj", help="comma-separated")
     c.add_argument("--batch-size", type=int, default=8)
-    c.add_argument("--learning-rate", type=float, default=1e-4)
+    c.add_argument(
+        "--learning-rate-multiplier", type=float, default=1.0, help="times the base learning rate 1e-4"
+    )
     c.add_argument("--n-epochs", type=int, default=3)
     c.add_argument("--max-steps", type=int)
     c.add_argument("--max-seq-len", type=int, default=512)
@@ -311,6 +339,14 @@ def add_jobs_command(sub) -> None:
     x = jobs.add_parser("cancel", parents=[common], help="cancel a job that has not finished")
     x.add_argument("id")
     x.set_defaults(func=_cmd_cancel)
+
+    ps = jobs.add_parser("pause", parents=[common], help="pause a job at its next checkpoint")
+    ps.add_argument("id")
+    ps.set_defaults(func=_cmd_pause)
+
+    rs = jobs.add_parser("resume", parents=[common], help="resume a paused job from its checkpoint")
+    rs.add_argument("id")
+    rs.set_defaults(func=_cmd_resume)
 
     d = jobs.add_parser("download", parents=[common], help="download a job's adapter (PEFT folder)")
     d.add_argument("id", help="a job id or an adapter id")

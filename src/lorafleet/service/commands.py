@@ -46,7 +46,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_upload_mb=args.max_upload_mb, dtype=args.dtype, device=args.device,
         max_concurrent_tasks=args.max_concurrent_tasks, max_tokens_per_micro_batch=args.max_tokens_per_micro_batch,
         poll_interval=args.poll_interval, access_log=args.access_log, worker=not args.api_only,
-        num_threads=args.num_threads, store_url=args.store,
+        num_threads=args.num_threads, store_url=args.store, adapter_cache_mb=args.adapter_cache_mb,
+        max_inference_rows=args.max_inference_rows, inference=not args.no_inference,
     )  # fmt: skip
     return 0
 
@@ -75,6 +76,12 @@ def add_serve_command(sub) -> None:
         "--num-threads", type=int, default=None,
         help="CPU threads the worker's torch uses (default: torch's; 1 on a small machine shared with the API)",
     )  # fmt: skip
+    p.add_argument(
+        "--adapter-cache-mb", type=float, default=1024.0,
+        help="inference: adapters kept loaded on the worker, least recently used evicted first",
+    )  # fmt: skip
+    p.add_argument("--max-inference-rows", type=int, default=64, help="inference requests decoded together")
+    p.add_argument("--no-inference", action="store_true", help="no chat/completions: the worker only trains")
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")
     p.add_argument(
         "--api-only", action="store_true",

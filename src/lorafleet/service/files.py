@@ -103,6 +103,18 @@ class DataDir:
     def lock(self) -> Path:
         return self.root / "worker.lock"
 
+    @property
+    def inference_socket(self) -> Path:
+        """The worker's inference socket (a short path under /tmp when the data folder's is too long for
+        a Unix socket address)."""
+        path = self.root / "inference.sock"
+        if len(str(path.resolve())) <= 100:
+            return path
+        import hashlib
+
+        digest = hashlib.sha256(str(self.root.resolve()).encode()).hexdigest()[:16]
+        return Path("/tmp") / f"lorafleet-{digest}.sock"
+
     def create(self) -> DataDir:
         for p in (self.root, self.files, self.engine, self.exports, self.engine / "adapters"):
             p.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ from ..config import (
     TaskConfig,
     parse_config,
 )
+from .jobrequest import BASE_LEARNING_RATE, ENGINE_SEED
 
 __all__ = ["EngineSettings", "JobConfigs", "job_configs", "model_name"]
 
@@ -50,7 +51,7 @@ class EngineSettings:
         its sections are validated one by one and assembled without that check."""
         return RunConfig.model_construct(
             base_model=BaseModelConfig(path=self.base_model, dtype=self.dtype, device=self.device),
-            output_dir=str(output_dir), seed=0, datasets=[], adapters=[], tasks=[],
+            output_dir=str(output_dir), seed=ENGINE_SEED, datasets=[], adapters=[], tasks=[],
             dispatcher=DispatcherConfig(
                 max_concurrent_tasks=self.max_concurrent_tasks,
                 max_tokens_per_micro_batch=self.max_tokens_per_micro_batch,
@@ -84,26 +85,28 @@ class JobConfigs:
 
 
 # REST field -> where it goes in the engine's config (the error messages name the REST field)
+_HP = "method.<type>.hyperparameters"
+_TR = "lorafleet.training"
 _FIELD_NAMES = {
-    "tasks[0].batch_size": "hyperparameters.batch_size",
-    "tasks[0].micro_batch_size": "hyperparameters.micro_batch_size",
-    "tasks[0].num_epochs": "hyperparameters.n_epochs",
-    "tasks[0].max_steps": "hyperparameters.max_steps",
-    "tasks[0].max_seq_len": "hyperparameters.max_seq_len",
-    "tasks[0].optimizer.lr": "hyperparameters.learning_rate",
-    "tasks[0].lr_scheduler": "hyperparameters.lr_scheduler",
-    "tasks[0].save_every_steps": "hyperparameters.save_every_steps",
+    "tasks[0].batch_size": f"{_HP}.batch_size",
+    "tasks[0].micro_batch_size": f"{_TR}.micro_batch_size",
+    "tasks[0].num_epochs": f"{_HP}.n_epochs",
+    "tasks[0].max_steps": f"{_TR}.max_steps",
+    "tasks[0].max_seq_len": f"{_TR}.max_seq_len",
+    "tasks[0].optimizer.lr": f"{_HP}.learning_rate_multiplier",
+    "tasks[0].lr_scheduler": f"{_TR}.lr_scheduler",
+    "tasks[0].save_every_steps": f"{_TR}.save_every_steps",
     "tasks[0].dataset": "training_file",
     "tasks[0].eval_dataset": "validation_file",
-    "tasks[0].eval_every_steps": "hyperparameters.eval_every_steps",
-    "tasks[0].early_stopping_patience": "hyperparameters.early_stopping_patience",
-    "tasks[0].max_grad_norm": "hyperparameters.max_grad_norm",
+    "tasks[0].eval_every_steps": f"{_TR}.eval_every_steps",
+    "tasks[0].early_stopping_patience": f"{_TR}.early_stopping_patience",
+    "tasks[0].max_grad_norm": f"{_TR}.max_grad_norm",
     "tasks[0].type": "method.type",
-    "tasks[0].beta": "method.beta",
-    "tasks[0].loss_type": "method.loss_type",
-    "tasks[0].label_smoothing": "method.label_smoothing",
-    "tasks[0]": "hyperparameters",
-    "adapters[0]": "adapter",
+    "tasks[0].beta": "method.dpo.hyperparameters.beta",
+    "tasks[0].loss_type": "lorafleet.preference.loss_type",
+    "tasks[0].label_smoothing": "lorafleet.preference.label_smoothing",
+    "tasks[0]": "the job's settings",
+    "adapters[0]": "lorafleet.adapter",
     "dispatcher.max_tokens_per_micro_batch": "the server's --max-tokens-per-micro-batch",
 }
 
@@ -122,13 +125,16 @@ def job_configs(
     settings: EngineSettings,
     output_dir: Path,
 ) -> JobConfigs:
-    """The engine configs of a job. ``spec`` is the stored request (``JobCreate`` as JSON); ``files`` maps
+    """The engine configs of a job. ``spec`` is the stored request (``JobCreate.normalized()``); ``files`` maps
     each file id the job names to (path, data format). Raises ValueError naming the REST field and the fix."""
-    hp, ad, method = spec["hyperparameters"], spec["adapter"], spec.get("method") or {}
+    kind = spec["method"]["type"]
+    hp = spec["method"][kind]["hyperparameters"]
+    ext = spec["lorafleet"]
+    tr, ad, pref = ext["training"], ext["adapter"], ext.get("preference") or {}
     for key in ("eval_every_steps", "early_stopping_patience"):
-        if hp.get(key) is not None and not spec.get("validation_file"):
+        if tr.get(key) is not None and not spec.get("validation_file"):
             raise ValueError(
-                f"hyperparameters.{key} needs a validation_file to evaluate on: add one or remove {key}"
+                f"lorafleet.training.{key} needs a validation_file to evaluate on: add one or remove {key}"
             )
     train_path, train_format = files[spec["training_file"]]
     dataset = {"name": f"{job_id}.train", "path": str(train_path), "format": train_format}
@@ -138,27 +144,32 @@ def job_configs(
         "adapter": adapter_id,
         "dataset": dataset["name"],
         "batch_size": hp["batch_size"],
-        "micro_batch_size": hp.get("micro_batch_size"),
+        "micro_batch_size": tr.get("micro_batch_size"),
         "num_epochs": hp["n_epochs"],
-        "max_steps": hp.get("max_steps"),
-        "max_seq_len": hp["max_seq_len"],
-        "optimizer": {"lr": hp["learning_rate"], "weight_decay": hp["weight_decay"]},
-        "lr_scheduler": {"name": hp["lr_scheduler"], "warmup_steps": hp["warmup_steps"]},
-        "save_every_steps": hp["save_every_steps"],
-        "priority": spec.get("priority", 0),
+        "max_steps": tr.get("max_steps"),
+        "max_seq_len": tr["max_seq_len"],
+        "optimizer": {
+            "lr": hp["learning_rate_multiplier"] * BASE_LEARNING_RATE,
+            "weight_decay": tr["weight_decay"],
+        },
+        "lr_scheduler": {"name": tr["lr_scheduler"], "warmup_steps": tr["warmup_steps"]},
+        "save_every_steps": tr["save_every_steps"],
+        "priority": ext.get("priority", 0),
     }
     for key in ("max_grad_norm", "early_stopping_patience"):
-        if hp.get(key) is not None:
-            task[key] = hp[key]
-    if method.get("type", "sft") != "sft":
-        task["type"] = method["type"]
-        task.update({k: method[k] for k in ("beta", "loss_type", "label_smoothing") if k in method})
+        if tr.get(key) is not None:
+            task[key] = tr[key]
+    if kind == "dpo":
+        task["type"] = pref.get("objective", "dpo")
+        task["beta"] = hp["beta"]
+        if task["type"] == "dpo":
+            task.update({k: pref[k] for k in ("loss_type", "label_smoothing") if k in pref})
     if spec.get("validation_file"):
         eval_path, eval_format = files[spec["validation_file"]]
         extra.append({"name": f"{job_id}.eval", "path": str(eval_path), "format": eval_format})
         task["eval_dataset"] = f"{job_id}.eval"
-        if hp.get("eval_every_steps"):
-            task["eval_every_steps"] = hp["eval_every_steps"]
+        if tr.get("eval_every_steps"):
+            task["eval_every_steps"] = tr["eval_every_steps"]
     adapter = {
         "name": adapter_id,
         "type": ad["type"],

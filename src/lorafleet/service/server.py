@@ -94,6 +94,9 @@ def serve(
     worker: bool = True,
     num_threads: int | None = None,
     store_url: str | None = None,
+    adapter_cache_mb: float = 1024.0,
+    max_inference_rows: int = 64,
+    inference: bool = True,
 ) -> None:
     """Run the API until interrupted, with a supervised worker unless ``worker`` is False (``--api-only``).
     ``store_url``: the job store (default ``sqlite:///DATA_DIR/lorafleet.db``)."""
@@ -103,7 +106,8 @@ def serve(
     for flag, value in (
         ("--max-upload-mb", max_upload_mb), ("--max-concurrent-tasks", max_concurrent_tasks),
         ("--max-tokens-per-micro-batch", max_tokens_per_micro_batch), ("--poll-interval", poll_interval),
-        ("--num-threads", 1 if num_threads is None else num_threads),
+        ("--num-threads", 1 if num_threads is None else num_threads), ("--adapter-cache-mb", adapter_cache_mb),
+        ("--max-inference-rows", max_inference_rows),
     ):  # fmt: skip
         if value <= 0:
             raise ValueError(f"{flag} must be > 0 (got {value})")
@@ -132,6 +136,9 @@ def serve(
         ]  # fmt: skip
         if num_threads is not None:
             cmd += ["--num-threads", str(num_threads)]
+        cmd += ["--adapter-cache-mb", str(adapter_cache_mb), "--max-inference-rows", str(max_inference_rows)]
+        if not inference:
+            cmd.append("--no-inference")
         supervisor = WorkerSupervisor(cmd)
         supervisor.start()
     try:

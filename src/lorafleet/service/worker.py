@@ -17,7 +17,16 @@ Loop, top to bottom:
      worker claims them (checkpoints that the store never recorded are removed first: a worker that lost
      its lease may have written them);
    - jobs the engine holds that the store says are ``cancelled``: ``Engine.cancel_task``;
-2. ``Engine.run_once()``: one fused micro-batch over all running jobs (plus due optimizer steps);
+   - jobs the engine holds that the store says are ``paused``: they leave the engine (``cancel_task``, the
+     store keeps ``paused``) right after their next checkpoint, or at once when nothing was trained since
+     their last one, and their lease is released (a paused job keeps its lease until then, so its last
+     checkpoint is written under it); ``resume`` puts them back to ``queued`` and any worker claims them;
+2. one decode step for every inference request in flight (``inference.py``: chat and completions, all
+   tenants in one continuous batch, each row its own adapter), then ``Engine.run_once()``: one fused
+   micro-batch over all running jobs (plus due optimizer steps). So a decode step waits for at most one
+   training micro-batch, and training goes on while requests are served. Inference goes over the data
+   folder's Unix socket (``DataDir.inference_socket``): in a fleet sharing one data folder, one worker per
+   data folder serves it and the others run with ``--no-inference``;
 3. the engine's events (steps, status changes, checkpoints) go to the store as they happen, each before the
    engine goes on: a step's metrics are stored before that step's checkpoint is written, so a worker killed
    at any moment loses no step that its checkpoints hold (a resumed job trains the steps after its last
@@ -48,6 +57,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ..train.events import CheckpointEvent, EarlyStopEvent, EvalEvent, Event, StatusEvent, StepEvent
 from .files import DataDir
 from .jobspec import EngineSettings, job_configs, model_name
 from .leases import HeldLeases
@@ -68,8 +78,6 @@ log = logging.getLogger("lorafleet.worker")
 
 _LEASE_S = 20.0
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-# keys of an engine step event that become named fields of the metrics event (or are not numbers to keep)
-_STEP_KEYS = frozenset({"type", "task", "step", "loss", "lr", "tokens", "elapsed_s", "kind"})
 
 
 class Worker:
@@ -77,9 +85,15 @@ class Worker:
 
     def __init__(
         self, store: Store, data_dir: DataDir, settings: EngineSettings, poll_interval: float = 0.5,
-        worker_id: str | None = None, lease_s: float = _LEASE_S,
+        worker_id: str | None = None, lease_s: float = _LEASE_S, serve_inference: bool = True,
+        adapter_cache_bytes: int = 1 << 30, max_inference_rows: int = 64,
     ) -> None:  # fmt: skip
         self.store = store
+        self.serve_inference = serve_inference
+        self.adapter_cache_bytes = adapter_cache_bytes
+        self.max_inference_rows = max_inference_rows
+        self.inference: Any = None  # the InferenceServer, once the engine holds the model
+        self._wake = threading.Event()  # set when an inference request arrives
         self.dd = data_dir
         self.settings = settings
         self.poll_interval = poll_interval
@@ -89,6 +103,8 @@ class Worker:
         self.engine: Any = None
         self.leases = HeldLeases(lease_s)  # the jobs this worker trains, each under its lease
         self._last_metrics: dict[str, EventRecord] = {}  # each job's latest step event, which its eval joins
+        self._saved_step: dict[str, int] = {}  # each held job's step of its newest checkpoint
+        self._pausing: set[str] = set()  # held jobs the store paused: they leave at their next checkpoint
         self.state = "starting"
         self.message = ""
 
@@ -97,21 +113,38 @@ class Worker:
     def run(self, stop: threading.Event) -> None:
         """Train until ``stop`` is set."""
         self._load_engine()
+        if self.serve_inference:
+            self._start_inference()
         next_sync = 0.0
         try:
             while not stop.is_set():
-                if time.monotonic() >= next_sync or not len(self.leases):
+                serving = self.inference is not None and self.inference.busy
+                if time.monotonic() >= next_sync or not (len(self.leases) or serving):
                     try:
                         self.sync()
                     except StoreUnavailable as e:  # keep training what is leased; read again next round
                         log.warning("store unavailable: %s", e)
                     next_sync = time.monotonic() + self.poll_interval
                 self._drop_lost()
-                busy = self._step() if len(self.leases) else False
-                if not busy:
-                    stop.wait(self.poll_interval)
+                served = self.inference.step() if serving else False  # one decode step for all requests
+                busy = self._step() if len(self.leases) else False  # then at most one training micro-batch
+                self._leave_paused()
+                if not (busy or served or (self.inference is not None and self.inference.busy)):
+                    self._wake.wait(self.poll_interval)
+                    self._wake.clear()
         finally:
+            if self.inference is not None:
+                self.inference.close()
             self.engine.metrics.close()
+
+    def _start_inference(self) -> None:
+        from .inference import InferenceServer
+
+        self.inference = InferenceServer(
+            self.engine.model, self.engine.tokenizer, self.dd.inference_socket, self.adapter_cache_bytes,
+            self.max_inference_rows, wake=self._wake,
+        )  # fmt: skip
+        self.inference.start()
 
     def _load_engine(self) -> None:
         from ..train.engine import Engine
@@ -202,6 +235,10 @@ class Worker:
             if job is None or job.status not in ACTIVE_STATUSES:
                 self.leases.let_go(job_id)
                 self.engine.cancel_task(job_id)
+            elif job.status == "paused" and job_id not in self._pausing:
+                self._pausing.add(job_id)
+                if self.engine.state(job_id).step == self._saved_step.get(job_id, 0):
+                    self._leave_paused(now=job_id)
         free = self.settings.max_concurrent_tasks - len(self.leases)
         if free > 0:
             since = time.monotonic()
@@ -218,6 +255,7 @@ class Worker:
             if name not in held and st.status not in ("queued", "running"):
                 self.engine.forget(name)
                 self._last_metrics.pop(name, None)
+                self._saved_step.pop(name, None)
 
     def _configs(self, job):
         files = {}
@@ -279,6 +317,7 @@ class Worker:
         st = self.engine.state(job.id)
         if st.status not in ("queued", "running"):
             self.leases.let_go(job.id)
+        self._saved_step[job.id] = st.step  # a resumed job starts at its checkpoint
         self._write(
             job.id,
             lambda lease: self.store.update_progress(job.id, st.step, st.total_steps, st.tokens, lease),
@@ -287,30 +326,50 @@ class Worker:
         if st.step > 0:
             self._event(job.id, f"Resumed from the checkpoint at step {st.step} of {st.total_steps}")
 
+    def _leave_paused(self, now: str | None = None) -> None:
+        """Take paused jobs off the engine once their newest checkpoint holds all they trained (``now``:
+        that job at once), and release their leases."""
+        for job_id in sorted(self._pausing):
+            if self.leases.get(job_id) is None:
+                self._pausing.discard(job_id)
+                continue
+            step = self.engine.state(job_id).step
+            if job_id == now or self._saved_step.get(job_id, 0) == step:
+                self._event(job_id, f"Paused at step {step}; resume continues from there")
+                lease = self.leases.get(job_id)
+                self.engine.cancel_task(job_id)  # its "cancelled" event lets go of the lease here
+                self.leases.let_go(job_id)
+                self._pausing.discard(job_id)
+                try:
+                    self.store.release_lease(lease)
+                except StoreUnavailable:
+                    pass  # it expires by itself; nobody claims a paused job meanwhile
+
     # -- engine events ----------------------------------------------------------------------------------
 
-    def _on_event(self, ev: dict[str, Any]) -> None:
-        job_id = ev["task"]
-        kind = ev["type"]
-        if kind == "status" and ev["status"] == "cancelled":
+    def _on_event(self, ev: Event) -> None:
+        job_id = ev.task
+        if isinstance(ev, StatusEvent) and ev.status == "cancelled":
             self.leases.let_go(job_id)
             return
         if self.leases.get(job_id) is None:
             return  # a job this worker let go of: it no longer speaks for it
-        if kind == "step":
+        if isinstance(ev, StepEvent):
             st = self.engine.state(job_id)
             data = {
-                "step": ev["step"],
-                "train_loss": ev["loss"],
-                "learning_rate": ev["lr"],
-                "tokens": ev["tokens"],
-                "elapsed_s": ev["elapsed_s"],
+                "step": ev.step,
+                "train_loss": ev.loss,
+                "learning_rate": ev.lr,
+                "tokens": ev.tokens,
+                "elapsed_s": ev.elapsed_s,
             }
             # the task's own numbers (grad_norm; preference rewards and accuracies), as they are
-            data.update({k: v for k, v in ev.items() if k not in _STEP_KEYS and isinstance(v, int | float)})
+            data.update(ev.metrics)
+            if ev.grad_norm is not None:
+                data["grad_norm"] = ev.grad_norm
             rec = EventRecord(
-                job_id, "metrics", f"Step {ev['step']}/{st.total_steps}: training loss={ev['loss']:.4f}",
-                time.time(), step=ev["step"], data=data,
+                job_id, "metrics", f"Step {ev.step}/{st.total_steps}: training loss={ev.loss:.4f}",
+                time.time(), step=ev.step, data=data,
             )  # fmt: skip
             self._last_metrics[job_id] = rec
             # stored now, before the engine may checkpoint this step
@@ -318,39 +377,40 @@ class Worker:
                 self._write(
                     job_id,
                     lambda lease: self.store.update_progress(
-                        job_id, ev["step"], st.total_steps, st.tokens, lease
+                        job_id, ev.step, st.total_steps, st.tokens, lease
                     ),
                 )
             return
-        if kind == "eval":
+        if isinstance(ev, EvalEvent):
             # the evaluation after a step joins that step's metrics event (valid_loss, valid_*): the store
             # replaces the metrics event of a job and step with the later one
-            valid = {f"valid_{k[5:]}": v for k, v in ev.items() if k.startswith("eval_")}
+            valid = {f"valid_{k[5:]}": v for k, v in ev.record().items() if k.startswith("eval_")}
             rec = self._last_metrics.get(job_id)
-            if rec is not None and rec.step == ev["step"]:
+            if rec is not None and rec.step == ev.step:
                 rec.data.update(valid)
-                rec.message += f", validation loss={ev['eval_loss']:.4f}"
+                rec.message += f", validation loss={ev.loss:.4f}"
             else:
                 rec = EventRecord(
-                    job_id, "message", f"Step {ev['step']}: validation loss={ev['eval_loss']:.4f}", time.time(),
-                    data={"step": ev["step"], **valid},
+                    job_id, "message", f"Step {ev.step}: validation loss={ev.loss:.4f}", time.time(),
+                    data={"step": ev.step, **valid},
                 )  # fmt: skip
             self._write(job_id, lambda lease: self.store.add_events([rec], lease))
             return
         now = time.time()
-        if kind == "checkpoint":
+        if isinstance(ev, CheckpointEvent):
             last = self._last_metrics.get(job_id)
             metrics = {"train_loss": last.data["train_loss"]} if last is not None else {}
-            ck = CheckpointRecord(job_id, ev["step"], ev["path"], now, metrics)
+            ck = CheckpointRecord(job_id, ev.step, ev.path, now, metrics)
             if self._write(job_id, lambda lease: self.store.add_checkpoint(ck, lease)):
-                self._event(job_id, f"Checkpoint saved at step {ev['step']}")
-        elif kind == "early_stop":
+                self._saved_step[job_id] = ev.step
+                self._event(job_id, f"Checkpoint saved at step {ev.step}")
+        elif isinstance(ev, EarlyStopEvent):
             self._event(
                 job_id,
-                f"Early stopping at step {ev['step']}: the best validation loss was at step {ev.get('best_step')}",
+                f"Early stopping at step {ev.step}: the best validation loss was at step {ev.best_step}",
             )
-        elif kind == "status":
-            status = ev["status"]
+        elif isinstance(ev, StatusEvent):
+            status = ev.status
             if status == "running":
                 started: list[bool] = []
                 self._write(
@@ -370,7 +430,7 @@ class Worker:
                         self.store.transition(
                             job_id,
                             "succeeded",
-                            ["queued", "running"],
+                            ["queued", "running", "paused"],
                             lease,
                             finished_at=now,
                             step=st.step,
@@ -387,7 +447,7 @@ class Worker:
                     )  # fmt: skip
                 self.leases.let_go(job_id)
             elif status == "failed":
-                self._fail(job_id, ev.get("error") or "training failed")
+                self._fail(job_id, ev.error or "training failed")
                 self.leases.let_go(job_id)
 
     def _event(self, job_id: str, message: str, level: str = "info", lease: bool = True) -> None:

@@ -107,6 +107,14 @@ def add_worker_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-concurrent-tasks", type=int, default=8, help="jobs this worker trains at once")
     p.add_argument("--max-tokens-per-micro-batch", type=int, default=4096)
     p.add_argument("--poll-interval", type=float, default=0.5)
+    p.add_argument(
+        "--adapter-cache-mb", type=float, default=1024.0, help="inference adapters kept loaded (LRU)"
+    )
+    p.add_argument("--max-inference-rows", type=int, default=64, help="requests decoded together at most")
+    p.add_argument(
+        "--no-inference", action="store_true",
+        help="train only: no chat/completions (in a fleet, all workers on one data folder but one)",
+    )  # fmt: skip
     p.add_argument("--num-threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     p.add_argument(
         "--parent-pid", type=int, default=None, help="exit when this process is no longer the parent"
@@ -129,7 +137,10 @@ def run_worker(args: argparse.Namespace) -> int:
             f"--nproc {args.nproc}: a worker spanning several processes (pipeline stages) is not supported "
             "yet; run one worker per device with --nproc 1 (the default)"
         )
-    for flag in ("max_concurrent_tasks", "max_tokens_per_micro_batch", "poll_interval", "lease_s"):
+    for flag in (
+        "max_concurrent_tasks", "max_tokens_per_micro_batch", "poll_interval", "lease_s", "adapter_cache_mb",
+        "max_inference_rows",
+    ):  # fmt: skip
         if getattr(args, flag) <= 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be > 0 (got {getattr(args, flag)})")
     if not args.base_model.startswith("pkg:") and not Path(args.base_model).expanduser().exists():
@@ -152,7 +163,10 @@ def run_worker(args: argparse.Namespace) -> int:
         base_model=args.base_model, dtype=args.dtype, device=args.device,
         max_concurrent_tasks=args.max_concurrent_tasks, max_tokens_per_micro_batch=args.max_tokens_per_micro_batch,
     )  # fmt: skip
-    worker = Worker(store, dd, settings, args.poll_interval, args.worker_id, args.lease_s)
+    worker = Worker(
+        store, dd, settings, args.poll_interval, args.worker_id, args.lease_s, serve_inference=not args.no_inference,
+        adapter_cache_bytes=int(args.adapter_cache_mb * 1024 * 1024), max_inference_rows=args.max_inference_rows,
+    )  # fmt: skip
     lock_fd = _lock(dd.root / "workers" / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', worker.id)}.lock", stop)
     if stop.is_set():
         return 0

@@ -4,8 +4,8 @@ Layout: ``OUTPUT_DIR/checkpoints/<task>/step-000012/`` holding
 
 - ``adapter.safetensors``: the adapter's trainable tensors under their PEFT keys;
 - ``optimizer.pt``: optimizer and scheduler state;
-- ``state.json``: step, examples consumed, loss history, fingerprint of what must not change on resume,
-  and the torch RNG state (dropout masks) as a list of bytes.
+- ``state.json``: step, examples consumed, loss history and fingerprint of what must not change on resume
+  (no RNG state: dropout masks are keyed, ``lorafleet.masks``).
 
 A checkpoint is written into ``step-N.tmp`` and renamed into place, so a crash never leaves a half-written
 ``step-N``. The newest ``keep_last`` checkpoints are kept, plus ``best`` when early stopping asks for it.
@@ -22,7 +22,13 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["CheckpointMismatchError", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "CheckpointMismatchError",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "save_checkpoint",
+    "saved_steps",
+]
 
 
 class CheckpointMismatchError(ValueError):
@@ -51,8 +57,7 @@ def save_checkpoint(
         {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "adapter.safetensors")
     )
     torch.save(optim_state, tmp / "optimizer.pt")
-    rng = torch.get_rng_state().tolist()
-    (tmp / "state.json").write_text(json.dumps({**state, "step": step, "torch_rng": rng}))
+    (tmp / "state.json").write_text(json.dumps({**state, "step": step}))
     for f in tmp.iterdir():  # durable before it becomes visible
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
@@ -64,14 +69,18 @@ def save_checkpoint(
     return final
 
 
+def saved_steps(root: Path) -> list[int]:
+    """Steps of the complete checkpoints under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    done = [p for p in root.glob("step-*") if not p.name.endswith(".tmp") and (p / "state.json").is_file()]
+    return sorted(int(p.name.removeprefix("step-")) for p in done)
+
+
 def latest_checkpoint(root: Path) -> Path | None:
     """The newest complete checkpoint folder under ``root``, or None."""
-    if not root.is_dir():
-        return None
-    done = sorted(
-        p for p in root.glob("step-*") if not p.name.endswith(".tmp") and (p / "state.json").is_file()
-    )
-    return done[-1] if done else None
+    steps = saved_steps(root)
+    return _step_dir(root, steps[-1]) if steps else None
 
 
 def load_checkpoint(path: Path, fingerprint: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict, dict]:

@@ -22,17 +22,27 @@ from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..batch import FusedBatch
 from ..data.packing import pack
 from .tasks import TaskKind, pack_groups
 
-__all__ = ["EarlyStopping", "EvalJob", "EvalResult", "TaskEvaluation", "cli_eval", "eval_record", "evaluate"]
+__all__ = [
+    "EarlyStopping",
+    "EvalJob",
+    "EvalResult",
+    "EvalSums",
+    "TaskEvaluation",
+    "cli_eval",
+    "eval_batches",
+    "evaluate",
+]
 
 
 @dataclass(frozen=True)
@@ -67,51 +77,77 @@ def _perplexity(kind: str, loss: float, metrics: dict[str, float]) -> float | No
     return math.exp(mean_ce) if mean_ce < 700 else math.inf
 
 
+class EvalSums:
+    """Adds up the loss shares of evaluation jobs over fused batches; ``results()`` when every batch ran.
+
+    Each job's denominators are those of its whole set, so the split into batches changes nothing.
+    """
+
+    def __init__(self, jobs: Sequence[EvalJob]) -> None:
+        names = [j.name for j in jobs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"evaluation jobs need distinct names, got {names}")
+        empty = [j.name for j in jobs if not j.examples]
+        if empty:
+            raise ValueError(
+                f"evaluation jobs {empty} have no example; give each eval dataset at least one row"
+            )
+        self.jobs = {j.name: j for j in jobs}
+        self.norms = {j.name: j.kind.step_norm(j.examples) for j in jobs}
+        self.loss = {j.name: 0.0 for j in jobs}
+        self.metrics: dict[str, dict[str, float]] = {j.name: {} for j in jobs}
+        self.tokens = {j.name: 0 for j in jobs}
+
+    def add(self, lm_head, hidden_TE: torch.Tensor, batch, names: Sequence[str]) -> None:
+        """Add the shares of jobs ``names`` in ``batch`` (whose final hidden states are ``hidden_TE``)."""
+        for name in names:
+            job = self.jobs[name]
+            out = job.kind.loss(lm_head, hidden_TE, batch, name, self.norms[name])
+            self.loss[name] += float(out.loss)
+            self.tokens[name] += out.tokens
+            for k, v in out.metrics.items():
+                self.metrics[name][k] = self.metrics[name].get(k, 0.0) + v
+
+    def results(self) -> dict[str, EvalResult]:
+        return {
+            n: EvalResult(
+                self.loss[n],
+                self.metrics[n],
+                len(j.examples),
+                self.tokens[n],
+                _perplexity(j.kind.name, self.loss[n], self.metrics[n]),
+            )
+            for n, j in self.jobs.items()
+        }
+
+
 def evaluate(model, jobs: Sequence[EvalJob], max_tokens: int) -> dict[str, EvalResult]:
     """Evaluate every job in fused batches of at most ``max_tokens`` tokens (an example longer than that
     gets a batch of its own); returns ``{job.name: EvalResult}``. The model's train/eval mode is restored.
     """
-    names = [j.name for j in jobs]
-    if len(set(names)) != len(names):
-        raise ValueError(f"evaluation jobs need distinct names, got {names}")
-    empty = [j.name for j in jobs if not j.examples]
-    if empty:
-        raise ValueError(f"evaluation jobs {empty} have no example; give each eval dataset at least one row")
-    norms = {j.name: j.kind.step_norm(j.examples) for j in jobs}
-    loss = {j.name: 0.0 for j in jobs}
-    metrics: dict[str, dict[str, float]] = {j.name: {} for j in jobs}
-    tokens = {j.name: 0 for j in jobs}
+    sums = EvalSums(jobs)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            for batch_items in _batches(jobs, max_tokens):
-                own, refs = [], []
-                for job, items in batch_items:
-                    g_own, g_ref = pack_groups(job.name, job.adapter, job.kind, items)
-                    own.append(g_own)
-                    if g_ref is not None:
-                        refs.append(g_ref)
-                batch = pack(own + refs, model.device)
+            for names, batch in eval_batches(jobs, max_tokens, model.device):
                 hidden_TE = model.forward_packed(batch.input_ids, batch, apply_head=False)
-                for job, _ in batch_items:
-                    out = job.kind.loss(model.lm_head, hidden_TE, batch, job.name, norms[job.name])
-                    loss[job.name] += float(out.loss)
-                    tokens[job.name] += out.tokens
-                    for k, v in out.metrics.items():
-                        metrics[job.name][k] = metrics[job.name].get(k, 0.0) + v
+                sums.add(model.lm_head, hidden_TE, batch, names)
     finally:
         model.train(was_training)
-    return {
-        j.name: EvalResult(
-            loss[j.name],
-            metrics[j.name],
-            len(j.examples),
-            tokens[j.name],
-            _perplexity(j.kind.name, loss[j.name], metrics[j.name]),
-        )
-        for j in jobs
-    }
+    return sums.results()
+
+
+def eval_batches(jobs: Sequence[EvalJob], max_tokens: int, device) -> Iterator[tuple[list[str], FusedBatch]]:
+    """The fused batches of an evaluation, each with the names of the jobs it holds (see ``evaluate``)."""
+    for batch_items in _batches(jobs, max_tokens):
+        own, refs = [], []
+        for job, items in batch_items:
+            g_own, g_ref = pack_groups(job.name, job.adapter, job.kind, items)
+            own.append(g_own)
+            if g_ref is not None:
+                refs.append(g_ref)
+        yield [job.name for job, _ in batch_items], pack(own + refs, device)
 
 
 def _batches(jobs: Sequence[EvalJob], max_tokens: int):
@@ -130,17 +166,6 @@ def _batches(jobs: Sequence[EvalJob], max_tokens: int):
             used += n
     if current:
         yield current
-
-
-def eval_record(task: str, step: int, result: EvalResult) -> dict[str, Any]:
-    """The ``metrics.jsonl`` record of an evaluation (``kind: eval``; keys ``eval_*`` so plots keep apart)."""
-    record: dict[str, Any] = {"task": task, "step": step, "kind": "eval", "eval_loss": result.loss}
-    if result.perplexity is not None:
-        record["eval_perplexity"] = result.perplexity
-    for k, v in result.metrics.items():
-        record[f"eval_{k}"] = v
-    record["eval_examples"] = result.num_examples
-    return record
 
 
 @dataclass
@@ -239,10 +264,10 @@ def cli_eval(args: argparse.Namespace) -> int:
 
     from ..config import load_config
     from ..data.formats import load_examples
+    from ..devices import resolve_device
     from ..lora import load_peft
     from ..models import load_model
     from ..models.tokenizer import load_tokenizer
-    from .engine import resolve_device
     from .tasks import task_kind
 
     cfg = load_config(args.config)

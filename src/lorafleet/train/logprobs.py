@@ -4,7 +4,9 @@
 
 Semantics: ``logp_M[i] = log_softmax(head(hidden_ME[i]).float())[targets_M[i]]``, the same numbers as
 ``-F.cross_entropy(head(hidden_ME).float(), targets_M, reduction="none")``, and the same gradient with
-respect to ``hidden_ME``.
+respect to ``hidden_ME``. ``head`` is the model's ``LMHead``: its final soft-cap (Gemma's
+``final_logit_softcapping``: ``c * tanh(z / c)`` on the float32 logits z) is part of the logits here too,
+so the loss sees exactly the logits that evaluation and generation see.
 
 Why: the logits are the largest tensor of a training step. For M supervised tokens and a vocabulary of V
 they take M x V x 4 bytes (SmolLM2: 192 KiB per token; a fused micro-batch of 2,000 tokens, 400 MB), and
@@ -38,7 +40,7 @@ def _rows_per_chunk(vocab: int) -> int:
 
 class _TargetLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden_ME, weight_VE, bias_V, targets_M, rows):
+    def forward(ctx, hidden_ME, weight_VE, bias_V, targets_M, rows, softcap):
         m = hidden_ME.shape[0]
         logp_M = torch.empty(m, dtype=torch.float32, device=hidden_ME.device)
         need_grad = ctx.needs_input_grad[0]
@@ -46,6 +48,9 @@ class _TargetLogprobs(torch.autograd.Function):
         for lo in range(0, m, rows):
             hi = min(m, lo + rows)
             logits_CV = F.linear(hidden_ME[lo:hi], weight_VE, bias_V).float()
+            if softcap is not None:
+                tanh_CV = torch.tanh(logits_CV / softcap)
+                logits_CV = tanh_CV * softcap
             lse_C = torch.logsumexp(logits_CV, dim=-1)
             tgt_C1 = targets_M[lo:hi, None]
             logp_M[lo:hi] = logits_CV.gather(1, tgt_C1).squeeze(1) - lse_C
@@ -53,6 +58,8 @@ class _TargetLogprobs(torch.autograd.Function):
                 # onehot - softmax, in place over the chunk's logits
                 g_CV = logits_CV.sub_(lse_C[:, None]).exp_().neg_()
                 g_CV.scatter_add_(1, tgt_C1, torch.ones_like(tgt_C1, dtype=g_CV.dtype))
+                if softcap is not None:  # d(c tanh(z / c)) / dz = 1 - tanh^2
+                    g_CV.mul_(tanh_CV.square_().neg_().add_(1.0))
                 grad_ME[lo:hi] = g_CV.to(weight_VE.dtype) @ weight_VE
         if need_grad:
             ctx.save_for_backward(grad_ME)
@@ -61,13 +68,18 @@ class _TargetLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_M):
         (grad_ME,) = ctx.saved_tensors
-        return grad_ME * grad_M[:, None].to(grad_ME.dtype), None, None, None, None
+        return grad_ME * grad_M[:, None].to(grad_ME.dtype), None, None, None, None, None
 
 
 def target_logprobs(head: nn.Module, hidden_ME: torch.Tensor, targets_M: torch.Tensor) -> torch.Tensor:
-    """log p(target) of every row of ``hidden_ME`` [M, E] under the linear ``head`` (float32 [M])."""
+    """log p(target) of every row of ``hidden_ME`` [M, E] under the linear ``head`` (float32 [M]).
+
+    ``head.softcap`` (``LMHead``), when set, caps the logits as the head's own forward does.
+    """
     weight, bias = head.weight, getattr(head, "bias", None)
+    softcap = getattr(head, "softcap", None)
     if weight.requires_grad or (bias is not None and bias.requires_grad):
-        return -F.cross_entropy(head(hidden_ME).float(), targets_M, reduction="none")
+        return -F.cross_entropy(head(hidden_ME).float(), targets_M, reduction="none")  # head applies the cap
     targets_M = targets_M.to(hidden_ME.device)
-    return _TargetLogprobs.apply(hidden_ME, weight, bias, targets_M, _rows_per_chunk(weight.shape[0]))
+    rows = _rows_per_chunk(weight.shape[0])
+    return _TargetLogprobs.apply(hidden_ME, weight, bias, targets_M, rows, softcap)

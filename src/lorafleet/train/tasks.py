@@ -37,7 +37,7 @@ by the number of answer tokens; ``pi`` under the adapter, ``ref`` under the base
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -125,18 +125,24 @@ class TaskKind(Protocol):
 
 
 def pack_groups(
-    task: str, adapter: str, kind: TaskKind, items: Sequence[tuple[int, Any]]
+    task: str,
+    adapter: str,
+    kind: TaskKind,
+    items: Sequence[tuple[int, Any]],
+    key: Callable[[int, str], int] | None = None,
 ) -> tuple[tuple, tuple | None]:
     """The task's groups for ``data.packing.pack``: (its adapter's group, its reference group or None).
 
-    ``items`` are ``(example id, example)``. Each group lists ``(example id, tokens, mask, role)``; the
-    reference group (DPO) runs under no adapter. Put every task's own group first and the reference groups
-    after them, so the base-only rows form one segment at the end of the batch.
+    ``items`` are ``(example id, example)``. Each group lists ``(example id, tokens, mask, role)``, plus
+    ``key(example id, role)`` (the sequence's dropout key, ``masks.sequence_key``) when ``key`` is given;
+    the reference group (DPO) runs under no adapter. Put every task's own group first and the reference
+    groups after them, so the base-only rows form one segment at the end of the batch.
     """
     own, ref = [], []
     for example_id, example in items:
         for s in kind.sequences(example):
-            (ref if s.reference else own).append((example_id, s.tokens, s.mask, s.role))
+            entry = (example_id, s.tokens, s.mask, s.role)
+            (ref if s.reference else own).append(entry if key is None else (*entry, key(example_id, s.role)))
     return (task, adapter, own), ((task, None, ref) if ref else None)
 
 

@@ -18,9 +18,10 @@ launch (``segmented_outer`` uses a second, tiny launch for its deterministic red
               dB_k = s_k * sum over slot k's rows of g^T h and dA_k = s_k * sum of u^T drop(x)
               (``segmented_outer``: float32 partials per row chunk, summed per slot in chunk order)
 
-Dropout masks are drawn with torch's RNG per segment in row order, exactly as the PyTorch path draws them,
-so both paths drop the same inputs under the same seed. The adapters' A and B are stacked (and cast to x's
-dtype, as the PyTorch path casts them) once per call: K * R * (I + O) elements, small next to x.
+Dropout masks are keyed (``lorafleet.masks``): the same pure function of the rows' keys, the layer's site and
+the feature as on the PyTorch path, so both paths drop the same inputs; the backward recomputes them from the
+keys, nothing is kept. The adapters' A and B are stacked (and cast to x's dtype, as the PyTorch path casts
+them) once per call: K * R * (I + O) elements, small next to x.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from functools import lru_cache
 import torch
 from torch import nn
 
+from ...masks import MaskSite, keep_mask
 from ...models.quant import dense_weight
 
 __all__ = [
@@ -327,6 +329,8 @@ class _Call:
     dropouts: tuple[float, ...]
     ranks: tuple[int, ...]
     firsts: tuple[int, ...]  # params[first] is slot k's A, params[first + 1] its B
+    site: MaskSite = MaskSite()
+    rows: torch.Tensor | None = None  # [T] the batch's dropout_rows when a slot has dropout
 
 
 def _stack(
@@ -348,26 +352,16 @@ def _stack(
     return a_KRI, b_KOR
 
 
-def _dropout(x_TI: torch.Tensor, call: _Call) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
-    """(the adapters' input, one keep-mask or None per segment), masks drawn per segment in row order."""
-    from ..fused import draw_dropout_mask
-
-    masks: list[torch.Tensor | None] = []
-    xd_TI = x_TI
-    for start, end, k in call.segments:
-        p = call.dropouts[k]
-        if p <= 0:
-            masks.append(None)
-            continue
-        mask_SI = draw_dropout_mask(x_TI[start:end], p)
-        if xd_TI is x_TI:
-            xd_TI = x_TI.clone()
-        xd_TI[start:end].mul_(mask_SI).mul_(1.0 / (1.0 - p))
-        masks.append(mask_SI)
-    return xd_TI, masks
+def _masks(call: _Call, width: int) -> list[torch.Tensor | None]:
+    """One keyed keep-mask [S, width] per segment (None where its adapter has no dropout in this call)."""
+    return [
+        keep_mask(call.rows[start:end], call.site, width, call.dropouts[k]) if call.dropouts[k] > 0 else None
+        for start, end, k in call.segments
+    ]
 
 
-def _rebuild_dropped(x_TI: torch.Tensor, masks: Sequence[torch.Tensor | None], call: _Call) -> torch.Tensor:
+def _dropped(x_TI: torch.Tensor, masks: Sequence[torch.Tensor | None], call: _Call) -> torch.Tensor:
+    """The adapters' input: x with each dropout segment's mask applied (x itself when none has dropout)."""
     xd_TI = x_TI
     for (start, end, k), mask_SI in zip(call.segments, masks):
         if mask_SI is not None:
@@ -393,8 +387,9 @@ def _forward(x_TI, weight_OI, bias_O, call: _Call, params):
     dt = x_TI.dtype
     a_KRI, b_KOR = _stack(params, call, dt)
     scales_K = _scales(call.scalings, x_TI.device)
-    xd_TI, masks = _dropout(x_TI, call)
+    xd_TI = _dropped(x_TI, _masks(call, x_TI.shape[1]), call)
     h_TR = segmented_shrink(xd_TI, a_KRI, call.segments)
+    del xd_TI
     # The low-rank terms (and the bias) are written first and the base GEMM accumulates onto them (beta = 1),
     # where its read of y hides behind its arithmetic; adding them after the GEMM would read y once more.
     y_TO = torch.empty(x_TI.shape[0], b_KOR.shape[1], dtype=dt, device=x_TI.device)
@@ -405,7 +400,7 @@ def _forward(x_TI, weight_OI, bias_O, call: _Call, params):
         else:
             y_TO[start:end].copy_(bias_O.expand(end - start, -1))
     y_TO.addmm_(x_TI, dense_weight(weight_OI, dt).t())
-    return y_TO, h_TR, masks, a_KRI, b_KOR, scales_K
+    return y_TO, h_TR, a_KRI, b_KOR, scales_K
 
 
 class _TritonLoRAFunction(torch.autograd.Function):
@@ -413,14 +408,11 @@ class _TritonLoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_TI, weight_OI, bias_O, call: _Call, *params):
-        y_TO, h_TR, masks, a_KRI, b_KOR, scales_K = _forward(x_TI, weight_OI, bias_O, call, params)
+        y_TO, h_TR, a_KRI, b_KOR, scales_K = _forward(x_TI, weight_OI, bias_O, call, params)
         need_params = any(ctx.needs_input_grad[4:])
-        ctx.call = call
-        ctx.num_masks = len(masks)
+        ctx.call = call  # its keys (call.rows) give the backward the forward's masks again
         ctx.param_dtypes = [p.dtype for p in params]
         ctx.num_params = len(params)
-        kept_masks = [m if m is not None else torch.empty(0) for m in masks]
-        ctx.has_mask = [m is not None for m in masks]
         ctx.save_for_backward(
             x_TI if need_params else None,
             weight_OI,
@@ -428,15 +420,14 @@ class _TritonLoRAFunction(torch.autograd.Function):
             a_KRI,
             b_KOR,
             scales_K,
-            *kept_masks,
         )
         return y_TO
 
     @staticmethod
     def backward(ctx, g_TO):
         call: _Call = ctx.call
-        x_TI, weight_OI, h_TR, a_KRI, b_KOR, scales_K, *kept = ctx.saved_tensors
-        masks = [m if has else None for m, has in zip(kept, ctx.has_mask)]
+        x_TI, weight_OI, h_TR, a_KRI, b_KOR, scales_K = ctx.saved_tensors
+        masks = _masks(call, a_KRI.shape[2])
         g_TO = g_TO.contiguous()
         dt = g_TO.dtype
         k = len(call.firsts)
@@ -455,7 +446,7 @@ class _TritonLoRAFunction(torch.autograd.Function):
             dx_TI.addmm_(g_TO, weight_OI)
         grads: list[torch.Tensor | None] = [None] * ctx.num_params
         if x_TI is not None:
-            xd_TI = _rebuild_dropped(x_TI, masks, call)
+            xd_TI = _dropped(x_TI, masks, call)
             d_b_KRO = segmented_outer(h_TR, g_TO, call.segments, k, scales_K)
             d_a_KRI = segmented_outer(u_TR, xd_TI, call.segments, k, scales_K)
             for j, (f, rk) in enumerate(zip(call.firsts, call.ranks)):
@@ -490,6 +481,8 @@ def triton_fused_lora(
         dropouts=tuple(float(s.dropout) for s in plan.slots),
         ranks=tuple(int(params[s.first].shape[0]) for s in plan.slots),
         firsts=tuple(s.first for s in plan.slots),
+        site=plan.site,
+        rows=plan.rows,
     )
     x_TI = x_TI.contiguous()
     if torch.is_grad_enabled() and (x_TI.requires_grad or any(p.requires_grad for p in params)):

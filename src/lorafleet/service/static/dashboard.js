@@ -66,9 +66,9 @@ function lastLoss(jobId) {
 
 async function download(job) {
   try {
-    const r = await api("/v1/adapters/" + job.fine_tuned_adapter + "/download");
+    const r = await api("/v1/adapters/" + job.fine_tuned_model + "/download");
     const url = URL.createObjectURL(await r.blob());
-    const a = el("a", { href: url, download: job.fine_tuned_adapter + ".zip" });
+    const a = el("a", { href: url, download: job.fine_tuned_model + ".zip" });
     document.body.appendChild(a); a.click(); a.remove();
     setTimeout(() => URL.revokeObjectURL(url), 10000);
   } catch (e) { showMessage(e.message, true); }
@@ -88,13 +88,13 @@ function renderTable() {
     const tr = el("tr", { class: "job-row", "data-job": job.id, "data-status": job.status });
     const sw = el("td"); sw.appendChild(el("span", { class: "swatch", style: "background:" + colorOf(job.id) }));
     tr.appendChild(sw);
-    tr.appendChild(el("td", {}, job.id + (job.suffix ? " (" + job.suffix + ")" : "")));
+    tr.appendChild(el("td", {}, job.id + (job.user_provided_suffix ? " (" + job.user_provided_suffix + ")" : "")));
     const st = el("td"); st.appendChild(el("span", { class: "status " + job.status }, job.status)); tr.appendChild(st);
-    tr.appendChild(el("td", { class: "num" }, job.step + " / " + (job.total_steps === null ? "?" : job.total_steps)));
+    tr.appendChild(el("td", { class: "num" }, job.lorafleet.step + " / " + (job.lorafleet.total_steps === null ? "?" : job.lorafleet.total_steps)));
     tr.appendChild(el("td", { class: "num" }, fmtLoss(lastLoss(job.id))));
     const ad = el("td");
-    if (job.fine_tuned_adapter) {
-      const b = el("button", { type: "button" }, "download " + job.fine_tuned_adapter);
+    if (job.fine_tuned_model) {
+      const b = el("button", { type: "button" }, "download " + job.fine_tuned_model);
       b.addEventListener("click", () => download(job)); ad.appendChild(b);
     } else if (job.error) {
       ad.appendChild(el("span", { class: "error", title: job.error.message }, job.error.message.slice(0, 60)));
@@ -102,7 +102,7 @@ function renderTable() {
     tr.appendChild(ad);
     tr.appendChild(el("td", {}, new Date(job.created_at * 1000).toLocaleString()));
     const act = el("td");
-    if (["validating_files", "queued", "running"].includes(job.status)) {
+    if (["validating_files", "queued", "running", "paused"].includes(job.status)) {
       const b = el("button", { type: "button" }, "cancel"); b.addEventListener("click", () => cancel(job)); act.appendChild(b);
     }
     tr.appendChild(act);
@@ -161,7 +161,7 @@ function renderChart() {
     if (pts.length === 1) chart.appendChild(svg("circle", { cx: x(pts[0][0]), cy: y(pts[0][1]), r: 3, fill: color }));
     const item = el("span");
     item.appendChild(el("span", { class: "swatch", style: "background:" + color }));
-    item.appendChild(document.createTextNode(" " + job.id + (job.suffix ? " (" + job.suffix + ")" : "")));
+    item.appendChild(document.createTextNode(" " + job.id + (job.user_provided_suffix ? " (" + job.user_provided_suffix + ")" : "")));
     legend.appendChild(item);
   }
 }

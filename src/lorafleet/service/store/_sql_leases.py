@@ -11,7 +11,7 @@ from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 from ..fairshare import Candidate, TenantLoad, fair_order
-from .base import CLAIMABLE_STATUSES, JobRecord, Lease, LeaseGrant, WorkerRecord
+from .base import CLAIMABLE_STATUSES, RENEWABLE_STATUSES, JobRecord, Lease, LeaseGrant, WorkerRecord
 
 __all__ = ["FAIR_SHARE_WINDOW_S", "JOB_COLUMNS", "LeaseSQL", "Tx", "job_from_row", "marks"]
 
@@ -132,9 +132,9 @@ class LeaseSQL:
             for lease in leases:
                 rows = tx.query(
                     f"UPDATE jobs SET lease_expires = {self.NOW} + ? WHERE id = ? AND lease_token = ? "
-                    f"AND lease_holder = ? AND status IN ({marks(len(CLAIMABLE_STATUSES))}) "
+                    f"AND lease_holder = ? AND status IN ({marks(len(RENEWABLE_STATUSES))}) "
                     "RETURNING lease_expires",
-                    (lease_s, lease.job_id, lease.token, lease.holder, *CLAIMABLE_STATUSES),
+                    (lease_s, lease.job_id, lease.token, lease.holder, *RENEWABLE_STATUSES),
                 )
                 if rows:
                     tx.execute(

@@ -23,6 +23,7 @@ __all__ = [
     "ACTIVE_STATUSES",
     "CLAIMABLE_STATUSES",
     "JOB_STATUSES",
+    "RENEWABLE_STATUSES",
     "TERMINAL_STATUSES",
     "CheckpointRecord",
     "EventRecord",
@@ -39,12 +40,17 @@ __all__ = [
     "WorkerRecord",
 ]
 
-JOB_STATUSES = ("validating_files", "queued", "running", "succeeded", "failed", "cancelled")
+JOB_STATUSES = ("validating_files", "queued", "running", "paused", "succeeded", "failed", "cancelled")
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
-# statuses a worker owns: every job in one of these is picked up (again) by a worker
-ACTIVE_STATUSES = ("validating_files", "queued", "running")
-# statuses a worker trains, under a lease
+# statuses of unfinished jobs (cancellable; their files stay in use). A paused job waits for resume, off
+# the engine; workers pick up queued and running ones (again).
+ACTIVE_STATUSES = ("validating_files", "queued", "running", "paused")
+# statuses a worker claims and trains, under a lease
 CLAIMABLE_STATUSES = ("queued", "running")
+# statuses whose lease a worker may renew: a job paused while held keeps its lease until the worker has
+# checkpointed it and let it go (``release_lease``), so the steps it trained since its last checkpoint
+# are not lost; nobody claims a paused job, and resume puts it back to queued
+RENEWABLE_STATUSES = (*CLAIMABLE_STATUSES, "paused")
 
 
 class StoreUnavailable(RuntimeError):

@@ -1,0 +1,81 @@
+"""The one attention computation of every decoder: causal mask, sliding window, scale and logit soft-cap.
+
+Legend: B rows (sequences or groups), H query heads, K key/value heads, N queries, M keys, D head dim.
+
+Training (``FusedBatch.attention``), evaluation (the same batch) and generation (prefill through the same
+batch, decode steps against the KV cache) all end in ``attend``; what differs between them is only which
+keys a query may see, which they pass as a boolean mask. The per-layer numbers (window, scale, soft-cap)
+are an ``AttentionSpec`` built once per layer from the ``ModelConfig``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["AttentionSpec", "attend", "causal_window_mask"]
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """How one layer attends.
+
+    Attributes:
+        sliding_window: a query at position i sees keys at positions j with ``i - j < sliding_window``
+            (None: every earlier key).
+        scale: multiplies q k^T (``head_dim ** -0.5``, or Gemma's ``query_pre_attn_scalar ** -0.5``).
+        softcap: when set, scores become ``softcap * tanh(scores / softcap)`` before the mask (Gemma 2).
+    """
+
+    sliding_window: int | None = None
+    scale: float | None = None
+    softcap: float | None = None
+
+
+def causal_window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """[..., N, M] boolean: query position i sees key position j iff ``j <= i`` and ``i - j < window``."""
+    allowed = k_pos[..., None, :] <= q_pos[..., :, None]
+    if window is not None:
+        allowed = allowed & ((q_pos[..., :, None] - k_pos[..., None, :]) < window)
+    return allowed
+
+
+def attend(
+    q_BHND: torch.Tensor,
+    k_BKMD: torch.Tensor,
+    v_BKMD: torch.Tensor,
+    mask: torch.Tensor | None,
+    spec: AttentionSpec,
+    is_causal: bool = False,
+) -> torch.Tensor:
+    """Masked softmax attention [B, H, N, D]; query head h reads key/value head h // (H / K).
+
+    Semantics:
+        s = q @ k^T * scale                          # scale None: D ** -0.5
+        if softcap: s = softcap * tanh(s / softcap)
+        s[~mask] = -inf                              # is_causal: mask = lower triangle (N == M)
+        o = softmax(s in float32).to(q.dtype) @ v
+    A query that sees no key at all (a padding row of a packed batch, past a sliding window) gets an
+    arbitrary finite row, never NaN, so that its zero gradient stays zero.
+    Without a soft-cap this is ``F.scaled_dot_product_attention`` (its fused kernels); with one it is
+    computed as written, as transformers' eager attention does.
+    """
+    if spec.softcap is None:
+        return F.scaled_dot_product_attention(
+            q_BHND, k_BKMD, v_BKMD, attn_mask=mask, is_causal=is_causal, scale=spec.scale, enable_gqa=True
+        )
+    groups = q_BHND.shape[1] // k_BKMD.shape[1]
+    k = k_BKMD.repeat_interleave(groups, dim=1)
+    v = v_BKMD.repeat_interleave(groups, dim=1)
+    scale = spec.scale if spec.scale is not None else q_BHND.shape[-1] ** -0.5
+    s = (q_BHND @ k.transpose(-1, -2)) * scale
+    s = torch.tanh(s / spec.softcap) * spec.softcap
+    if is_causal:
+        n, m = s.shape[-2:]
+        mask = torch.ones(n, m, dtype=torch.bool, device=s.device).tril()
+    if mask is not None:  # the dtype's lowest value, not -inf: a fully masked row must not become NaN
+        s = s.masked_fill(~mask, torch.finfo(s.dtype).min)
+    p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q_BHND.dtype)
+    return p @ v
