@@ -47,6 +47,13 @@ def test_paused_job_leaves_at_its_checkpoint_releases_its_lease_and_resumes_on_a
 
         _drive(w1, lambda: store.get_job_any(jid).step >= 1)
         assert store.get_job_any(jid).step == 1  # between two checkpoints
+        # paused and resumed before its next checkpoint: it trains on where it is, under the same lease
+        assert client.post(f"/v1/fine_tuning/jobs/{jid}/pause", headers=h).json()["status"] == "paused"
+        w1.sync()
+        assert client.post(f"/v1/fine_tuning/jobs/{jid}/resume", headers=h).json()["status"] == "queued"
+        w1.sync()
+        assert w1.leases.get(jid) is not None and not w1._pausing
+        assert store.get_job_any(jid).status == "running"
         assert client.post(f"/v1/fine_tuning/jobs/{jid}/pause", headers=h).json()["status"] == "paused"
         _drive(w1, lambda: w1.leases.get(jid) is None)
         job = store.get_job_any(jid)

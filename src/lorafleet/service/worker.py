@@ -238,6 +238,12 @@ class Worker(JobRecorder):
                 self._pausing.add(job_id)
                 if self.engine.state(job_id).step == self._saved_step.get(job_id, 0):
                     self._leave_paused(now=job_id)
+            elif job_id in self._pausing:  # resumed before it left: it trains on here
+                self._pausing.discard(job_id)
+                if job.status == "queued" and self.engine.state(job_id).status == "running":
+                    self._write(
+                        job_id, lambda lease, j=job_id: self.store.transition(j, "running", ["queued"], lease)
+                    )
         free = self.settings.max_concurrent_tasks - len(self.leases)
         if free > 0:
             since = time.monotonic()
