@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ..config import TARGET_MODULES
 from .files import FILE_ID_PATTERN, SUFFIX_PATTERN
 
 __all__ = [
@@ -52,7 +53,8 @@ AUTO_DEFAULTS: dict[str, float | int] = {
 }
 ENGINE_SEED = 0  # the service's engine seed (``EngineSettings.run_config``): it shuffles every job
 
-TargetModule = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# every family's targets in PEFT's names (Phi's fused projections, MoE experts): the config's one list
+TargetModule = Literal[TARGET_MODULES]
 _Auto = Literal["auto"]
 
 
@@ -87,8 +89,8 @@ class AdapterSettings(StrictRequest):
     alpha: float = Field(16.0, gt=0, le=4096, description="scale numerator: the update is (alpha / r) * B A")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the adapter's input")
     target_modules: list[TargetModule] = Field(
-        default_factory=lambda: ["q_proj", "v_proj"], min_length=1, max_length=7,
-        description="linear layers of every decoder block that get an adapter",
+        default_factory=lambda: ["q_proj", "v_proj"], min_length=1, max_length=len(TARGET_MODULES),
+        description="modules of every decoder block that get an adapter, in PEFT's names",
     )  # fmt: skip
     use_rslora: bool = Field(False, description="rank-stabilised scale alpha / sqrt(r)")
 
