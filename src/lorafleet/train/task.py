@@ -16,6 +16,9 @@ The single-process engine (``train/engine.py``) and every pipeline stage (``para
 - **Checkpoints and exact resume**: ``save`` writes adapter, optimizer, schedule and bookkeeping atomically
   (``train/checkpoint.py``); ``resume`` restores them, refusing a checkpoint of an incompatible run.
 - **Events** are typed (``train/events.py``).
+- **The reference** of a dpo/kto task (``train/reference.py``): a frozen adapter put on the model with the
+  task's own (``reference``: its name, None for the bare base), packed as the reference rows of its
+  micro-batches and evaluations, and taken off with it in ``release``.
 
 A task holds its adapter on the model it was built on: all layers in one process, a stage's layer range in a
 pipeline (the adapter, optimizer and checkpoints then hold that slice).
@@ -50,6 +53,7 @@ from .dispatcher import TaskView
 from .evaluate import EarlyStopping, EvalJob, EvalResult, TaskEvaluation
 from .events import CheckpointEvent, EarlyStopEvent, EvalEvent, Event, StepEvent
 from .optim import build_optimizer, build_scheduler, grad_norm_sq
+from .reference import attach_reference, detach_reference
 from .tasks import StepNorm, TaskKind, TaskLoss, task_kind
 
 __all__ = ["STATUSES", "Task", "TaskState", "keyed_seed", "spec_from_config"]
@@ -100,8 +104,8 @@ class Task:
         checkpoint_dir: where this task's checkpoints go (a pipeline stage passes its own sub-folder).
         layers: the decoder layers this task's adapter covers, recorded in checkpoints (None: all).
 
-    The held-out set and the training data are read before the adapter is added, so a bad file leaves
-    nothing on the model.
+    The held-out set and the training data are read before the adapter is added, and a reference that
+    cannot be attached takes the adapter off again, so a bad file leaves nothing on the model.
     """
 
     def __init__(
@@ -136,6 +140,11 @@ class Task:
         else:
             gen = torch.Generator().manual_seed(keyed_seed(run.seed, "init", self.spec.name))
             add_adapter(model, self.spec, generator=gen)
+        try:
+            self.reference: str | None = attach_reference(model, task, adapter, self.spec.name)
+        except BaseException:
+            remove_adapter(model, self.spec.name)
+            raise
         self.params: dict[str, torch.nn.Parameter] = adapter_parameters(model, self.spec.name)
         opt = task.optimizer
         groups = lora_plus_param_groups(self.params, opt.lr, adapter.lora_plus_ratio)
@@ -195,6 +204,7 @@ class Task:
             pending=tuple((p, self.kind.num_tokens(self.example_at(p))) for p in self.pending),
             started=self.state.status == "running",
             waited=waited,
+            group=getattr(self.kind, "group", 1),
         )
 
     def start(self) -> bool:
@@ -272,7 +282,7 @@ class Task:
         return ev is not None and ev.due(self.state.step, self.state.total_steps)
 
     def eval_job(self) -> EvalJob:
-        return EvalJob(self.cfg.name, self.spec.name, self.kind, self.evaluation.examples)
+        return EvalJob(self.cfg.name, self.spec.name, self.kind, self.evaluation.examples, self.reference)
 
     def record_eval(self, result: EvalResult) -> list[Event]:
         """Log an evaluation after the current step; keep the best adapter; stop when patience runs out."""
@@ -316,6 +326,9 @@ class Task:
         }
         if self.layers is not None:
             out["layers"] = list(self.layers)
+        # a configured reference changes the objective (only when set, so older checkpoints stay valid)
+        if self.cfg.reference is not None:
+            out["reference"] = self.cfg.reference
         return out
 
     def save(self) -> CheckpointEvent:
@@ -375,7 +388,9 @@ class Task:
         save_peft(folder, self.spec, tensors if tensors is not None else self.final_state(), self.base_path)
 
     def release(self, model) -> None:
-        """Take the adapter off ``model`` and drop the optimizer; the task keeps its state and examples."""
+        """Take the adapter and its reference off ``model`` and drop the optimizer; the task keeps its state
+        and examples."""
         if self.params:
             remove_adapter(model, self.spec.name)
+        detach_reference(model, self.reference)
         self.params, self.optimizer, self.pending = {}, None, []
