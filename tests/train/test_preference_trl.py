@@ -163,22 +163,28 @@ def _trl_run(kind: str, model_dir, init: Path, rows, task: dict, tok, tmp: Path,
         use_cpu=True,
         seed=0,
         dataloader_drop_last=False,
+        gradient_checkpointing=False,
+        bf16=False,  # TRL's configs default to bf16 (CPU autocast): the oracle runs in float32 as we do
     )
     micro: list[float] = []
     if kind == "dpo":
-        args = DPOConfig(
-            loss_type=[task.get("loss_type", "sigmoid")],
-            label_smoothing=task.get("label_smoothing", 0.0),
-            **common,
-        )
-        cls, extra = DPOTrainer, {}
+        ls = task.get("label_smoothing", 0.0)
+        if ls:
+            # TRL 1.16's sigmoid loss has no label smoothing; cDPO's (1 - ls) a + ls b, with a = -logsig(beta h)
+            # and b = -logsig(-beta h), is 2 (1 - ls) sigmoid - (1 - 2 ls) robust in TRL's own loss terms
+            # (robust = ((1 - ls) a - ls b) / (1 - 2 ls)).
+            losses = {"loss_type": ["sigmoid", "robust"], "loss_weights": [2 * (1 - ls), -(1 - 2 * ls)]}
+        else:
+            losses = {"loss_type": [task.get("loss_type", "sigmoid")]}
+        args = DPOConfig(label_smoothing=ls, **losses, **common)
+        cls = DPOTrainer
     else:
         args = KTOConfig(
             desirable_weight=task.get("desirable_weight", 1.0),
             undesirable_weight=task.get("undesirable_weight", 1.0),
             **common,
         )
-        cls, extra = KTOTrainer, {}
+        cls = KTOTrainer
 
     class Recording(cls):
         def compute_loss(self, model, inputs, *a, **k):
@@ -186,9 +192,7 @@ def _trl_run(kind: str, model_dir, init: Path, rows, task: dict, tok, tmp: Path,
             micro.append(float((loss[0] if isinstance(loss, tuple) else loss).detach()))
             return loss
 
-    trainer = Recording(
-        model=pm, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok, **extra
-    )
+    trainer = Recording(model=pm, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
     if ref is not None:  # TRL's reference for a PEFT model is its adapter named "ref": make it the folder's
         trainer.model.delete_adapter("ref")
         trainer.model.load_adapter(str(ref), adapter_name="ref", is_trainable=False)
@@ -242,11 +246,6 @@ def _dpo_rows(cfg_path: Path, dataset: str, task_name: str, tok) -> list[dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="open (issue 20): step 1 equals TRL (loss log 2 / KTO loss exact, gradients equal to 1e-7), but "
-    "after the first optimizer step TRL's weights differ from ours; not yet explained",
-)
 def test_dpo_from_starting_adapters_equals_trl(tmp_path, tiny_model_dir, inits, ids_tokenizer):
     """Two DPO tasks with different ranks and targets, each from a trained adapter (reference: its copy),
     one micro-batched and one with label smoothing, beside an SFT task: each equals TRL, and the first
@@ -286,11 +285,6 @@ def test_dpo_from_starting_adapters_equals_trl(tmp_path, tiny_model_dir, inits, 
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="open (issue 20): with a reference adapter from a folder the first step already differs from TRL by 0.5%"
-    "(TRL's ref adapter swapped in by delete_adapter/load_adapter); not yet explained",
-)
 def test_dpo_reference_path_ipo_equals_trl(tmp_path, tiny_model_dir, inits, ids_tokenizer):
     """``reference: PATH`` (another adapter, other rank and targets) with the IPO loss equals TRL with that
     adapter as its reference; the policy starts from init_a."""
@@ -317,11 +311,6 @@ def test_dpo_reference_path_ipo_equals_trl(tmp_path, tiny_model_dir, inits, ids_
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="open (issue 20): step 1 equals TRL (loss log 2 / KTO loss exact, gradients equal to 1e-7), but "
-    "after the first optimizer step TRL's weights differ from ours; not yet explained",
-)
 def test_kto_beside_sft_equals_trl(tmp_path, tiny_model_dir, inits, ids_tokenizer):
     """KTO (KL groups of micro_batch_size, two per step, unequal weights) from a starting adapter, trained
     beside an SFT task, equals TRL's KTOTrainer step by step."""
