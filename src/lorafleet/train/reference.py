@@ -12,6 +12,8 @@ A reference adapter is one more adapter on the shared base model, named ``<adapt
 ``requires_grad=False`` and no dropout. Its rows (the same sequences as the policy's) are one more segment of
 the same fused batch, so the reference costs only the adapter's weights: no second model copy and no second
 forward pass. ``None`` as a reference name means the base (rows with no adapter).
+
+``reference_folder`` and ``reference_problem`` need no torch (the config and the service API use them).
 """
 
 from __future__ import annotations
@@ -19,8 +21,6 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
-
-from ..lora import adapter_names, adapter_parameters, load_peft, read_peft, remove_adapter
 
 __all__ = [
     "REFERENCE_SUFFIX",
@@ -82,6 +82,8 @@ def attach_reference(model, task: Any, adapter: Any, policy: str) -> str | None:
     ``policy`` is the name of the task's own adapter; the reference is named ``policy + REFERENCE_SUFFIX``.
     Works on a whole model and on a pipeline stage (only the layers it holds get weights).
     """
+    from ..lora import adapter_names, adapter_parameters, load_peft, read_peft  # torch: not for the config
+
     folder = reference_folder(task, adapter)
     if folder is None:
         return None
@@ -104,5 +106,7 @@ def attach_reference(model, task: Any, adapter: Any, policy: str) -> str | None:
 
 def detach_reference(model, name: str | None) -> None:
     """Remove a reference adapter that ``attach_reference`` added (None: nothing to remove)."""
+    from ..lora import adapter_names, remove_adapter
+
     if name is not None and name in adapter_names(model):
         remove_adapter(model, name)
