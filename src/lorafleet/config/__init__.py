@@ -14,7 +14,8 @@ are resolved against the YAML file's folder (so a config and its data travel tog
 stays relative to the working directory, like any output path on a command line. ``pkg:PACKAGE/FILE``
 model paths (a file shipped inside an installed package) are left as they are.
 
-Layout: ``schema`` (the typed sections and ``steps_for``), ``fields`` (shared field types), ``sweep``
+Layout: ``schema`` (the typed sections and ``steps_for``), ``fields`` (shared field types), ``task_types``
+(what each task type takes), ``links`` (the checks across sections: names, references, token budget), ``sweep``
 (sweep expansion), ``errors`` (``ConfigError`` and how pydantic errors become messages), ``loading`` (YAML and
 dicts). Nothing here imports torch: the REST service validates configs too.
 """

@@ -12,10 +12,11 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic import model_validator as _model_validator
 
-from .errors import Loc, Problems, unknown_name
+from .errors import Loc, Problems
 from .fields import Float, Int, Name, Section
+from .links import link_problems
 from .sweep import SweepConfig, SweepPoint, expand_sweeps, sweep_problems
-from .task_types import SEQUENCES_PER_EXAMPLE, TASK_FORMATS, TaskType, type_problems
+from .task_types import TASK_FORMATS, TaskType, type_problems
 
 __all__ = [
     "DATASET_FORMATS",
@@ -367,72 +368,7 @@ class RunConfig(Section):
 
     @_model_validator(mode="after")
     def _check(self) -> RunConfig:
-        problems: list[tuple[Loc, str]] = []
-        for section in ("datasets", "adapters", "tasks"):
-            items = getattr(self, section)
-            if not items:
-                problems.append(((section,), f"got []; list at least one entry under {section}"))
-            seen: dict[str, int] = {}
-            for i, item in enumerate(items):
-                if item.name in seen:
-                    problems.append(
-                        (
-                            (section, i, "name"),
-                            f"{item.name!r} is already the name of {section}[{seen[item.name]}]; "
-                            "give every entry a different name",
-                        )
-                    )
-                seen.setdefault(item.name, i)
-        datasets = {d.name: d for d in self.datasets}
-        adapters = {a.name for a in self.adapters}
-        used_by: dict[str, int] = {}
-        budget = self.dispatcher.max_tokens_per_micro_batch
-        for i, t in enumerate(self.tasks):
-            if t.adapter not in adapters:
-                problems.append((("tasks", i, "adapter"), unknown_name(t.adapter, "adapter", adapters)))
-            elif t.adapter in used_by:
-                j = used_by[t.adapter]
-                problems.append(
-                    (
-                        ("tasks", i, "adapter"),
-                        f"{t.adapter!r} is already trained by tasks[{j}] ({self.tasks[j].name!r}); an adapter "
-                        "belongs to one task: add another adapter entry for this task",
-                    )
-                )
-            else:
-                used_by[t.adapter] = i
-            for field in ("dataset", "eval_dataset"):
-                ref = getattr(t, field)
-                if ref is None:
-                    continue
-                if ref not in datasets:
-                    problems.append((("tasks", i, field), unknown_name(ref, "dataset", set(datasets))))
-                elif datasets[ref].format not in TASK_FORMATS[t.type]:
-                    problems.append(
-                        (
-                            ("tasks", i, field),
-                            f"dataset {ref!r} has format {datasets[ref].format!r}, which a task of type {t.type!r} "
-                            f"cannot train on; use a dataset with format "
-                            f"{' or '.join(repr(f) for f in TASK_FORMATS[t.type])}",
-                        )
-                    )
-            if t.adapter in adapters:
-                from ..train.reference import reference_problem
-
-                problem = reference_problem(t, next(a for a in self.adapters if a.name == t.adapter))
-                if problem:
-                    problems.append((("tasks", i, "reference"), problem))
-            per_example = SEQUENCES_PER_EXAMPLE[t.type]
-            if t.max_seq_len * per_example > budget:
-                times = f" x {per_example} sequences per {t.type} example" if per_example > 1 else ""
-                problems.append(
-                    (
-                        ("tasks", i, "max_seq_len"),
-                        f"got {t.max_seq_len}{times}, more than dispatcher.max_tokens_per_micro_batch = "
-                        f"{budget}, so one example could not fit a micro-batch; lower max_seq_len to <= "
-                        f"{budget // per_example} or raise dispatcher.max_tokens_per_micro_batch",
-                    )
-                )
+        problems = link_problems(self)
         if problems:
             raise Problems(problems)
         problems = sweep_problems(self)
