@@ -160,7 +160,7 @@ def _batches(jobs: Sequence[EvalJob], max_tokens: int):
     current: list[tuple[EvalJob, list[tuple[int, Any]]]] = []
     used = 0
     for job in jobs:
-        group = getattr(job.kind, "group", 1)  # KTO's KL groups stay in one batch
+        group = job.kind.group  # KTO's KL groups stay in one batch
         for i, ex in enumerate(job.examples):
             n = job.kind.num_tokens(ex)
             if current and used + n > max_tokens and i % group == 0:

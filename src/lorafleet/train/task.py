@@ -204,7 +204,7 @@ class Task:
             pending=tuple((p, self.kind.num_tokens(self.example_at(p))) for p in self.pending),
             started=self.state.status == "running",
             waited=waited,
-            group=getattr(self.kind, "group", 1),
+            group=self.kind.group,
         )
 
     def start(self) -> bool:

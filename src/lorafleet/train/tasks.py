@@ -107,9 +107,15 @@ class TaskLoss:
 
 
 class TaskKind(Protocol):
-    """What the engine and evaluation need of a task type (see the module docstring)."""
+    """What the engine and evaluation need of a task type (see the module docstring).
+
+    ``group``: its examples depend on each other in runs of this many consecutive ones (KTO's KL groups):
+    the dispatcher and evaluation never split such a run, and ``pack_groups`` packs them through
+    ``group_sequences``. 1 for independent examples.
+    """
 
     name: str
+    group: int
 
     def sequences(self, example: Any) -> list[PackedSequence]: ...
 
@@ -146,7 +152,7 @@ def pack_groups(
     together).
     """
     own, ref = [], []
-    if getattr(kind, "group", 1) > 1:
+    if kind.group > 1:
         pairs = kind.group_sequences(items)
     else:
         pairs = [(example_id, s) for example_id, example in items for s in kind.sequences(example)]
@@ -206,6 +212,7 @@ class SFTKind:
     """Supervised fine-tuning: next-token cross-entropy on the supervised tokens."""
 
     name = "sft"
+    group = 1
 
     def sequences(self, example: Example) -> list[PackedSequence]:
         _require(example, Example, self.name)
@@ -232,6 +239,7 @@ class DPOKind:
     """Direct preference optimisation against the task's frozen reference (sigmoid or IPO loss)."""
 
     name = "dpo"
+    group = 1
 
     def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0) -> None:
         if loss_type not in ("sigmoid", "ipo"):
@@ -288,6 +296,7 @@ class ORPOKind:
     """Odds-ratio preference optimisation: SFT on the chosen answer plus an odds-ratio penalty (no reference)."""
 
     name = "orpo"
+    group = 1
 
     def __init__(self, beta: float = 0.1) -> None:
         if not beta > 0:
