@@ -58,7 +58,7 @@ def test_loss_equals_trl_formula(model):
     """Loss and gradient against the formula of TRL's KTOTrainer computed from plain per-sequence passes."""
     exs, beta, wd, wu = _examples(6, 2), 0.3, 1.0, 1.5
     kind = KTOKind(beta, wd, wu, group=3)
-    own, ref = pack_groups("k", "pol", kind, list(enumerate(exs)), "ref")
+    own, ref = pack_groups("k", "pol", kind, list(enumerate(exs)), reference="ref")
     batch = pack(order_groups([own], [ref]))
     model.zero_grad(set_to_none=True)
     hidden = model.forward_packed(batch.input_ids, batch, apply_head=False)

@@ -72,7 +72,7 @@ def pack_plan(plan: list[PlanItem], tasks: dict[str, Task], device) -> FusedBatc
         t = tasks[item.task]
         items = [(p, t.example_at(p)) for p in item.examples]
         # each sequence gets its dropout key from its example's place in the data order and its role
-        group, ref = pack_groups(t.name, t.spec.name, t.kind, items, t.dropout_key, t.reference)
+        group, ref = pack_groups(t.name, t.spec.name, t.kind, items, key=t.dropout_key, reference=t.reference)
         own.append(group)
         refs += [ref] if ref is not None else []
     return pack(order_groups(own, refs), device)

@@ -138,6 +138,7 @@ def pack_groups(
     adapter: str | None,
     kind: TaskKind,
     items: Sequence[tuple[int, Any]],
+    *,
     key: Callable[[int, str], int] | None = None,
     reference: str | None = None,
 ) -> tuple[tuple, tuple | None]:
