@@ -1,6 +1,6 @@
 """A DPO task that starts from a trained adapter (its reference: a frozen copy of it) and a KTO task with a
 reference folder, trained by a two-stage pipeline (``--nproc 2``): every stage holds its layers of both
-references, and the adapters and losses equal the single process's."""
+references, and the adapters, losses and held-out evaluations equal the single process's."""
 
 from __future__ import annotations
 
@@ -63,9 +63,11 @@ def test_pipeline_with_references_equals_single_process(tmp_path):
             ],
             "tasks": [
                 {"name": "d", "type": "dpo", "adapter": "d", "dataset": "pairs", "batch_size": 2, "max_steps": 2,
-                 "shuffle": False, "max_seq_len": 48, "optimizer": {"lr": 1e-2}},
+                 "shuffle": False, "max_seq_len": 48, "optimizer": {"lr": 1e-2},
+                 "eval_dataset": "pairs", "eval_every_steps": 1},
                 {"name": "k", "type": "kto", "adapter": "k", "dataset": "unpaired", "batch_size": 2, "max_steps": 2,
-                 "reference": str(tmp_path / "other"), "shuffle": False, "max_seq_len": 48, "optimizer": {"lr": 1e-2}},
+                 "reference": str(tmp_path / "other"), "shuffle": False, "max_seq_len": 48, "optimizer": {"lr": 1e-2},
+                 "eval_dataset": "unpaired", "eval_every_steps": 1},
             ],
             "dispatcher": {"max_tokens_per_micro_batch": 1024},
         }  # fmt: skip
@@ -81,13 +83,18 @@ def test_pipeline_with_references_equals_single_process(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
 
-    def losses(out):
+    def losses(out, kind="train", key="loss"):
         recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-        return {(r["task"], r["step"]): r["loss"] for r in recs if r.get("kind", "train") == "train"}
+        return {(r["task"], r["step"]): r[key] for r in recs if r.get("kind", "train") == kind}
 
     one, two = losses(tmp_path / "single"), losses(tmp_path / "p2")
     assert set(one) == set(two) == {(t, s) for t in "dk" for s in (1, 2)}
     assert one[("d", 1)] == pytest.approx(math.log(2), abs=1e-6)
+    for key in one:
+        assert two[key] == pytest.approx(one[key], rel=1e-5), key
+    # the pipeline's evaluation runs the reference rows under the same frozen references as the engine's
+    one, two = losses(tmp_path / "single", "eval", "eval_loss"), losses(tmp_path / "p2", "eval", "eval_loss")
+    assert set(one) == set(two) == {(t, s) for t in "dk" for s in (1, 2)}
     for key in one:
         assert two[key] == pytest.approx(one[key], rel=1e-5), key
     for name in "dk":
