@@ -210,6 +210,12 @@ class TaskConfig(Section):
         100, gt=0, description="Write a checkpoint every this many steps (and always at the end)."
     )
     priority: Int = Field(0, description="Higher runs first when tasks compete for slots and tokens.")
+    seed: Int | None = Field(
+        None,
+        description="Seeds this task's data order, adapter initialisation and dropout masks (None: the run's "
+        "seed and the task's name, so every task draws its own). The same seed and settings give the same "
+        "adapter whatever the task is named and whatever trains beside it.",
+    )
     eval_dataset: str | None = Field(None, description="Name of a held-out dataset for eval loss.")
     eval_every_steps: Int | None = Field(
         None, gt=0, description="Evaluate every this many steps (needs eval_dataset; None: only at the end)."

@@ -124,7 +124,9 @@ class Task:
     ) -> None:
         held_out = load_examples(eval_dataset, tokenizer, task.max_seq_len) if eval_dataset else None
         self.examples: list[Example] = load_examples(dataset, tokenizer, task.max_seq_len)
-        self.cfg, self.seed, self.arrival = task, run.seed, arrival
+        self.cfg, self.arrival = task, arrival
+        # every random choice of the task is keyed by this seed alone (see TaskConfig.seed)
+        self.seed = task.seed if task.seed is not None else keyed_seed(run.seed, task.name)
         self.base_path = adapter_base(run.base_model)  # what other tools resolve (a hub id or a path)
         self.checkpoint_dir, self.layers = Path(checkpoint_dir), layers
         self.kind: TaskKind = task_kind(task)
@@ -138,7 +140,7 @@ class Task:
         if adapter.init_from:
             load_peft(model, adapter.init_from, self.spec.name, expect=self.spec)
         else:
-            gen = torch.Generator().manual_seed(keyed_seed(run.seed, "init", self.spec.name))
+            gen = torch.Generator().manual_seed(keyed_seed(self.seed, "init"))
             add_adapter(model, self.spec, generator=gen)
         try:
             self.reference: str | None = attach_reference(model, task, adapter, self.spec.name)
@@ -173,7 +175,7 @@ class Task:
         n = len(self.examples)
         epoch, i = divmod(position, n)
         if self.cfg.shuffle:
-            g = torch.Generator().manual_seed(keyed_seed(self.seed, self.cfg.name, epoch))
+            g = torch.Generator().manual_seed(keyed_seed(self.seed, "shuffle", epoch))
             i = int(torch.randperm(n, generator=g)[i])
         return self.examples[i]
 
@@ -185,7 +187,7 @@ class Task:
         and after a resume.
         """
         epoch, index = divmod(position, len(self.examples))
-        return sequence_key(keyed_seed(self.seed, "dropout", self.cfg.name), epoch, index, role)
+        return sequence_key(keyed_seed(self.seed, "dropout"), epoch, index, role)
 
     def begin_step(self) -> None:
         """Queue the examples of the next optimizer step; its denominators are known from now on."""
