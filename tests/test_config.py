@@ -366,6 +366,7 @@ def test_readme_configuration_block_is_a_valid_config(tmp_path):
     assert len(cfg.tasks) >= 2 and len(cfg.adapters) >= 2 and cfg.tasks[0].eval_dataset is not None
 
 
+@pytest.mark.slow
 def test_cli_reports_config_errors_without_traceback(tmp_path):
     bad = write(tmp_path, FULL.replace("    rank: 8", "    rnak: 8"))
     out = subprocess.run(

@@ -148,6 +148,7 @@ def views_and_limits(draw):
     return tasks, draw(st.integers(1, 120)), draw(st.integers(1, 5))
 
 
+@pytest.mark.slow
 @settings(max_examples=400, deadline=None, database=None)
 @given(views_and_limits())
 def test_single_plan_properties(case):
