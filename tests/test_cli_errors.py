@@ -43,6 +43,7 @@ def test_folder_without_config(tmp_path):
     _assert_user_error(_run("--model", str(tmp_path), "--prompt", "hi"), "has no config.json")
 
 
+@pytest.mark.slow
 def test_unsupported_architecture(tmp_path):
     (tmp_path / "config.json").write_text(
         json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"})
@@ -51,6 +52,7 @@ def test_unsupported_architecture(tmp_path):
     _assert_user_error(res, "GPT2LMHeadModel", *SUPPORTED_ARCHITECTURES)
 
 
+@pytest.mark.slow
 def test_truncated_safetensors(tiny_dir, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(tiny_dir, broken)
@@ -60,6 +62,7 @@ def test_truncated_safetensors(tiny_dir, tmp_path):
     _assert_user_error(_run("--model", str(broken), "--prompt", "hi"), "model.safetensors")
 
 
+@pytest.mark.slow
 def test_generate_runs_on_a_tiny_model(tiny_dir):
     res = _run("--model", str(tiny_dir), "--prompt", "Hello", "--prompt", "What is", "--max-new-tokens", "4")
     assert res.returncode == 0, res.stderr

@@ -366,6 +366,7 @@ def test_readme_configuration_block_is_a_valid_config(tmp_path):
     assert len(cfg.tasks) >= 2 and len(cfg.adapters) >= 2 and cfg.tasks[0].eval_dataset is not None
 
 
+@pytest.mark.slow
 def test_cli_reports_config_errors_without_traceback(tmp_path):
     bad = write(tmp_path, FULL.replace("    rank: 8", "    rnak: 8"))
     out = subprocess.run(
@@ -378,3 +379,35 @@ def test_cli_reports_config_errors_without_traceback(tmp_path):
     assert out.returncode == 2, out.stderr
     assert "Traceback" not in out.stderr
     assert "adapters[0].rnak: unknown field 'rnak'; did you mean 'rank'?" in out.stderr
+
+
+def _pref(task_type: str, fmt: str = "preference", **task) -> dict:
+    data = with_("datasets.0.format", fmt)
+    data["tasks"][0].update({"type": task_type, **task})
+    return data
+
+
+def test_reference_errors_name_the_field_and_the_fix(tmp_path):
+    (p,) = problems_of(_pref("orpo", reference="base"))
+    assert "tasks[0].reference" in p and "orpo has no reference model" in p and "remove reference" in p
+    (p,) = problems_of(_pref("sft", "prompt_completion", reference="init"))
+    assert "tasks[0].reference" in p and "type: dpo" in p
+    (p,) = problems_of(_pref("dpo", reference="init"))
+    assert "tasks[0].reference" in p and "has no init_from" in p and "reference: base" in p
+    (p,) = problems_of(_pref("dpo", reference=str(tmp_path / "nowhere")))
+    assert "tasks[0].reference" in p and "not 'init', 'base' or a PEFT adapter folder" in p
+    (p,) = problems_of(_pref("kto", "unpaired_preference", batch_size=4, micro_batch_size=1))
+    assert "tasks[0].micro_batch_size" in p and "at least 2" in p
+    (p,) = problems_of(_pref("kto", "preference", batch_size=2))
+    assert "'unpaired_preference'" in p
+    # accepted: the keywords, and a folder (relative to the YAML file) holding a PEFT adapter
+    assert parse_config(_pref("dpo", reference="base")).tasks[0].reference == "base"
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "ref" / "adapter_config.json").write_text("{}")
+    cfg_path = tmp_path / "run.yaml"
+    import yaml
+
+    cfg_path.write_text(yaml.safe_dump(_pref("dpo", reference="ref")))
+    assert load_config(cfg_path).tasks[0].reference == str(tmp_path / "ref")
+    cfg_path.write_text(yaml.safe_dump(_pref("kto", "unpaired_preference", batch_size=2, reference="base")))
+    assert load_config(cfg_path).tasks[0].reference == "base"

@@ -45,6 +45,7 @@ def test_gpu_check_dry_run(tmp_path):
     assert "| K | base ms |" in table and "| variant | tokens/step |" in table
 
 
+@pytest.mark.slow
 def test_gpu_check_without_a_gpu_says_so(tmp_path):
     import torch
 

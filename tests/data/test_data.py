@@ -520,3 +520,27 @@ def test_chatterbot_pairs_follow_the_corpus_yaml():
         chatterbot_to_prompt_completion("greeting")
     with pytest.raises(ValueError, match="no language 'englsh'; did you mean 'english'?"):
         chatterbot_to_prompt_completion("greetings", language="englsh")
+
+
+def test_unpaired_rows_and_their_errors():
+    from lorafleet.data.unpaired import UnpairedExample, tokenize_unpaired_rows
+
+    tok = WordTokenizer()
+    (ex,) = tokenize_unpaired_rows(rows_of({"prompt": "a b", "completion": "c", "label": False}), tok, 64)
+    assert isinstance(ex, UnpairedExample) and ex.label is False and ex.completion[-1] == tok.eos_token_id
+    # the same tokens as a preference row's prompt and answer
+    (pair,) = tokenize_preference_rows(rows_of({"prompt": "a b", "chosen": "c", "rejected": "d"}), tok, 64)
+    assert (ex.prompt, ex.completion) == (pair.prompt, pair.chosen)
+    for bad, needle in (
+        (
+            {"prompt": "a", "completion": "b", "label": "yes"},
+            "field 'label' is str 'yes', expected true or false",
+        ),
+        ({"prompt": "a", "completion": "b"}, "missing field 'label'"),
+        ({"prompt": "a", "label": True}, "missing field 'completion'"),
+    ):
+        with pytest.raises(DataError) as e:
+            tokenize_unpaired_rows(
+                rows_of({"prompt": "x", "completion": "y", "label": True}, bad, file="u.jsonl"), tok, 64
+            )
+        assert "u.jsonl:2" in str(e.value) and needle in str(e.value), str(e.value)

@@ -289,6 +289,7 @@ def test_backend_choice_and_errors(monkeypatch):
         set_lora_backend(lora, "cuda")
 
 
+@pytest.mark.slow
 def test_decoder_training_step_triton_equals_torch():
     """Two layers, all seven projections adapted by three adapters: loss and every gradient agree."""
     cfg = ModelConfig(

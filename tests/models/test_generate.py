@@ -42,6 +42,7 @@ def _reference_greedy(model, prompt, max_new, adapter=None, stops=()):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["mistral", "qwen3", "smollm2"])
 def test_greedy_equals_full_model_loop(tiny, family):
     model = tiny[family][0]
@@ -64,6 +65,7 @@ def test_greedy_equals_transformers_generate(tiny, family):
         assert ours == ref[0, len(p) :].tolist()
 
 
+@pytest.mark.slow
 def test_stop_tokens_end_each_row_on_its_own(tiny):
     model = tiny["smollm2"][0]
     prompts = _prompts(3)
@@ -99,6 +101,7 @@ class _AdapterOffset(nn.Module):
         return torch.cat(out)
 
 
+@pytest.mark.slow
 def test_rows_use_their_own_adapter_and_keep_their_order(tiny, tmp_path):
     model = load_model(tiny["qwen3"][2])
     g = torch.Generator().manual_seed(5)
@@ -132,6 +135,7 @@ def test_sampling_probabilities_match_transformers():
         assert torch.allclose(_sampling_probs(logits, temperature, top_p), torch.softmax(ref, -1), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_sampling_is_seeded_per_row(tiny):
     model = tiny["smollm2"][0]
     prompts = _prompts(6, lens=(3, 5))

@@ -61,6 +61,7 @@ def _hf_greedy(pm, prompt: list[int], n: int) -> list[int]:
     return ids[len(prompt) :]
 
 
+@pytest.mark.slow
 def test_mixed_batch_equals_each_adapter_alone_and_peft(tiny_model_dir, saved):
     import transformers as tf
     from peft import PeftModel

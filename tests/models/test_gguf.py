@@ -303,6 +303,7 @@ def test_smollm2_config_and_greedy_answer(smollm2, smollm2_gguf):
     assert "Paris" in tok.decode(out)
 
 
+@pytest.mark.slow
 def test_smollm2_tokenizer_equals_transformers(smollm2, smollm2_gguf):
     from transformers import AutoTokenizer
 

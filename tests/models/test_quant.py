@@ -25,6 +25,7 @@ pytest.importorskip("bitsandbytes")
 from lorafleet.batch import FusedBatch, Segment
 from lorafleet.config import ConfigError, parse_config
 from lorafleet.lora import AdapterSpec, FusedLoRALinear, add_adapter, reference_fused_lora
+from lorafleet.masks import sequence_key, token_rows
 from lorafleet.models import Decoder, ModelConfig
 from lorafleet.models.decoder import Linear
 from lorafleet.models.quant import (
@@ -122,7 +123,6 @@ def _fused_pair(mode: str, specs: list[AdapterSpec]) -> tuple[FusedLoRALinear, F
 
 def _step(layer, x, batch, grad, reference: bool):
     x = x.clone().requires_grad_(True)
-    torch.manual_seed(5)
     y = reference_fused_lora(layer, x, batch) if reference else layer(x, batch)
     y.backward(grad)
     return y.detach(), x.grad, {n: p.grad for n, p in layer.named_parameters() if p.grad is not None}
@@ -135,7 +135,11 @@ def test_adapters_on_quantized_base_equal_reference_on_dense_twin(mode):
     quant, dense = _fused_pair(mode, specs)
     quant.backend = "torch"
     segs = (Segment("a0", 0, 9), Segment(None, 9, 12), Segment("a1", 12, 30), Segment("d2", 30, 41))
-    batch = SimpleNamespace(segments=tuple(s for s in segs if s.adapter is None or s.adapter in quant.specs))
+    segs = tuple(s for s in segs if s.adapter is None or s.adapter in quant.specs)
+    keys = [sequence_key(5, 0, i, "sft") for i in range(len(segs))]  # a1's dropout: keyed masks
+    lens = [s.end - s.start for s in segs]
+    pos = torch.cat([torch.arange(n) for n in lens])
+    batch = SimpleNamespace(segments=segs, dropout_rows=token_rows(keys, lens, pos))
     x, grad = torch.randn(41, I), torch.randn(41, O)
     y, dx, grads = _step(quant, x, batch, grad, reference=False)
     y_ref, dx_ref, grads_ref = _step(dense, x, batch, grad, reference=True)

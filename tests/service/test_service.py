@@ -227,7 +227,7 @@ def test_bad_input_is_4xx_with_clear_messages(api):
         ({"training_file": fid, "hyperparameters": {}, "method": {"type": "supervised"}}, 400, "not both"),
         ({"training_file": fid, "method": {"type": "reinforcement"}}, 400, "reinforcement fine-tuning is not supported"),
         ({"training_file": fid, "method": {"type": "dpo", "supervised": {}}}, 400, "method.supervised is given but method.type is 'dpo'"),
-        ({"training_file": fid, "seed": 7}, 400, "omit seed or pass 0"),
+        ({"training_file": fid, "seed": -1}, 400, "seed"),
         ({"training_file": fid, "metadata": {f"k{i}": "v" for i in range(17)}}, 400, "metadata"),
         ({"training_file": fid, lf: {"preference": {"objective": "orpo"}}}, 400, "dpo jobs only"),
         ({"training_file": fid, lf: {"adapter": {"target_modules": ["q_proj", "q_proj"]}}}, 400, "twice"),

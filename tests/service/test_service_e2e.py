@@ -25,8 +25,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from safetensors.torch import load_file
 
 from helpers import REPO
+from helpers.peft_oracle import rel_diff
 from lorafleet.service import auth
 from lorafleet.service.files import DataDir
 from lorafleet.service.store import SQLiteStore
@@ -209,11 +211,11 @@ def trained(service):
     common = {"max_steps": STEPS, "learning_rate": 5e-3, "max_seq_len": 64, "lr_scheduler": "constant"}
     body_a = _job(
         fa.json()["id"], {"batch_size": 4, "save_every_steps": 8, **common}, suffix="alice",
-        adapter={"rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+        adapter={"rank": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]},
     )  # fmt: skip
     body_b = _job(
         fb.json()["id"], {"batch_size": 2, **common}, suffix="bob",
-        adapter={"rank": 8, "target_modules": ["q_proj", "k_proj", "o_proj"]},
+        adapter={"rank": 8, "dropout": 0.1, "target_modules": ["q_proj", "k_proj", "o_proj"]},
     )  # fmt: skip
     job_a = alice.post("/v1/fine_tuning/jobs", json=body_a).json()["id"]
     job_b = bob.post("/v1/fine_tuning/jobs", json=body_b).json()["id"]
@@ -278,6 +280,33 @@ def test_two_tenants_train_together_download_and_stay_apart(service, trained, tm
     assert r.returncode == 0 and "succeeded" in r.stdout and "Training succeeded" in r.stdout
     r = _cli(server, tokens["bob"], "show", a["id"])
     assert r.returncode == 2 and "404" in r.stderr
+
+
+def test_each_tenant_gets_the_adapter_its_job_trains_alone(service, trained, tmp_path):
+    """Co-tenancy changes nothing: each job's adapter (dropout 0.1, trained beside the other tenant's job)
+    equals the same job's configs trained alone by a fresh engine in this process."""
+    from lorafleet.service.jobspec import EngineSettings, job_configs
+    from lorafleet.train.engine import Engine
+    from lorafleet.train.task import TaskState
+
+    server, model = service["server"], service["model"]
+    dd = DataDir(server.data)
+    store = SQLiteStore(dd.db)
+    for tenant in ("alice", "bob"):
+        job = store.get_job_any(trained[tenant][1]["id"])
+        fid = job.spec["training_file"]
+        files = {fid: (dd.file_path(fid), store.get_file(job.tenant, fid).format)}
+        out = tmp_path / tenant
+        settings = EngineSettings(base_model=str(model))
+        cfgs = job_configs(job.spec, job.id, job.adapter_id, files, settings, out)
+        assert cfgs.adapter.dropout == 0.1
+        engine = Engine(settings.run_config(out), tensorboard=False)
+        engine.add_task(cfgs.dataset, cfgs.adapter, cfgs.task, cfgs.eval_dataset)
+        states: dict[str, TaskState] = engine.run()
+        assert states[job.id].status == "succeeded", states
+        alone = load_file(str(out / "adapters" / job.adapter_id / "adapter_model.safetensors"))
+        together = load_file(str(dd.adapter_dir(job.adapter_id) / "adapter_model.safetensors"))
+        assert rel_diff(alone, together) <= 1e-5, tenant
 
 
 def test_200_concurrent_status_requests_while_training(service, trained):

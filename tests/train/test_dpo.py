@@ -18,7 +18,14 @@ import torch.nn.functional as F
 
 from lorafleet.data.formats import Example, PreferenceExample
 from lorafleet.data.packing import pack
-from lorafleet.lora import AdapterSpec, adapter_parameters, add_adapter, save_peft
+from lorafleet.lora import (
+    AdapterSpec,
+    adapter_names,
+    adapter_parameters,
+    add_adapter,
+    remove_adapter,
+    save_peft,
+)
 from lorafleet.models import load_model
 from lorafleet.train.tasks import DPOKind, ORPOKind, SFTKind, pack_groups
 
@@ -357,3 +364,32 @@ def test_train_preference_row_missing_rejected(tmp_path, tiny_model_dir, capsys)
     err = capsys.readouterr().err
     assert f"{tmp_path / 'prefs.jsonl'}:2: missing field 'rejected'" in err, err
     assert "Traceback" not in err
+
+
+def test_reference_lives_with_its_task(tmp_path, tiny_model_dir):
+    """A reference folder is on the model, frozen, while its task trains and gone when it ends; a reference
+    that cannot be read takes the task's own adapter off again (nothing is left on the model)."""
+    from lorafleet.config import load_config
+    from lorafleet.train.engine import Engine
+    from lorafleet.train.reference import REFERENCE_SUFFIX
+
+    model = load_model(tiny_model_dir)
+    spec = AdapterSpec("r", rank=2, alpha=4.0, target_modules=("q_proj", "v_proj"))
+    add_adapter(model, spec)
+    save_peft(tmp_path / "ref", spec, {k: p.detach() for k, p in adapter_parameters(model, "r").items()})
+    remove_adapter(model, "r")
+    path = _pref_config(tmp_path, tiny_model_dir, _pref_rows(4, 0))
+    cfg = load_config(path)
+    cfg.tasks[0].reference = str(tmp_path / "ref")
+    engine = Engine(cfg, model=model, tensorboard=False)
+    ref = "d" + REFERENCE_SUFFIX
+    assert ref in adapter_names(model)
+    assert not any(p.requires_grad for p in adapter_parameters(model, ref).values())
+    states = engine.run()
+    assert states["d"].status == "succeeded"
+    assert adapter_names(model) == []
+
+    (tmp_path / "ref" / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="reference"):
+        Engine(cfg, model=model, tensorboard=False)
+    assert adapter_names(model) == []

@@ -139,6 +139,7 @@ def _cli_error(cfg: Path) -> str:
     return proc.stderr
 
 
+@pytest.mark.slow
 def test_cli_bad_input_clear_errors(setup, tmp_path):
     tmp, model_dir = setup
     (tmp_path / "init").mkdir()
@@ -223,6 +224,7 @@ def _set_dropout(p: float):
     return edit
 
 
+@pytest.mark.slow
 def test_adapter_dropout_is_active_in_training(setup, tmp_path):
     """With dropout > 0 the trained weights differ from dropout 0 (the engine trains in training mode), and the
     config's seed fixes the masks: the same config trained again in the same process ends the same."""

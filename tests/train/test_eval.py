@@ -159,6 +159,7 @@ def test_evaluate_split_into_batches_changes_nothing(tiny_model_dir):
     assert len({round(r.loss, 6) for r in whole.values()}) == 3
 
 
+@pytest.mark.slow
 def test_early_stopping_keeps_best_adapter(tiny_model_dir, tmp_path):
     # A learning rate far too high: the eval loss soon stops improving.
     over = {"max_steps": 30, "batch_size": 2, "early_stopping_patience": 2, "optimizer": {"lr": 0.3}}

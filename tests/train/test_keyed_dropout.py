@@ -73,21 +73,28 @@ def _train(tmp: Path, model_dir: Path, out: str, names: list[str], dropout: floa
         adapter = {"name": n, "rank": rank, "alpha": 2 * rank, "dropout": dropout, "target_modules": targets}
         cfg["adapters"].append(adapter)
         dataset = "prefs" if kind != "sft" else f"sft{'abc'.index(n)}"
+        label = over.get("rename", {}).get(n, n)
+        adapter["name"] = label
         task = {
-            "name": n,
+            "name": label,
             "type": kind,
-            "adapter": n,
+            "adapter": label,
             "dataset": dataset,
             "batch_size": bs,
             "max_steps": STEPS,
         }
         task.update(micro_batch_size=over.get("micro_batch_size", mbs), max_seq_len=48, shuffle=True)
+        if "task_seed" in over:
+            task["seed"] = over["task_seed"]
         task["optimizer"] = {"lr": 1e-2}
         cfg["tasks"].append(task)
     path = tmp / f"{out}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert cli_main(["train", str(path), "--no-progress"]) == 0
-    return {n: load_file(str(tmp / out / "adapters" / n / "adapter_model.safetensors")) for n in names}
+    labels = {n: over.get("rename", {}).get(n, n) for n in names}
+    return {
+        n: load_file(str(tmp / out / "adapters" / labels[n] / "adapter_model.safetensors")) for n in names
+    }
 
 
 def _rel(a: dict, b: dict) -> float:
@@ -127,3 +134,14 @@ def test_dropout_visibly_changes_the_weights(runs):
     off = _train(tmp, model_dir, "no-dropout", list(TASKS), 0.0)
     for name in TASKS:
         assert _rel(together[name], off[name]) > 100 * TOL, name
+
+
+def test_a_task_seed_gives_the_same_adapter_under_any_name(runs):
+    """tasks[i].seed keys everything random about a task (data order, init, masks), not its name: what a
+    service job with a client's seed relies on. Without it, the task's name picks its randomness."""
+    tmp, model_dir, _ = runs
+    first = _train(tmp, model_dir, "seeded", ["b"], 0.1, task_seed=9)["b"]
+    renamed = _train(tmp, model_dir, "seeded-renamed", ["b"], 0.1, task_seed=9, rename={"b": "job-123"})["b"]
+    unseeded = _train(tmp, model_dir, "unseeded-renamed", ["b"], 0.1, rename={"b": "job-123"})["b"]
+    assert _rel(renamed, first) <= TOL
+    assert _rel(unseeded, first) > 100 * TOL

@@ -8,12 +8,14 @@ problem: where (``file:line``, when known, and the field path such as ``tasks[0]
 value, and the fix. Unknown fields suggest the closest known one; names that refer to other sections
 (``tasks[i].adapter``, ``tasks[i].dataset``, ``tasks[i].eval_dataset``) suggest the closest existing name.
 
-Paths: in ``load_config``, relative ``base_model.path``, ``datasets[i].path`` and ``adapters[i].init_from``
+Paths: in ``load_config``, relative ``base_model.path``, ``datasets[i].path``, ``adapters[i].init_from`` and
+``tasks[i].reference`` (a folder; ``base`` and ``init`` are keywords)
 are resolved against the YAML file's folder (so a config and its data travel together); ``output_dir``
 stays relative to the working directory, like any output path on a command line. ``pkg:PACKAGE/FILE``
 model paths (a file shipped inside an installed package) are left as they are.
 
-Layout: ``schema`` (the typed sections and ``steps_for``), ``fields`` (shared field types), ``sweep``
+Layout: ``schema`` (the typed sections and ``steps_for``), ``fields`` (shared field types), ``task_types``
+(what each task type takes), ``links`` (the checks across sections: names, references, token budget), ``sweep``
 (sweep expansion), ``errors`` (``ConfigError`` and how pydantic errors become messages), ``loading`` (YAML and
 dicts). Nothing here imports torch: the REST service validates configs too.
 """

@@ -143,7 +143,7 @@ def _parse(data: Any, *, base_dir: str | Path | None, source: str | None, node: 
 
 
 def _resolve_paths(data: dict, base: Path) -> dict:
-    """A copy of ``data`` with relative data, model and init_from paths joined to ``base``."""
+    """A copy of ``data`` with relative data, model, init_from and reference paths joined to ``base``."""
 
     def fix(value: Any) -> Any:
         if not isinstance(value, str) or not value or value.startswith("pkg:"):
@@ -154,10 +154,13 @@ def _resolve_paths(data: dict, base: Path) -> dict:
     out = dict(data)
     if isinstance(out.get("base_model"), dict) and "path" in out["base_model"]:
         out["base_model"] = {**out["base_model"], "path": fix(out["base_model"]["path"])}
-    for section, key in (("datasets", "path"), ("adapters", "init_from")):
+    keywords = ("base", "init")  # tasks[i].reference values that are not paths
+    for section, key in (("datasets", "path"), ("adapters", "init_from"), ("tasks", "reference")):
         if isinstance(out.get(section), list):
             out[section] = [
-                {**item, key: fix(item[key])} if isinstance(item, dict) and key in item else item
+                {**item, key: fix(item[key])}
+                if isinstance(item, dict) and key in item and item[key] not in keywords
+                else item
                 for item in out[section]
             ]
     return out

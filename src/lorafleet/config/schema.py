@@ -12,9 +12,11 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic import model_validator as _model_validator
 
-from .errors import Loc, Problems, unknown_name
+from .errors import Loc, Problems
 from .fields import Float, Int, Name, Section
+from .links import link_problems
 from .sweep import SweepConfig, SweepPoint, expand_sweeps, sweep_problems
+from .task_types import TASK_FORMATS, TaskType, type_problems
 
 __all__ = [
     "DATASET_FORMATS",
@@ -41,20 +43,7 @@ TARGET_MODULES = (
     "q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj", "up_proj", "down_proj", "gate_up_proj",
     "experts.gate_up_proj", "experts.down_proj",
 )  # fmt: skip
-DATASET_FORMATS = ("prompt_completion", "chat", "alpaca", "text", "preference")
-
-# Which dataset formats each task type trains on. A new task type (dpo, orpo, ...) adds its name to
-# ``TaskType`` and one entry here; the cross-checks below then accept it.
-TaskType = Literal["sft", "dpo", "orpo"]
-TASK_FORMATS: dict[str, tuple[str, ...]] = {
-    "sft": ("prompt_completion", "chat", "alpaca", "text"),
-    "dpo": ("preference",),
-    "orpo": ("preference",),
-}
-# Sequences one example becomes in a fused micro-batch (train/tasks.py): DPO packs chosen and rejected
-# twice (under the adapter and on the base as its reference), ORPO once.
-_SEQUENCES_PER_EXAMPLE = {"sft": 1, "dpo": 4, "orpo": 2}
-_PREFERENCE_FIELDS = ("beta", "loss_type", "label_smoothing")
+DATASET_FORMATS = ("prompt_completion", "chat", "alpaca", "text", "preference", "unpaired_preference")
 
 
 class BaseModelConfig(Section):
@@ -108,9 +97,11 @@ class DatasetConfig(Section):
 
     name: Name = Field(description="Name tasks refer to (tasks[i].dataset, tasks[i].eval_dataset).")
     path: str = Field(description="A .jsonl, .json (array of objects), .csv or .parquet file.")
-    format: Literal["prompt_completion", "chat", "alpaca", "text", "preference"] = Field(
-        description="Row layout: prompt_completion {prompt, completion}, chat {messages}, alpaca "
-        "{instruction, input, output}, text {text}, preference {prompt, chosen, rejected}."
+    format: Literal["prompt_completion", "chat", "alpaca", "text", "preference", "unpaired_preference"] = (
+        Field(
+            description="Row layout: prompt_completion {prompt, completion}, chat {messages}, alpaca "
+            "{instruction, input, output}, text {text}, preference {prompt, chosen, rejected}."
+        )
     )
     max_examples: Int | None = Field(
         None, gt=0, description="Use only the first max_examples rows of the file (None: all rows)."
@@ -192,7 +183,7 @@ class TaskConfig(Section):
     type: TaskType = Field(
         "sft",
         description="Objective; sft: next-token cross-entropy on supervised tokens; dpo: direct preference "
-        "optimisation against the frozen base model; orpo: odds-ratio preference optimisation (SFT on the "
+        "optimisation against a frozen reference (see reference); orpo: odds-ratio preference optimisation (SFT on the "
         "chosen answer plus a penalty on the rejected one). dpo and orpo train on preference datasets.",
     )
     adapter: str = Field(description="Name of the adapter it trains (one of adapters[*].name).")
@@ -219,6 +210,12 @@ class TaskConfig(Section):
         100, gt=0, description="Write a checkpoint every this many steps (and always at the end)."
     )
     priority: Int = Field(0, description="Higher runs first when tasks compete for slots and tokens.")
+    seed: Int | None = Field(
+        None,
+        description="Seeds this task's data order, adapter initialisation and dropout masks (None: the run's "
+        "seed and the task's name, so every task draws its own). The same seed and settings give the same "
+        "adapter whatever the task is named and whatever trains beside it.",
+    )
     eval_dataset: str | None = Field(None, description="Name of a held-out dataset for eval loss.")
     eval_every_steps: Int | None = Field(
         None, gt=0, description="Evaluate every this many steps (needs eval_dataset; None: only at the end)."
@@ -232,8 +229,8 @@ class TaskConfig(Section):
     beta: Float = Field(
         0.1,
         gt=0,
-        description="dpo: strength of the KL penalty towards the base model; orpo: weight of the odds-ratio "
-        "term (TRL's beta). Typical: 0.1.",
+        description="dpo and kto: strength of the KL penalty towards the reference; orpo: weight of the "
+        "odds-ratio term (TRL's beta). Typical: 0.1.",
     )
     loss_type: Literal["sigmoid", "ipo"] = Field(
         "sigmoid",
@@ -244,6 +241,18 @@ class TaskConfig(Section):
         ge=0,
         lt=0.5,
         description="dpo with loss_type sigmoid: assumed probability that a pair's labels are flipped (cDPO).",
+    )
+    desirable_weight: Float = Field(
+        1.0, gt=0, description="kto only: weight of the desirable examples' losses."
+    )
+    undesirable_weight: Float = Field(
+        1.0, gt=0, description="kto only: weight of the undesirable ones' losses."
+    )
+    reference: str | None = Field(
+        None,
+        description="dpo and kto: the frozen reference. init: a frozen copy of the adapter's starting weights "
+        "(its init_from); base: the bare base model; or a PEFT adapter folder. Unset: init when the adapter "
+        "has init_from, else base. It runs in the same fused batch as a frozen adapter segment.",
     )
     sweep: SweepConfig | None = Field(
         None, description="Lists of hyper-parameter values; the task becomes one task per combination."
@@ -276,24 +285,7 @@ class TaskConfig(Section):
                     "or remove eval_every_steps",
                 )
             )
-        for name in _PREFERENCE_FIELDS:
-            allowed = ("dpo", "orpo") if name == "beta" else ("dpo",)
-            if getattr(self, name) != type(self).model_fields[name].default and self.type not in allowed:
-                problems.append(
-                    (
-                        (name,),
-                        f"is a setting of task type {' and '.join(allowed)}, but this task's type is "
-                        f"{self.type!r}; remove {name} or set type: {allowed[0]}",
-                    )
-                )
-        if self.type == "dpo" and self.loss_type == "ipo" and self.label_smoothing > 0:
-            problems.append(
-                (
-                    ("label_smoothing",),
-                    f"got {self.label_smoothing} with loss_type ipo; label smoothing applies to the sigmoid "
-                    "loss only: remove it or use loss_type: sigmoid",
-                )
-            )
+        problems += type_problems(self)
         if self.early_stopping_patience is not None and self.eval_every_steps is None:
             problems.append(
                 (
@@ -382,66 +374,7 @@ class RunConfig(Section):
 
     @_model_validator(mode="after")
     def _check(self) -> RunConfig:
-        problems: list[tuple[Loc, str]] = []
-        for section in ("datasets", "adapters", "tasks"):
-            items = getattr(self, section)
-            if not items:
-                problems.append(((section,), f"got []; list at least one entry under {section}"))
-            seen: dict[str, int] = {}
-            for i, item in enumerate(items):
-                if item.name in seen:
-                    problems.append(
-                        (
-                            (section, i, "name"),
-                            f"{item.name!r} is already the name of {section}[{seen[item.name]}]; "
-                            "give every entry a different name",
-                        )
-                    )
-                seen.setdefault(item.name, i)
-        datasets = {d.name: d for d in self.datasets}
-        adapters = {a.name for a in self.adapters}
-        used_by: dict[str, int] = {}
-        budget = self.dispatcher.max_tokens_per_micro_batch
-        for i, t in enumerate(self.tasks):
-            if t.adapter not in adapters:
-                problems.append((("tasks", i, "adapter"), unknown_name(t.adapter, "adapter", adapters)))
-            elif t.adapter in used_by:
-                j = used_by[t.adapter]
-                problems.append(
-                    (
-                        ("tasks", i, "adapter"),
-                        f"{t.adapter!r} is already trained by tasks[{j}] ({self.tasks[j].name!r}); an adapter "
-                        "belongs to one task: add another adapter entry for this task",
-                    )
-                )
-            else:
-                used_by[t.adapter] = i
-            for field in ("dataset", "eval_dataset"):
-                ref = getattr(t, field)
-                if ref is None:
-                    continue
-                if ref not in datasets:
-                    problems.append((("tasks", i, field), unknown_name(ref, "dataset", set(datasets))))
-                elif datasets[ref].format not in TASK_FORMATS[t.type]:
-                    problems.append(
-                        (
-                            ("tasks", i, field),
-                            f"dataset {ref!r} has format {datasets[ref].format!r}, which a task of type {t.type!r} "
-                            f"cannot train on; use a dataset with format "
-                            f"{' or '.join(repr(f) for f in TASK_FORMATS[t.type])}",
-                        )
-                    )
-            per_example = _SEQUENCES_PER_EXAMPLE[t.type]
-            if t.max_seq_len * per_example > budget:
-                times = f" x {per_example} sequences per {t.type} example" if per_example > 1 else ""
-                problems.append(
-                    (
-                        ("tasks", i, "max_seq_len"),
-                        f"got {t.max_seq_len}{times}, more than dispatcher.max_tokens_per_micro_batch = "
-                        f"{budget}, so one example could not fit a micro-batch; lower max_seq_len to <= "
-                        f"{budget // per_example} or raise dispatcher.max_tokens_per_micro_batch",
-                    )
-                )
+        problems = link_problems(self)
         if problems:
             raise Problems(problems)
         problems = sweep_problems(self)

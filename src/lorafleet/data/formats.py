@@ -281,6 +281,10 @@ def load_examples(
     rows = read_rows(dataset.path, limit=dataset.max_examples)
     if dataset.format == "preference":
         return tokenize_preference_rows(rows, tokenizer, max_seq_len)
+    if dataset.format == "unpaired_preference":
+        from .unpaired import tokenize_unpaired_rows
+
+        return tokenize_unpaired_rows(rows, tokenizer, max_seq_len)
     return tokenize_rows(rows, dataset.format, tokenizer, max_seq_len)
 
 
@@ -371,6 +375,7 @@ _REQUIRED = {
     "alpaca": ("instruction", "output"),
     "text": ("text",),
     "preference": ("prompt", "chosen", "rejected"),
+    "unpaired_preference": ("prompt", "completion", "label"),
 }
 
 

@@ -162,7 +162,8 @@ def _check_messages(messages: Any) -> str | None:
 _FORMATS_HELP = (
     "each line must be one JSON object in one of the formats: chat {'messages': [{'role', 'content'}...]}, "
     "prompt/completion {'prompt', 'completion'}, alpaca {'instruction', 'input'?, 'output'}, "
-    "preference {'prompt', 'chosen', 'rejected'}, text {'text'}"
+    "preference {'prompt', 'chosen', 'rejected'}, unpaired_preference {'prompt', 'completion', 'label'}, "
+    "text {'text'}"
 )
 
 
@@ -182,6 +183,16 @@ def validate_row(row: Any) -> str:
                     f"preference rows need string fields 'prompt', 'chosen' and 'rejected' ({k!r})"
                 )
         return "preference"
+    if "label" in row:  # KTO's unpaired rows
+        if (
+            not _is_str(row.get("prompt"))
+            or not _is_str(row.get("completion"))
+            or not isinstance(row["label"], bool)
+        ):
+            raise ValueError(
+                "unpaired_preference rows need string fields 'prompt' and 'completion' and a boolean 'label'"
+            )
+        return "unpaired_preference"
     if "instruction" in row:
         if not _is_str(row.get("instruction")) or not _is_str(row.get("output")):
             raise ValueError(

@@ -10,7 +10,8 @@ What the official ``openai`` SDK sends (``client.fine_tuning.jobs.create(...)``)
 - every hyperparameter may be ``"auto"``, which means the documented default (``AUTO_DEFAULTS``): batch
   size 8, 3 epochs, multiplier 1.0, DPO beta 0.1. The learning rate is ``learning_rate_multiplier *
   BASE_LEARNING_RATE`` (1e-4, a usual LoRA rate);
-- ``seed`` (must be the server's engine seed: the engine shuffles all jobs with one seed), ``suffix``,
+- ``seed`` (the job's own: the same seed and request give the same adapter, whatever trains beside it;
+  omitted, one is drawn and shown on the job), ``suffix``,
   ``metadata`` (16 string pairs at most), ``integrations`` (only empty: nothing is reported elsewhere).
 
 lorafleet's own settings go in the extension field ``lorafleet`` (``extra_body={"lorafleet": {...}}`` in the
@@ -25,10 +26,12 @@ names the field and the nearest known one ("did you mean").
 from __future__ import annotations
 
 import difflib
+import secrets
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ..config import TARGET_MODULES
 from .files import FILE_ID_PATTERN, SUFFIX_PATTERN
 
 __all__ = [
@@ -50,9 +53,10 @@ AUTO_DEFAULTS: dict[str, float | int] = {
     "learning_rate_multiplier": 1.0,
     "beta": 0.1,
 }
-ENGINE_SEED = 0  # the service's engine seed (``EngineSettings.run_config``): it shuffles every job
+ENGINE_SEED = 0  # the engine's run seed (``EngineSettings.run_config``); every job's task brings its own seed
 
-TargetModule = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# every family's targets in PEFT's names (Phi's fused projections, MoE experts): the config's one list
+TargetModule = Literal[TARGET_MODULES]
 _Auto = Literal["auto"]
 
 
@@ -87,8 +91,8 @@ class AdapterSettings(StrictRequest):
     alpha: float = Field(16.0, gt=0, le=4096, description="scale numerator: the update is (alpha / r) * B A")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the adapter's input")
     target_modules: list[TargetModule] = Field(
-        default_factory=lambda: ["q_proj", "v_proj"], min_length=1, max_length=7,
-        description="linear layers of every decoder block that get an adapter",
+        default_factory=lambda: ["q_proj", "v_proj"], min_length=1, max_length=len(TARGET_MODULES),
+        description="modules of every decoder block that get an adapter, in PEFT's names",
     )  # fmt: skip
     use_rslora: bool = Field(False, description="rank-stabilised scale alpha / sqrt(r)")
 
@@ -214,8 +218,10 @@ class JobCreate(StrictRequest):
         None, pattern=SUFFIX_PATTERN, description="added to the model id (lower-case letters, digits, '-')"
     )
     seed: int | None = Field(
-        None, ge=0, le=2**31 - 1, description=f"must be {ENGINE_SEED}, the engine's seed"
-    )
+        None, ge=0, le=2**31 - 1,
+        description="the job's data order, adapter initialisation and dropout masks: the same seed and request "
+        "give the same adapter (omitted: one is drawn and shown on the job)",
+    )  # fmt: skip
     metadata: dict[str, str] | None = Field(None, max_length=16, description="16 string pairs at most")
     integrations: list[dict[str, Any]] | None = Field(None, max_length=0, description="none are supported")
     lorafleet: LorafleetSettings = Field(default_factory=LorafleetSettings)
@@ -226,11 +232,6 @@ class JobCreate(StrictRequest):
             raise ValueError(
                 "give hyperparameters in method.<type>.hyperparameters or in the legacy top-level "
                 "hyperparameters, not both"
-            )
-        if self.seed is not None and self.seed != ENGINE_SEED:
-            raise ValueError(
-                f"seed: this server's engine shuffles every job with seed {ENGINE_SEED}; omit seed or pass "
-                f"{ENGINE_SEED}"
             )
         for k, v in (self.metadata or {}).items():
             if not 0 < len(k) <= 64 or len(v) > 512:
@@ -257,6 +258,7 @@ class JobCreate(StrictRequest):
             ext["preference"] = PreferenceSettings().model_dump(mode="json")
         return {
             "model": self.model, "training_file": self.training_file, "validation_file": self.validation_file,
-            "suffix": self.suffix, "seed": ENGINE_SEED, "metadata": self.metadata or {},
+            "suffix": self.suffix, "seed": self.seed if self.seed is not None else secrets.randbelow(2**31),
+            "metadata": self.metadata or {},
             "method": {"type": kind, kind: {"hyperparameters": _resolve(hp)}}, "lorafleet": ext,
         }  # fmt: skip

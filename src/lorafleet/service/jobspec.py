@@ -155,6 +155,7 @@ def job_configs(
         "lr_scheduler": {"name": tr["lr_scheduler"], "warmup_steps": tr["warmup_steps"]},
         "save_every_steps": tr["save_every_steps"],
         "priority": ext.get("priority", 0),
+        "seed": spec["seed"],
     }
     for key in ("max_grad_norm", "early_stopping_patience"):
         if tr.get(key) is not None:

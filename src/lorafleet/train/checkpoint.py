@@ -63,9 +63,10 @@ def save_checkpoint(
             os.fsync(fh.fileno())
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    steps = sorted(p for p in root.glob("step-*") if not p.name.endswith(".tmp"))
+    # only complete checkpoints count: a damaged folder must never push out the last good one
+    steps = saved_steps(root)
     for old in steps[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(_step_dir(root, old), ignore_errors=True)
     return final
 
 

@@ -18,6 +18,10 @@ later tasks may still fill the rest of the budget with smaller examples. A chunk
 any split of a step gives the same gradient. A single example larger than ``max_tokens`` runs alone when
 its task comes first in the order, so it never blocks forever.
 
+Groups. A task whose examples depend on each other (KTO's KL estimate pairs the examples of a group of
+``group`` consecutive ones) takes whole groups only: its prefix is cut back to a multiple of ``group``
+(unless it takes all that is pending), and a group larger than the budget runs alone like a large example.
+
 Fairness. Priority is strict: a lower-priority task only gets tokens that higher-priority tasks could not
 use. Within one priority, ``waited`` (how many plans in a row the task was active, had pending examples
 and got nothing; the engine keeps it with ``next_waited``) moves a task that was left out to the front, so
@@ -46,6 +50,7 @@ class TaskView:
     ]  # (example id, num tokens) still to run in the current step, in order
     started: bool  # has run at least one micro-batch (keeps its slot until it finishes)
     waited: int = 0  # plans in a row it was active with pending examples but got none (see next_waited)
+    group: int = 1  # examples are taken in whole groups of this many (KTO's KL groups; pending is aligned)
 
 
 @dataclass(frozen=True)
@@ -90,9 +95,13 @@ def plan_next(tasks: Iterable[TaskView], *, max_tokens: int, max_concurrent: int
                 break
             used += n
             take += 1
-        if take == 0 and not plan and t.pending[0][1] > max_tokens:
+        if t.group > 1 and take < len(t.pending[: t.micro_batch_size]):
+            used -= sum(n for _, n in t.pending[take - take % t.group : take])
+            take -= take % t.group
+        first = min(t.group, len(t.pending))
+        if take == 0 and not plan and sum(n for _, n in t.pending[:first]) > max_tokens:
             # Larger than the whole budget: it can only ever run alone, and it is first in line now.
-            return [_item(t, 1)]
+            return [_item(t, first)]
         if take:
             plan.append(_item(t, take))
     return plan

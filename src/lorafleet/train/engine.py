@@ -9,7 +9,7 @@ batch size, optimizer, schedule and checkpoints. Each call of ``run_once``:
    micro-batch, within the token budget and the concurrency limit;
 2. packs them into one ``FusedBatch`` (each task's sequences contiguous, so each adapter owns one segment);
 3. runs the base model once over the whole batch, computes each task's loss on its own sequences only
-   (``train/tasks.py``: sft, dpo with the base model as reference rows of the same batch, orpo), and runs
+   (``train/tasks.py``: sft, dpo and kto with their frozen reference as rows of the same batch, orpo), and runs
    one backward for the sum (adapters share no parameters, so each adapter's gradient is exactly the one
    it would get alone);
 4. steps the optimizer of every task whose optimizer step is now complete and logs it; evaluates, in fused
@@ -43,7 +43,7 @@ from .dispatcher import PlanItem, next_waited, plan_next
 from .evaluate import evaluate
 from .events import RECORDED, Event, StatusEvent, StepEvent
 from .task import STATUSES, Task, TaskState
-from .tasks import pack_groups
+from .tasks import order_groups, pack_groups
 
 __all__ = ["STATUSES", "Engine", "TaskState", "pack_plan", "plan_micro_batch", "resolve_device"]
 
@@ -64,18 +64,18 @@ def plan_micro_batch(
 def pack_plan(plan: list[PlanItem], tasks: dict[str, Task], device) -> FusedBatch:
     """The fused micro-batch of a dispatcher plan: one segment per task, in plan order, then base-only rows.
 
-    Each task kind says which sequences an example becomes (``train/tasks.py``); reference rows (a DPO
-    task's frozen-base pass) go after every task's own segment.
+    Each task kind says which sequences an example becomes (``train/tasks.py``); reference rows (a DPO or
+    KTO task's frozen reference adapter, or the bare base) go after every task's own segment.
     """
     own, refs = [], []
     for item in plan:
         t = tasks[item.task]
         items = [(p, t.example_at(p)) for p in item.examples]
         # each sequence gets its dropout key from its example's place in the data order and its role
-        group, ref = pack_groups(t.name, t.spec.name, t.kind, items, t.dropout_key)
+        group, ref = pack_groups(t.name, t.spec.name, t.kind, items, key=t.dropout_key, reference=t.reference)
         own.append(group)
         refs += [ref] if ref is not None else []
-    return pack(own + refs, device)
+    return pack(order_groups(own, refs), device)
 
 
 class Engine:

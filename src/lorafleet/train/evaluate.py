@@ -7,7 +7,8 @@ Legend: T tokens of a fused batch, E hidden size.
 
 ``evaluate(model, jobs, max_tokens)`` packs the examples of several adapters (jobs) back to back into fused
 batches of at most ``max_tokens`` tokens (each job's sequences contiguous, so each adapter owns one
-segment; DPO's reference rows run on the base in the same batch), runs the model once per batch without
+segment; DPO's and KTO's reference rows run under the job's frozen reference adapter, or the base, in the
+same batch; KTO's KL groups are never split), runs the model once per batch without
 gradients and in eval mode (no dropout), and returns per job exactly what the task's training loss is on
 the whole set at once: for SFT the token-weighted mean cross-entropy over every supervised token of the
 set (``perplexity = exp(loss)``), for DPO and ORPO the mean over pairs (plus their reward margin and
@@ -31,7 +32,7 @@ import torch
 
 from ..batch import FusedBatch
 from ..data.packing import pack
-from .tasks import TaskKind, pack_groups
+from .tasks import TaskKind, order_groups, pack_groups
 
 __all__ = [
     "EarlyStopping",
@@ -47,12 +48,16 @@ __all__ = [
 
 @dataclass(frozen=True)
 class EvalJob:
-    """One adapter on one evaluation set: ``name`` keys the result, ``adapter`` None means the base model."""
+    """One adapter on one evaluation set: ``name`` keys the result, ``adapter`` None means the base model.
+
+    ``reference``: the frozen reference adapter of a dpo/kto job (``train/reference.py``; None: the base).
+    """
 
     name: str
     adapter: str | None
     kind: TaskKind
     examples: Sequence[Any]
+    reference: str | None = None
 
 
 @dataclass(frozen=True)
@@ -143,11 +148,11 @@ def eval_batches(jobs: Sequence[EvalJob], max_tokens: int, device) -> Iterator[t
     for batch_items in _batches(jobs, max_tokens):
         own, refs = [], []
         for job, items in batch_items:
-            g_own, g_ref = pack_groups(job.name, job.adapter, job.kind, items)
+            g_own, g_ref = pack_groups(job.name, job.adapter, job.kind, items, reference=job.reference)
             own.append(g_own)
             if g_ref is not None:
                 refs.append(g_ref)
-        yield [job.name for job, _ in batch_items], pack(own + refs, device)
+        yield [job.name for job, _ in batch_items], pack(order_groups(own, refs), device)
 
 
 def _batches(jobs: Sequence[EvalJob], max_tokens: int):
@@ -155,9 +160,10 @@ def _batches(jobs: Sequence[EvalJob], max_tokens: int):
     current: list[tuple[EvalJob, list[tuple[int, Any]]]] = []
     used = 0
     for job in jobs:
+        group = job.kind.group  # KTO's KL groups stay in one batch
         for i, ex in enumerate(job.examples):
             n = job.kind.num_tokens(ex)
-            if current and used + n > max_tokens:
+            if current and used + n > max_tokens and i % group == 0:
                 yield current
                 current, used = [], 0
             if not current or current[-1][0] is not job:
@@ -268,6 +274,7 @@ def cli_eval(args: argparse.Namespace) -> int:
     from ..lora import load_peft
     from ..models import load_model
     from ..models.tokenizer import load_tokenizer
+    from .reference import attach_reference
     from .tasks import task_kind
 
     cfg = load_config(args.config)
@@ -275,6 +282,7 @@ def cli_eval(args: argparse.Namespace) -> int:
     output_dir = Path(args.output_dir) if args.output_dir else Path(cfg.output_dir)
     overrides = _adapter_overrides(args.adapter or [], [t.name for t in cfg.tasks])
     datasets = {d.name: d for d in cfg.datasets}
+    adapters = {a.name: a for a in cfg.adapters}
     chosen, notes = [], []
     for t in cfg.tasks:
         if t.eval_dataset is None:
@@ -303,7 +311,9 @@ def cli_eval(args: argparse.Namespace) -> int:
         kind = task_kind(t)
         examples = load_examples(datasets[t.eval_dataset], tokenizer, t.max_seq_len)
         load_peft(model, folder, t.adapter)
-        jobs.append(EvalJob(t.name, t.adapter, kind, examples))
+        # the task's training reference (its starting adapter, a folder, or the base): train/reference.py
+        reference = attach_reference(model, t, adapters[t.adapter], t.adapter)
+        jobs.append(EvalJob(t.name, t.adapter, kind, examples, reference))
         rows.append((t.name, _short_path(folder), t.eval_dataset))
         if args.with_base and kind.name == "sft":
             jobs.append(EvalJob(f"{t.name} (base)", None, kind, examples))

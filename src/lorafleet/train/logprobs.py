@@ -28,7 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["target_logprobs"]
+from ..batch import IGNORE_INDEX, FusedBatch
+
+__all__ = ["role_rows", "sequence_logps", "target_logprobs"]
 
 # logits per chunk: 2**24 float32 values (64 MiB), e.g. 341 rows of SmolLM2's 49,152-token vocabulary
 _CHUNK_ELEMENTS = 1 << 24
@@ -83,3 +85,40 @@ def target_logprobs(head: nn.Module, hidden_ME: torch.Tensor, targets_M: torch.T
     targets_M = targets_M.to(hidden_ME.device)
     rows = _rows_per_chunk(weight.shape[0])
     return _TargetLogprobs.apply(hidden_ME, weight, bias, targets_M, rows, softcap)
+
+
+def role_rows(batch: FusedBatch, task: str, role: str) -> tuple[list[int], list[int], list[int]]:
+    """(example ids, start token, end token) of the task's sequences with ``role``, in batch order."""
+    cu = batch.cu_seqlens.tolist()
+    ids, starts, ends = [], [], []
+    for i, info in enumerate(batch.sequences):
+        if info.task == task and info.role == role:
+            ids.append(info.example)
+            starts.append(cu[i])
+            ends.append(cu[i + 1])
+    return ids, starts, ends
+
+
+def sequence_logps(
+    lm_head: nn.Module,
+    hidden_TE: torch.Tensor,
+    labels_T: torch.Tensor,
+    starts: list[int],
+    ends: list[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence: the sum of its supervised tokens' log-probabilities [N] and their count [N].
+
+    The head runs on the supervised rows only, and ``target_logprobs`` never keeps their [M, V] logits.
+    """
+    dev = hidden_TE.device
+    n = len(starts)
+    lens = torch.tensor([e - s for s, e in zip(starts, ends)], device=dev)
+    rows_M = torch.cat([torch.arange(s, e, device=dev) for s, e in zip(starts, ends)])
+    seq_M = torch.repeat_interleave(torch.arange(n, device=dev), lens)
+    labels_M = labels_T.to(dev)[rows_M]
+    sup = labels_M != IGNORE_INDEX
+    rows_M, seq_M, labels_M = rows_M[sup], seq_M[sup], labels_M[sup]
+    logp_M = target_logprobs(lm_head, hidden_TE[rows_M], labels_M)
+    sums_N = torch.zeros(n, device=dev, dtype=logp_M.dtype).index_add(0, seq_M, logp_M)
+    counts_N = torch.bincount(seq_M, minlength=n).to(logp_M.dtype)
+    return sums_N, counts_N

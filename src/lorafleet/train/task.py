@@ -16,6 +16,9 @@ The single-process engine (``train/engine.py``) and every pipeline stage (``para
 - **Checkpoints and exact resume**: ``save`` writes adapter, optimizer, schedule and bookkeeping atomically
   (``train/checkpoint.py``); ``resume`` restores them, refusing a checkpoint of an incompatible run.
 - **Events** are typed (``train/events.py``).
+- **The reference** of a dpo/kto task (``train/reference.py``): a frozen adapter put on the model with the
+  task's own (``reference``: its name, None for the bare base), packed as the reference rows of its
+  micro-batches and evaluations, and taken off with it in ``release``.
 
 A task holds its adapter on the model it was built on: all layers in one process, a stage's layer range in a
 pipeline (the adapter, optimizer and checkpoints then hold that slice).
@@ -50,6 +53,7 @@ from .dispatcher import TaskView
 from .evaluate import EarlyStopping, EvalJob, EvalResult, TaskEvaluation
 from .events import CheckpointEvent, EarlyStopEvent, EvalEvent, Event, StepEvent
 from .optim import build_optimizer, build_scheduler, grad_norm_sq
+from .reference import attach_reference, detach_reference
 from .tasks import StepNorm, TaskKind, TaskLoss, task_kind
 
 __all__ = ["STATUSES", "Task", "TaskState", "keyed_seed", "spec_from_config"]
@@ -100,8 +104,8 @@ class Task:
         checkpoint_dir: where this task's checkpoints go (a pipeline stage passes its own sub-folder).
         layers: the decoder layers this task's adapter covers, recorded in checkpoints (None: all).
 
-    The held-out set and the training data are read before the adapter is added, so a bad file leaves
-    nothing on the model.
+    The held-out set and the training data are read before the adapter is added, and a reference that
+    cannot be attached takes the adapter off again, so a bad file leaves nothing on the model.
     """
 
     def __init__(
@@ -120,7 +124,9 @@ class Task:
     ) -> None:
         held_out = load_examples(eval_dataset, tokenizer, task.max_seq_len) if eval_dataset else None
         self.examples: list[Example] = load_examples(dataset, tokenizer, task.max_seq_len)
-        self.cfg, self.seed, self.arrival = task, run.seed, arrival
+        self.cfg, self.arrival = task, arrival
+        # every random choice of the task is keyed by this seed alone (see TaskConfig.seed)
+        self.seed = task.seed if task.seed is not None else keyed_seed(run.seed, task.name)
         self.base_path = adapter_base(run.base_model)  # what other tools resolve (a hub id or a path)
         self.checkpoint_dir, self.layers = Path(checkpoint_dir), layers
         self.kind: TaskKind = task_kind(task)
@@ -134,8 +140,13 @@ class Task:
         if adapter.init_from:
             load_peft(model, adapter.init_from, self.spec.name, expect=self.spec)
         else:
-            gen = torch.Generator().manual_seed(keyed_seed(run.seed, "init", self.spec.name))
+            gen = torch.Generator().manual_seed(keyed_seed(self.seed, "init"))
             add_adapter(model, self.spec, generator=gen)
+        try:
+            self.reference: str | None = attach_reference(model, task, adapter, self.spec.name)
+        except BaseException:
+            remove_adapter(model, self.spec.name)
+            raise
         self.params: dict[str, torch.nn.Parameter] = adapter_parameters(model, self.spec.name)
         opt = task.optimizer
         groups = lora_plus_param_groups(self.params, opt.lr, adapter.lora_plus_ratio)
@@ -164,7 +175,7 @@ class Task:
         n = len(self.examples)
         epoch, i = divmod(position, n)
         if self.cfg.shuffle:
-            g = torch.Generator().manual_seed(keyed_seed(self.seed, self.cfg.name, epoch))
+            g = torch.Generator().manual_seed(keyed_seed(self.seed, "shuffle", epoch))
             i = int(torch.randperm(n, generator=g)[i])
         return self.examples[i]
 
@@ -176,7 +187,7 @@ class Task:
         and after a resume.
         """
         epoch, index = divmod(position, len(self.examples))
-        return sequence_key(keyed_seed(self.seed, "dropout", self.cfg.name), epoch, index, role)
+        return sequence_key(keyed_seed(self.seed, "dropout"), epoch, index, role)
 
     def begin_step(self) -> None:
         """Queue the examples of the next optimizer step; its denominators are known from now on."""
@@ -195,6 +206,7 @@ class Task:
             pending=tuple((p, self.kind.num_tokens(self.example_at(p))) for p in self.pending),
             started=self.state.status == "running",
             waited=waited,
+            group=self.kind.group,
         )
 
     def start(self) -> bool:
@@ -272,7 +284,7 @@ class Task:
         return ev is not None and ev.due(self.state.step, self.state.total_steps)
 
     def eval_job(self) -> EvalJob:
-        return EvalJob(self.cfg.name, self.spec.name, self.kind, self.evaluation.examples)
+        return EvalJob(self.cfg.name, self.spec.name, self.kind, self.evaluation.examples, self.reference)
 
     def record_eval(self, result: EvalResult) -> list[Event]:
         """Log an evaluation after the current step; keep the best adapter; stop when patience runs out."""
@@ -316,6 +328,9 @@ class Task:
         }
         if self.layers is not None:
             out["layers"] = list(self.layers)
+        # a configured reference changes the objective (only when set, so older checkpoints stay valid)
+        if self.cfg.reference is not None:
+            out["reference"] = self.cfg.reference
         return out
 
     def save(self) -> CheckpointEvent:
@@ -375,7 +390,9 @@ class Task:
         save_peft(folder, self.spec, tensors if tensors is not None else self.final_state(), self.base_path)
 
     def release(self, model) -> None:
-        """Take the adapter off ``model`` and drop the optimizer; the task keeps its state and examples."""
+        """Take the adapter and its reference off ``model`` and drop the optimizer; the task keeps its state
+        and examples."""
         if self.params:
             remove_adapter(model, self.spec.name)
+        detach_reference(model, self.reference)
         self.params, self.optimizer, self.pending = {}, None, []

@@ -1,4 +1,4 @@
-"""Task kinds (sft, dpo, orpo) and their losses, each computed over the task's own sequences of a fused batch.
+"""Task kinds (sft, dpo, orpo; kto in ``train/kto.py``) and their losses, each computed over the task's own sequences of a fused batch.
 
 Legend: T tokens of the fused batch, E hidden size, V vocabulary, M supervised rows of one task, N sequences
 of one task, P preference pairs.
@@ -7,18 +7,18 @@ A task kind answers three questions for the engine (and for evaluation, which ru
 a backward):
 
 1. ``sequences(example)``: which sequences one example becomes, with a role and whether it runs under the
-   task's adapter or under none (the frozen base). SFT: the example itself. DPO: prompt+chosen and
-   prompt+rejected under the adapter, and the same two again under no adapter: the base model is DPO's
-   reference model, computed in the same fused batch as rows with no adapter, so the reference costs no
-   second model and no second pass. ORPO: prompt+chosen and prompt+rejected under the adapter (ORPO has no
-   reference model).
+   task's adapter or under its reference. SFT: the example itself. DPO: prompt+chosen and
+   prompt+rejected under the adapter, and the same two again under the task's frozen reference (a frozen
+   adapter segment, or rows with no adapter when the reference is the bare base; ``train/reference.py``
+   says which), computed in the same fused batch, so the reference costs no second model and no second
+   pass. ORPO: prompt+chosen and prompt+rejected under the adapter (ORPO has no reference model).
 2. ``step_norm(examples)``: the denominators of a whole optimizer step (supervised tokens, pairs), known
    when the step starts, so that a step's loss is the same whatever its split into micro-batches.
 3. ``loss(lm_head, hidden_TE, batch, task, norm)``: this micro-batch's share of the step loss (already
    divided by the step's denominators, so shares add up to the step's loss) and of every logged metric.
 
 Losses (``logp(y | x)`` is the sum of the answer tokens' log-probabilities, ``avg_logp`` that sum divided
-by the number of answer tokens; ``pi`` under the adapter, ``ref`` under the base model):
+by the number of answer tokens; ``pi`` under the adapter, ``ref`` under the task's reference):
 
 - ``sft``: sum of token cross-entropies over supervised tokens / supervised tokens of the step.
 - ``dpo`` with ``loss_type: sigmoid`` (Rafailov et al. 2023; label smoothing as in cDPO / TRL):
@@ -47,6 +47,8 @@ from torch import nn
 
 from ..batch import IGNORE_INDEX, FusedBatch
 from ..data.formats import Example, PreferenceExample
+from .logprobs import role_rows as _rows
+from .logprobs import sequence_logps as _supervised_logps
 from .logprobs import target_logprobs
 
 __all__ = [
@@ -58,11 +60,12 @@ __all__ = [
     "StepNorm",
     "TaskKind",
     "TaskLoss",
+    "order_groups",
     "pack_groups",
     "task_kind",
 ]
 
-TASK_TYPES = ("sft", "dpo", "orpo")
+TASK_TYPES = ("sft", "dpo", "orpo", "kto")
 
 # Roles of packed sequences (``SequenceInfo.role``).
 SFT, CHOSEN, REJECTED, REF_CHOSEN, REF_REJECTED = "sft", "chosen", "rejected", "ref_chosen", "ref_rejected"
@@ -70,7 +73,7 @@ SFT, CHOSEN, REJECTED, REF_CHOSEN, REF_REJECTED = "sft", "chosen", "rejected", "
 
 @dataclass(frozen=True)
 class PackedSequence:
-    """One sequence an example becomes: its role, tokens, supervision mask, and whether it runs on the base only."""
+    """One sequence an example becomes: its role, tokens, supervision mask, and whether it runs under the reference."""
 
     role: str
     tokens: tuple[int, ...]
@@ -104,9 +107,15 @@ class TaskLoss:
 
 
 class TaskKind(Protocol):
-    """What the engine and evaluation need of a task type (see the module docstring)."""
+    """What the engine and evaluation need of a task type (see the module docstring).
+
+    ``group``: its examples depend on each other in runs of this many consecutive ones (KTO's KL groups):
+    the dispatcher and evaluation never split such a run, and ``pack_groups`` packs them through
+    ``group_sequences``. 1 for independent examples.
+    """
 
     name: str
+    group: int
 
     def sequences(self, example: Any) -> list[PackedSequence]: ...
 
@@ -126,65 +135,41 @@ class TaskKind(Protocol):
 
 def pack_groups(
     task: str,
-    adapter: str,
+    adapter: str | None,
     kind: TaskKind,
     items: Sequence[tuple[int, Any]],
+    *,
     key: Callable[[int, str], int] | None = None,
+    reference: str | None = None,
 ) -> tuple[tuple, tuple | None]:
     """The task's groups for ``data.packing.pack``: (its adapter's group, its reference group or None).
 
     ``items`` are ``(example id, example)``. Each group lists ``(example id, tokens, mask, role)``, plus
     ``key(example id, role)`` (the sequence's dropout key, ``masks.sequence_key``) when ``key`` is given;
-    the reference group (DPO) runs under no adapter. Put every task's own group first and the reference
-    groups after them, so the base-only rows form one segment at the end of the batch.
+    the reference group (DPO, KTO) runs under the frozen adapter ``reference`` (None: the bare base). Put every
+    task's own group first and the reference groups after them (``order_groups``: base-only rows last), so
+    that each reference is one segment. A kind whose examples depend on each other (KTO's KL pairs,
+    ``group > 1``) gets the whole list at once: its examples come in whole groups (the dispatcher keeps them
+    together).
     """
     own, ref = [], []
-    for example_id, example in items:
-        for s in kind.sequences(example):
-            entry = (example_id, s.tokens, s.mask, s.role)
-            (ref if s.reference else own).append(entry if key is None else (*entry, key(example_id, s.role)))
-    return (task, adapter, own), ((task, None, ref) if ref else None)
+    if kind.group > 1:
+        pairs = kind.group_sequences(items)
+    else:
+        pairs = [(example_id, s) for example_id, example in items for s in kind.sequences(example)]
+    for example_id, s in pairs:
+        entry = (example_id, s.tokens, s.mask, s.role)
+        (ref if s.reference else own).append(entry if key is None else (*entry, key(example_id, s.role)))
+    return (task, adapter, own), ((task, reference, ref) if ref else None)
+
+
+def order_groups(own: list[tuple], refs: list[tuple]) -> list[tuple]:
+    """Groups in batch order: every task's own group, then reference adapters' groups, then base-only rows."""
+    return own + [g for g in refs if g[1] is not None] + [g for g in refs if g[1] is None]
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Shared pieces.
-
-
-def _rows(batch: FusedBatch, task: str, role: str) -> tuple[list[int], list[int], list[int]]:
-    """(example ids, start token, end token) of the task's sequences with ``role``, in batch order."""
-    cu = batch.cu_seqlens.tolist()
-    ids, starts, ends = [], [], []
-    for i, info in enumerate(batch.sequences):
-        if info.task == task and info.role == role:
-            ids.append(info.example)
-            starts.append(cu[i])
-            ends.append(cu[i + 1])
-    return ids, starts, ends
-
-
-def _supervised_logps(
-    lm_head: nn.Module,
-    hidden_TE: torch.Tensor,
-    labels_T: torch.Tensor,
-    starts: list[int],
-    ends: list[int],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per sequence: the sum of its supervised tokens' log-probabilities [N] and their count [N].
-
-    The head runs on the supervised rows only, and ``target_logprobs`` never keeps their [M, V] logits.
-    """
-    dev = hidden_TE.device
-    n = len(starts)
-    lens = torch.tensor([e - s for s, e in zip(starts, ends)], device=dev)
-    rows_M = torch.cat([torch.arange(s, e, device=dev) for s, e in zip(starts, ends)])
-    seq_M = torch.repeat_interleave(torch.arange(n, device=dev), lens)
-    labels_M = labels_T.to(dev)[rows_M]
-    sup = labels_M != IGNORE_INDEX
-    rows_M, seq_M, labels_M = rows_M[sup], seq_M[sup], labels_M[sup]
-    logp_M = target_logprobs(lm_head, hidden_TE[rows_M], labels_M)
-    sums_N = torch.zeros(n, device=dev, dtype=logp_M.dtype).index_add(0, seq_M, logp_M)
-    counts_N = torch.bincount(seq_M, minlength=n).to(logp_M.dtype)
-    return sums_N, counts_N
 
 
 def _pair_sequences(example: PreferenceExample, reference: bool) -> list[PackedSequence]:
@@ -228,6 +213,7 @@ class SFTKind:
     """Supervised fine-tuning: next-token cross-entropy on the supervised tokens."""
 
     name = "sft"
+    group = 1
 
     def sequences(self, example: Example) -> list[PackedSequence]:
         _require(example, Example, self.name)
@@ -251,9 +237,10 @@ class SFTKind:
 
 
 class DPOKind:
-    """Direct preference optimisation against the frozen base model (sigmoid or IPO loss)."""
+    """Direct preference optimisation against the task's frozen reference (sigmoid or IPO loss)."""
 
     name = "dpo"
+    group = 1
 
     def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0) -> None:
         if loss_type not in ("sigmoid", "ipo"):
@@ -282,7 +269,7 @@ class DPOKind:
             ids[role], starts, ends = _rows(batch, task, role)
             tokens += sum(e - s for s, e in zip(starts, ends))
             if role.startswith("ref_"):
-                # The reference is the frozen base: no gradient, and its logits need not be kept.
+                # The reference is frozen: no gradient, and its logits need not be kept.
                 with torch.no_grad():
                     sums, counts = _supervised_logps(lm_head, hidden_TE.detach(), batch.labels, starts, ends)
             else:
@@ -310,6 +297,7 @@ class ORPOKind:
     """Odds-ratio preference optimisation: SFT on the chosen answer plus an odds-ratio penalty (no reference)."""
 
     name = "orpo"
+    group = 1
 
     def __init__(self, beta: float = 0.1) -> None:
         if not beta > 0:
@@ -359,4 +347,8 @@ def task_kind(task: Any) -> TaskKind:
         return DPOKind(task.beta, task.loss_type, task.label_smoothing)
     if task.type == "orpo":
         return ORPOKind(task.beta)
+    if task.type == "kto":
+        from .kto import KTOKind
+
+        return KTOKind(task.beta, task.desirable_weight, task.undesirable_weight, task.micro_batch_size)
     raise ValueError(f"task {task.name!r}: type {task.type!r} is not one of {', '.join(TASK_TYPES)}")
