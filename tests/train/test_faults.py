@@ -17,12 +17,23 @@ from safetensors.torch import load_file
 
 from helpers.peft_oracle import rel_diff, write_data
 from lorafleet.config import load_config
+from lorafleet.lora.adapters import adapter_names
+from lorafleet.train.checkpoint import CheckpointMismatchError
 from lorafleet.train.engine import Engine
 
 STEPS = 4
 
 
-def _config(tmp: Path, model_dir: Path, names=("a", "b"), out: str = "run", **task_kw) -> Path:
+def _config(
+    tmp: Path,
+    model_dir: Path,
+    names=("a", "b"),
+    out: str = "run",
+    rank: int = 4,
+    file: str = "",
+    concurrent: int = 8,
+    **task_kw,
+) -> Path:
     cfg = {
         "base_model": {"path": str(model_dir), "dtype": "float32", "device": "cpu"},
         "output_dir": str(tmp / out),
@@ -30,7 +41,7 @@ def _config(tmp: Path, model_dir: Path, names=("a", "b"), out: str = "run", **ta
         "datasets": [],
         "adapters": [],
         "tasks": [],
-        "dispatcher": {"max_concurrent_tasks": 8, "max_tokens_per_micro_batch": 256},
+        "dispatcher": {"max_concurrent_tasks": concurrent, "max_tokens_per_micro_batch": 256},
     }
     for i, name in enumerate(names):
         write_data(tmp / f"{name}.jsonl", i, 6)
@@ -38,13 +49,13 @@ def _config(tmp: Path, model_dir: Path, names=("a", "b"), out: str = "run", **ta
             {"name": name, "path": str(tmp / f"{name}.jsonl"), "format": "prompt_completion"}
         )
         cfg["adapters"].append(
-            {"name": name, "rank": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]}
+            {"name": name, "rank": rank, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]}
         )
         task = {"name": name, "adapter": name, "dataset": name, "batch_size": 2, "micro_batch_size": 1}
         task.update(max_steps=STEPS, max_seq_len=64, save_every_steps=1, optimizer={"lr": 1e-2})
         task.update(task_kw)
         cfg["tasks"].append(task)
-    path = tmp / f"{out}.yaml"
+    path = tmp / (file or f"{out}.yaml")
     path.write_text(yaml.safe_dump(cfg))
     return path
 
@@ -123,3 +134,29 @@ def test_manifest_lists_sizes_and_checksums(reference):
     for name, entry in files.items():
         assert entry["size"] == (folder / name).stat().st_size
         assert len(entry["sha256"]) == 64
+
+
+def _task_args(cfg_path: Path, name: str):
+    cfg = load_config(cfg_path)
+    ds, ad, task = ({x.name: x for x in xs}[name] for xs in (cfg.datasets, cfg.adapters, cfg.tasks))
+    return ds, ad, task
+
+
+def test_task_that_cannot_resume_leaves_the_engine_at_once(tmp_path, tiny_llama_dir):
+    """Issue 19 item 1: resume raises (an incompatible checkpoint) -> no adapter, no registration, no slot."""
+    _train(_config(tmp_path, tiny_llama_dir, names=("x",), max_steps=1))  # x's checkpoint at rank 4
+    engine = Engine(
+        load_config(_config(tmp_path, tiny_llama_dir, names=("b",), concurrent=1)), tensorboard=False
+    )
+    bad = _config(tmp_path, tiny_llama_dir, names=("x",), rank=8, file="bad.yaml")
+    with pytest.raises(CheckpointMismatchError):
+        engine.add_task(*_task_args(bad, "x"))
+    assert "x" not in engine.states
+    assert "x" not in adapter_names(engine.model)
+    # the name and the slot are free: the same task, fixed, starts; a second new task runs too
+    good = _config(tmp_path, tiny_llama_dir, names=("x", "c"), max_steps=2, file="good.yaml")
+    for name in ("x", "c"):
+        engine.add_task(*_task_args(good, name))
+    states = engine.run()
+    assert {n: s.status for n, s in states.items()} == {"b": "succeeded", "x": "succeeded", "c": "succeeded"}
+    assert states["x"].step == 2 and states["c"].step == 2

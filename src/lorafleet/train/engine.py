@@ -137,6 +137,8 @@ class Engine:
         """Add a task (also while others train). Resumes from its checkpoints when the output folder has them.
 
         ``eval_dataset`` (the dataset ``task.eval_dataset`` names) is the held-out set it is evaluated on.
+        A task that cannot start (its data, or its resume, raises) leaves nothing behind: its adapter is
+        taken off the model, it is not registered and takes no slot, and the error propagates.
         """
         if task.name in self._tasks:
             raise ValueError(f"a task named {task.name!r} already exists; task names must be unique")
@@ -145,9 +147,14 @@ class Engine:
             self.cfg, self.model, self.tokenizer, dataset, adapter, task, self._arrivals,
             checkpoint_dir=root, eval_dataset=eval_dataset,
         )  # fmt: skip
+        try:
+            resumed = t.resume()
+        except BaseException:
+            t.release(self.model)
+            raise
         self._arrivals += 1
         self._tasks[task.name] = t
-        if t.resume() and t.done:
+        if resumed and t.done:
             self._finish(t, "succeeded", None, export=True)
         if t.state.status == "queued":
             t.begin_step()
