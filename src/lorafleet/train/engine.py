@@ -108,6 +108,7 @@ class Engine:
         self._subscribers: list[Callable[[Event], None]] = []
         self._arrivals = 0
         self._waited: dict[str, int] = {}  # micro-batches each task was left out of (dispatcher fairness)
+        self.stop_signal: int | None = None  # set by request_stop: run() winds down
         datasets = {d.name: d for d in cfg.datasets}
         adapters = {a.name: a for a in cfg.adapters}
         for task in cfg.tasks:
@@ -154,6 +155,7 @@ class Engine:
             raise
         self._arrivals += 1
         self._tasks[task.name] = t
+        self.metrics.truncate(task.name, t.state.step)  # the steps it redoes are logged again
         if resumed and t.done:
             self._finish(t, "succeeded", None, export=True)
         if t.state.status == "queued":
@@ -176,9 +178,25 @@ class Engine:
         self._waited.pop(name, None)
         return t.state
 
+    def request_stop(self, signum: int) -> None:
+        """Ask ``run`` to stop (e.g. from a SIGTERM handler): see ``run``."""
+        self.stop_signal = signum
+
+    def checkpoint_all(self) -> None:
+        """Checkpoint every live task at its last completed optimizer step (unless it already is)."""
+        for t in self._tasks.values():
+            if t.live and t.state.step > 0 and t.state.step not in t.saved_steps():
+                self._emit(t.save())
+
     def run_once(self) -> bool:
-        """One fused micro-batch and the optimizer steps it completes; False when no task has work."""
+        """One fused micro-batch and the optimizer steps it completes; False when no task has work.
+
+        After ``request_stop`` only tasks in the middle of an optimizer step take part, so that a few calls
+        complete those steps and then there is no work left.
+        """
         live = [t for t in self._tasks.values() if t.live]
+        if self.stop_signal is not None:
+            live = [t for t in live if t.mid_step]
         plan, self._waited = plan_micro_batch(live, self.cfg, self._waited)
         if not plan:
             return False
@@ -216,7 +234,12 @@ class Engine:
         return True
 
     def run(self, progress: bool = False) -> dict[str, TaskState]:
-        """Train until every task has finished; writes the summary table and the loss plot."""
+        """Train until every task has finished; writes the summary table and the loss plot.
+
+        After ``request_stop`` (``lorafleet train`` calls it on SIGTERM/SIGINT) the optimizer steps under
+        way are completed, every live task is checkpointed (``checkpoint_all``) and it returns; the tasks
+        stay ``queued``/``running`` and the same command resumes them exactly.
+        """
         from ..progress import ProgressView
 
         view = ProgressView(self) if progress else None
@@ -224,6 +247,8 @@ class Engine:
             while self.run_once():
                 if view is not None:
                     view.refresh()
+            if self.stop_signal is not None:
+                self.checkpoint_all()
         finally:
             if view is not None:
                 view.close()

@@ -221,6 +221,11 @@ class Task:
             group=self.kind.group,
         )
 
+    @property
+    def mid_step(self) -> bool:
+        """Some, not all, of the current optimizer step's micro-batches have run."""
+        return bool(self.pending) and len(self.pending) < self.cfg.batch_size
+
     def start(self) -> bool:
         """Mark the task running when its first micro-batch is planned; True when it was queued."""
         if self.state.status != "queued":
