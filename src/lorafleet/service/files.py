@@ -5,7 +5,8 @@ in a request is matched against its pattern before it is looked up, so no name a
 part of a path; ``safe_child`` checks the pattern again and that the result stays inside its folder.
 
 An upload is validated row by row while it is copied to ``DATA_DIR/files/``: UTF-8, one JSON object per
-line, every row in one of the known data formats. Errors name the line (1-based) and the fix.
+line (nested at most ``data.jsontext.MAX_DEPTH`` levels, valid Unicode: no lone surrogates), every row in
+one of the known data formats. Errors name the line (1-based) and the fix.
 
 Data directory layout::
 
@@ -26,6 +27,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
+
+from ..data.jsontext import loads_row
 
 __all__ = [
     "ADAPTER_ID_PATTERN",
@@ -265,7 +268,7 @@ def save_upload(src: IO[bytes], dest: Path, max_bytes: int) -> ValidatedUpload:
                         continue
                     err = None
                     try:
-                        fmt = validate_row(json.loads(text))
+                        fmt = validate_row(loads_row(text))
                     except json.JSONDecodeError as e:
                         err = f"line {lineno}: invalid JSON: {e.msg} (column {e.colno})"
                     except ValueError as e:
