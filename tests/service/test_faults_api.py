@@ -78,3 +78,28 @@ def test_strict_types_still_accept_the_right_ones(api):
     job = r.json()
     assert job["lorafleet"]["adapter"]["rank"] == 4 and job["hyperparameters"]["batch_size"] == 2
     assert json.loads(json.dumps(job))["lorafleet"]["adapter"]["alpha"] == 8
+
+
+def test_upload_while_storage_cannot_be_written_is_a_503_with_retry_after(api, monkeypatch):
+    """A disk fault (full, I/O error, the folder gone): 503 + Retry-After, no server path; then it works."""
+    import errno
+    import os
+
+    client, h, app = api
+    files = app.state.service.dd.files
+    real_fsync = os.fsync
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device", "/srv/secret/data/files/x.tmp")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    r = upload(client, h["alice"], jsonl(ROWS))
+    assert r.status_code == 503, r.text
+    assert int(r.headers["Retry-After"]) > 0
+    msg = error_message(r)
+    assert "retry later" in msg and "/" not in msg, msg
+    assert r.json()["error"]["code"] == "storage_unavailable"
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert client.get("/v1/files", headers=h["alice"]).json()["data"] == []  # nothing half-kept
+    assert not any(files.iterdir())
+    assert upload(client, h["alice"], jsonl(ROWS)).status_code == 200  # the disk is back: it works

@@ -3,7 +3,8 @@
 Requests that fail validation (a missing or unknown field, a value out of range) are a 400 naming the
 field, as at OpenAI. The status decides which exception the official ``openai`` SDK raises (400 ``BadRequestError``, 401
 ``AuthenticationError``, 403 ``PermissionDeniedError``, 404 ``NotFoundError``, 409 ``ConflictError``, 422
-``UnprocessableEntityError``, 429 ``RateLimitError``); 503 means a dependency (the worker) is down. The
+``UnprocessableEntityError``, 429 ``RateLimitError``); 503 means a dependency (the worker, or the data
+folder's storage) is down, with ``Retry-After`` when the storage cannot be written. The
 handlers here turn FastAPI's own errors (validation, unknown routes) into the same shape, so no request is
 ever answered with a bare ``{"detail": ...}``.
 """
@@ -18,9 +19,19 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .files import StorageUnavailable
 from .schemas import ErrorResponse
 
-__all__ = ["ERROR_RESPONSES", "ApiError", "error_response", "install_error_handlers", "not_found"]
+__all__ = [
+    "ERROR_RESPONSES",
+    "STORAGE_RETRY_AFTER_S",
+    "ApiError",
+    "error_response",
+    "install_error_handlers",
+    "not_found",
+]
+
+STORAGE_RETRY_AFTER_S = 30  # what a 503 for unwritable storage tells clients to wait
 
 
 class ApiError(Exception):
@@ -36,13 +47,22 @@ class ApiError(Exception):
         )  # fmt: skip
 
 
-def error_response(status: int, message: str, type: str, param=None, code=None, errors=None) -> JSONResponse:
-    """The JSON response of one error (with ``WWW-Authenticate`` on a 401)."""
+def error_response(
+    status: int, message: str, type: str, param=None, code=None, errors=None, headers=None
+) -> JSONResponse:
+    """The JSON response of one error (with ``WWW-Authenticate`` on a 401, and any extra ``headers``)."""
     body: dict[str, Any] = {"message": message, "type": type, "param": param, "code": code}
     if errors:
         body["errors"] = errors
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return JSONResponse({"error": body}, status_code=status, headers=headers)
+    headers = dict(headers or {}) | ({"WWW-Authenticate": "Bearer"} if status == 401 else {})
+    return JSONResponse({"error": body}, status_code=status, headers=headers or None)
+
+
+def _storage_unavailable(exc: StorageUnavailable) -> JSONResponse:
+    return error_response(
+        503, str(exc), "server_error", code="storage_unavailable",
+        headers={"Retry-After": str(STORAGE_RETRY_AFTER_S)},
+    )  # fmt: skip
 
 
 def not_found(kind: str, id_: str) -> ApiError:
@@ -60,7 +80,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         409: "conflict with the object's state",
         403: "not allowed (deleting the base model)",
         413: "request too large",
-        503: "the worker (inference) is not running",
+        503: "the worker (inference) is not running, or storage cannot be written (see Retry-After)",
     }.items()
 }
 
@@ -97,6 +117,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
         return error_response(exc.status, exc.message, exc.type, exc.param, exc.code, exc.errors)
+
+    @app.exception_handler(StorageUnavailable)
+    async def _storage_error(request: Request, exc: StorageUnavailable) -> JSONResponse:
+        return _storage_unavailable(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -36,6 +36,7 @@ __all__ = [
     "JOB_ID_PATTERN",
     "SUFFIX_PATTERN",
     "DataDir",
+    "StorageUnavailable",
     "UploadError",
     "ValidatedUpload",
     "new_adapter_id",
@@ -134,6 +135,16 @@ class DataDir:
 
     def export_zip(self, adapter_id: str) -> Path:
         return safe_child(self.exports, adapter_id, ADAPTER_ID_PATTERN, ".zip")
+
+
+class StorageUnavailable(Exception):
+    """The data folder cannot be written right now (read-only, full, an I/O error): the request is fine and
+    may be retried later. The message is for tenants: it never contains a server path."""
+
+    def __init__(self, cause: OSError) -> None:
+        why = os.strerror(cause.errno) if cause.errno else type(cause).__name__
+        super().__init__(f"the server's storage cannot be written right now ({why}); retry later")
+        self.cause = cause
 
 
 class UploadError(ValueError):
@@ -241,7 +252,15 @@ def _lines(src: IO[bytes], chunk: int = 1 << 16) -> Iterable[bytes]:
 def save_upload(src: IO[bytes], dest: Path, max_bytes: int) -> ValidatedUpload:
     """Validate ``src`` as JSONL and copy it to ``dest`` (atomically: a partial file never appears).
 
-    Raises UploadError listing the bad lines, or when the data exceeds ``max_bytes`` or has no rows."""
+    Raises UploadError listing the bad lines, or when the data exceeds ``max_bytes`` or has no rows;
+    ``StorageUnavailable`` when the data folder cannot be written (nothing is kept then)."""
+    try:
+        return _save_upload(src, dest, max_bytes)
+    except OSError as e:
+        raise StorageUnavailable(e) from e
+
+
+def _save_upload(src: IO[bytes], dest: Path, max_bytes: int) -> ValidatedUpload:
     tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
     errors: list[str] = []
     num_bad = 0
