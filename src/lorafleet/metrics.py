@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -30,10 +31,38 @@ class MetricsWriter:
                 if isinstance(value, (int, float)) and key != "step":
                     self._tb.add_scalar(f"{record['task']}/{key}", value, record["step"])
 
+    def truncate(self, task: str, step: int) -> int:
+        """Drop ``task``'s records after ``step`` (and any cut-short line); how many lines were dropped.
+
+        A resumed task redoes the steps after its checkpoint, so their records from the run that was
+        interrupted must go: ``metrics.jsonl`` then holds exactly one record per step.
+        """
+        self._fh.flush()
+        lines = self.path.read_text().splitlines(keepends=True)
+        keep = [line for line in lines if _kept(line, task, step)]
+        if len(keep) == len(lines):
+            return 0
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(keep))
+        self._fh.close()
+        os.replace(tmp, self.path)
+        self._fh = open(self.path, "a", buffering=1)
+        return len(lines) - len(keep)
+
     def close(self) -> None:
         self._fh.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _kept(line: str, task: str, step: int) -> bool:
+    if not line.endswith("\n"):
+        return False  # the tail of a write that a kill cut short
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return False
+    return not (isinstance(rec, dict) and rec.get("task") == task and rec.get("step", 0) > step)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -327,6 +327,10 @@ def test_dead_stage_stops_the_others_and_the_rerun_resumes(setup):
     for name in TASKS:
         got = load_file(str(out / "adapters" / name / "adapter_model.safetensors"))
         assert rel_diff(got, reference[name]) <= 1e-5, name
+    # the steps redone after the common checkpoint are logged once (issue 19): one record per step
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    seen = [(r["task"], r["step"]) for r in map(json.loads, lines) if "kind" not in r]
+    assert len(seen) == len(set(seen)), sorted(k for k in set(seen) if seen.count(k) > 1)
 
 
 @pytest.mark.gpu

@@ -465,3 +465,39 @@ def test_jobs_for_a_base_model_the_fleet_announces_go_to_its_workers(api):
     assert [m["id"] for m in models if m["owned_by"] == "lorafleet"] == ["tiny-model", "qwen3-0.6b"]
     assert client.get("/v1/models/qwen3-0.6b", headers=h["alice"]).json()["parent"] is None
     assert client.delete("/v1/models/qwen3-0.6b", headers=h["alice"]).status_code == 403
+
+
+def test_jobs_that_cannot_resume_free_their_slot(tmp_path, tiny_llama_dir):
+    """Issue 19 item 1 through the API: with 2 slots, a job whose only checkpoint is truncated starts from
+    scratch, a job whose checkpoint belongs to another run fails with that reason, and a third job runs."""
+    import torch
+
+    from lorafleet.service.jobspec import EngineSettings
+    from lorafleet.service.worker import Worker
+    from lorafleet.train.checkpoint import save_checkpoint
+
+    app = create_app(ServiceSettings(tmp_path / "data", str(tiny_llama_dir)))
+    store, dd = app.state.store, DataDir(tmp_path / "data")
+    _, secret = auth.create_token(store, "alice")
+    h = {"Authorization": f"Bearer {secret}"}
+    with TestClient(app) as client:
+        fid = _upload(client, h, _jsonl(ROWS)).json()["id"]
+        tr = {"max_steps": 2, "save_every_steps": 1, "max_seq_len": 32}
+        body = {"training_file": fid, "hyperparameters": {"batch_size": 2}, "lorafleet": {"training": tr}}
+        ids = [client.post("/v1/fine_tuning/jobs", headers=h, json=body).json()["id"] for _ in range(3)]
+    # faults planted before the worker starts: a truncated checkpoint, and one of an incompatible run
+    optim = {"optimizer": {}, "scheduler": {}}
+    tensors = {"w": torch.zeros(2)}
+    bad = save_checkpoint(dd.checkpoint_dir(ids[0]), 1, tensors, optim, {"fingerprint": {}})
+    (bad / "adapter.safetensors").write_bytes(b"\0" * 4)
+    save_checkpoint(dd.checkpoint_dir(ids[1]), 1, tensors, optim, {"fingerprint": {"seed": -1}})
+    worker = Worker(store, dd, EngineSettings(str(tiny_llama_dir), max_concurrent_tasks=2), poll_interval=0.0)
+    worker._load_engine()
+    deadline = time.monotonic() + 120
+    finished = ("succeeded", "failed", "cancelled")
+    while time.monotonic() < deadline and any(store.get_job_any(j).status not in finished for j in ids):
+        worker.sync()
+        worker._step()
+    jobs = [store.get_job_any(j) for j in ids]
+    assert [j.status for j in jobs] == ["succeeded", "failed", "succeeded"], jobs
+    assert "incompatible run" in str(jobs[1].error), jobs[1]

@@ -30,7 +30,8 @@ def test_roundtrip_layout_and_pruning(tmp_path):
     for step in (1, 2, 3):
         path = _save(root, step, value=float(step))
     assert path == root / "step-000003"
-    assert sorted(p.name for p in path.iterdir()) == ["adapter.safetensors", "optimizer.pt", "state.json"]
+    names = ["adapter.safetensors", "manifest.json", "optimizer.pt", "state.json"]
+    assert sorted(p.name for p in path.iterdir()) == names
     assert saved_steps(root) == [2, 3]  # keep_last=2 pruned step 1
     assert latest_checkpoint(root) == path
     tensors, optim, state = load_checkpoint(path, FP)

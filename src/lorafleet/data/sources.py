@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .jsontext import MAX_DEPTH, JsonRowError, check_value, loads_row
+
 __all__ = ["SUPPORTED_SUFFIXES", "DataError", "Row", "read_rows"]
 
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
@@ -96,7 +98,7 @@ def _read_jsonl(text: str, file: str, limit: int | None) -> list[Row]:
         if not line.strip():
             continue
         try:
-            value = json.loads(line)
+            value = loads_row(line)
         except json.JSONDecodeError as e:
             raise DataError(
                 file,
@@ -104,6 +106,8 @@ def _read_jsonl(text: str, file: str, limit: int | None) -> list[Row]:
                 f"not valid JSON ({e.msg} at column {e.colno})",
                 "write one JSON object per line",
             ) from None
+        except JsonRowError as e:
+            raise DataError(file, number, str(e)) from None
         rows.append(Row(_as_object(value, file, number), file, number))
     return rows
 
@@ -129,10 +133,15 @@ def _read_json(text: str, file: str, limit: int | None) -> list[Row]:
         line = _line_at(text, i)
         try:
             value, i = decoder.raw_decode(text, i)
+            check_value(value)
         except json.JSONDecodeError as e:
             raise DataError(
                 file, e.lineno, f"not valid JSON ({e.msg} at column {e.colno})", "fix the JSON syntax there"
             ) from None
+        except RecursionError:
+            raise DataError(file, line, f"JSON nested too deeply (over {MAX_DEPTH} levels)") from None
+        except JsonRowError as e:
+            raise DataError(file, line, str(e)) from None
         rows.append(Row(_as_object(value, file, line), file, line))
         i = _skip_ws(text, i)
         if i < len(text) and text[i] == ",":

@@ -479,7 +479,10 @@ class Stage:
         for name, t in self.tasks.items():
             sets = [set(m.get(name, [])) for r, m in everyone if r == self.topo.replica]
             common = set.intersection(*sets) if sets else set()
-            if common and t.core.resume(max(common)) and t.core.done:
+            resumed = bool(common) and t.core.resume(max(common))
+            if self.metrics is not None:  # the steps after the common checkpoint are logged again
+                self.metrics.truncate(name, t.core.state.step)
+            if resumed and t.core.done:
                 self._queue_export(t)
                 self._retire(t, "succeeded", None)
                 continue

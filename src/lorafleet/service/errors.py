@@ -4,8 +4,8 @@ Requests that fail validation (a missing or unknown field, a value out of range)
 field, as at OpenAI. The status decides which exception the official ``openai`` SDK raises (400 ``BadRequestError``, 401
 ``AuthenticationError``, 403 ``PermissionDeniedError``, 404 ``NotFoundError``, 409 ``ConflictError``, 422
 ``UnprocessableEntityError``, 429 ``RateLimitError``: over one of the tenant's quotas, with ``Retry-After``);
-503 means a dependency is down: the job store (``StoreUnavailable``, with ``Retry-After``) or the
-inference worker. The
+503 means a dependency is down: the job store (``StoreUnavailable``, with ``Retry-After``), the data folder's
+storage (with ``Retry-After`` when it cannot be written) or the inference worker. The
 handlers here turn FastAPI's own errors (validation, unknown routes) into the same shape, so no request is
 ever answered with a bare ``{"detail": ...}``.
 """
@@ -20,10 +20,20 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .files import StorageUnavailable
 from .schemas import ErrorResponse
 from .store import QuotaExceeded, StoreUnavailable
 
-__all__ = ["ERROR_RESPONSES", "ApiError", "error_response", "install_error_handlers", "not_found"]
+__all__ = [
+    "ERROR_RESPONSES",
+    "STORAGE_RETRY_AFTER_S",
+    "ApiError",
+    "error_response",
+    "install_error_handlers",
+    "not_found",
+]
+
+STORAGE_RETRY_AFTER_S = 30  # what a 503 for unwritable storage tells clients to wait
 
 _RETRY_AFTER_S = 5  # what a 503 asks the client to wait while the store is unreachable
 _QUOTA_RETRY_AFTER_S = 30  # what a 429 asks: jobs finish, files get deleted
@@ -42,13 +52,22 @@ class ApiError(Exception):
         )  # fmt: skip
 
 
-def error_response(status: int, message: str, type: str, param=None, code=None, errors=None) -> JSONResponse:
-    """The JSON response of one error (with ``WWW-Authenticate`` on a 401)."""
+def error_response(
+    status: int, message: str, type: str, param=None, code=None, errors=None, headers=None
+) -> JSONResponse:
+    """The JSON response of one error (with ``WWW-Authenticate`` on a 401, and any extra ``headers``)."""
     body: dict[str, Any] = {"message": message, "type": type, "param": param, "code": code}
     if errors:
         body["errors"] = errors
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return JSONResponse({"error": body}, status_code=status, headers=headers)
+    headers = dict(headers or {}) | ({"WWW-Authenticate": "Bearer"} if status == 401 else {})
+    return JSONResponse({"error": body}, status_code=status, headers=headers or None)
+
+
+def _storage_unavailable(exc: StorageUnavailable) -> JSONResponse:
+    return error_response(
+        503, str(exc), "server_error", code="storage_unavailable",
+        headers={"Retry-After": str(STORAGE_RETRY_AFTER_S)},
+    )  # fmt: skip
 
 
 def not_found(kind: str, id_: str) -> ApiError:
@@ -67,8 +86,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         403: "not allowed (deleting the base model)",
         413: "request too large",
         429: "over one of the tenant's quotas (the message names it; retry after Retry-After)",
-        503: "the job store is unavailable (retry after the Retry-After header's seconds), or the inference "
-        "worker is not running",
+        503: "the job store is unavailable or storage cannot be written (retry after the Retry-After header's "
+        "seconds), or the inference worker is not running",
     }.items()
 }
 
@@ -122,6 +141,10 @@ def install_error_handlers(app: FastAPI) -> None:
         response = error_response(429, str(exc), "rate_limit_error", param=exc.quota, code="quota_exceeded")
         response.headers["Retry-After"] = str(_QUOTA_RETRY_AFTER_S)
         return response
+
+    @app.exception_handler(StorageUnavailable)
+    async def _storage_error(request: Request, exc: StorageUnavailable) -> JSONResponse:
+        return _storage_unavailable(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -5,7 +5,8 @@ in a request is matched against its pattern before it is looked up, so no name a
 part of a path; ``safe_child`` checks the pattern again and that the result stays inside its folder.
 
 An upload is validated row by row while it is copied to ``DATA_DIR/files/``: UTF-8, one JSON object per
-line, every row in one of the known data formats. Errors name the line (1-based) and the fix.
+line (nested at most ``data.jsontext.MAX_DEPTH`` levels, valid Unicode: no lone surrogates), every row in
+one of the known data formats. Errors name the line (1-based) and the fix.
 
 Data directory layout::
 
@@ -27,12 +28,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from ..data.jsontext import loads_row
+
 __all__ = [
     "ADAPTER_ID_PATTERN",
     "FILE_ID_PATTERN",
     "JOB_ID_PATTERN",
     "SUFFIX_PATTERN",
     "DataDir",
+    "StorageUnavailable",
     "UploadError",
     "ValidatedUpload",
     "new_adapter_id",
@@ -131,6 +135,16 @@ class DataDir:
 
     def export_zip(self, adapter_id: str) -> Path:
         return safe_child(self.exports, adapter_id, ADAPTER_ID_PATTERN, ".zip")
+
+
+class StorageUnavailable(Exception):
+    """The data folder cannot be written right now (read-only, full, an I/O error): the request is fine and
+    may be retried later. The message is for tenants: it never contains a server path."""
+
+    def __init__(self, cause: OSError) -> None:
+        why = os.strerror(cause.errno) if cause.errno else type(cause).__name__
+        super().__init__(f"the server's storage cannot be written right now ({why}); retry later")
+        self.cause = cause
 
 
 class UploadError(ValueError):
@@ -238,7 +252,15 @@ def _lines(src: IO[bytes], chunk: int = 1 << 16) -> Iterable[bytes]:
 def save_upload(src: IO[bytes], dest: Path, max_bytes: int) -> ValidatedUpload:
     """Validate ``src`` as JSONL and copy it to ``dest`` (atomically: a partial file never appears).
 
-    Raises UploadError listing the bad lines, or when the data exceeds ``max_bytes`` or has no rows."""
+    Raises UploadError listing the bad lines, or when the data exceeds ``max_bytes`` or has no rows;
+    ``StorageUnavailable`` when the data folder cannot be written (nothing is kept then)."""
+    try:
+        return _save_upload(src, dest, max_bytes)
+    except OSError as e:
+        raise StorageUnavailable(e) from e
+
+
+def _save_upload(src: IO[bytes], dest: Path, max_bytes: int) -> ValidatedUpload:
     tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
     errors: list[str] = []
     num_bad = 0
@@ -265,7 +287,7 @@ def save_upload(src: IO[bytes], dest: Path, max_bytes: int) -> ValidatedUpload:
                         continue
                     err = None
                     try:
-                        fmt = validate_row(json.loads(text))
+                        fmt = validate_row(loads_row(text))
                     except json.JSONDecodeError as e:
                         err = f"line {lineno}: invalid JSON: {e.msg} (column {e.colno})"
                     except ValueError as e:

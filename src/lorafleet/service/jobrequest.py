@@ -61,9 +61,13 @@ _Auto = Literal["auto"]
 
 
 class StrictRequest(BaseModel):
-    """A request object: unknown fields are refused, naming them and the nearest known field."""
+    """A request object: unknown fields are refused, naming them and the nearest known field.
 
-    model_config = ConfigDict(extra="forbid")
+    Types are strict (``strict=True``): no bool where a number goes (``"rank": true`` is not rank 1) and no
+    string where a number goes (``"batch_size": "8"``); an int is still a valid float.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     @model_validator(mode="before")
     @classmethod

@@ -108,6 +108,7 @@ class Engine:
         self._subscribers: list[Callable[[Event], None]] = []
         self._arrivals = 0
         self._waited: dict[str, int] = {}  # micro-batches each task was left out of (dispatcher fairness)
+        self.stop_signal: int | None = None  # set by request_stop: run() winds down
         datasets = {d.name: d for d in cfg.datasets}
         adapters = {a.name: a for a in cfg.adapters}
         for task in cfg.tasks:
@@ -137,6 +138,8 @@ class Engine:
         """Add a task (also while others train). Resumes from its checkpoints when the output folder has them.
 
         ``eval_dataset`` (the dataset ``task.eval_dataset`` names) is the held-out set it is evaluated on.
+        A task that cannot start (its data, or its resume, raises) leaves nothing behind: its adapter is
+        taken off the model, it is not registered and takes no slot, and the error propagates.
         """
         if task.name in self._tasks:
             raise ValueError(f"a task named {task.name!r} already exists; task names must be unique")
@@ -145,9 +148,15 @@ class Engine:
             self.cfg, self.model, self.tokenizer, dataset, adapter, task, self._arrivals,
             checkpoint_dir=root, eval_dataset=eval_dataset,
         )  # fmt: skip
+        try:
+            resumed = t.resume()
+        except BaseException:
+            t.release(self.model)
+            raise
         self._arrivals += 1
         self._tasks[task.name] = t
-        if t.resume() and t.done:
+        self.metrics.truncate(task.name, t.state.step)  # the steps it redoes are logged again
+        if resumed and t.done:
             self._finish(t, "succeeded", None, export=True)
         if t.state.status == "queued":
             t.begin_step()
@@ -169,9 +178,25 @@ class Engine:
         self._waited.pop(name, None)
         return t.state
 
+    def request_stop(self, signum: int) -> None:
+        """Ask ``run`` to stop (e.g. from a SIGTERM handler): see ``run``."""
+        self.stop_signal = signum
+
+    def checkpoint_all(self) -> None:
+        """Checkpoint every live task at its last completed optimizer step (unless it already is)."""
+        for t in self._tasks.values():
+            if t.live and t.state.step > 0 and t.state.step not in t.saved_steps():
+                self._emit(t.save())
+
     def run_once(self) -> bool:
-        """One fused micro-batch and the optimizer steps it completes; False when no task has work."""
+        """One fused micro-batch and the optimizer steps it completes; False when no task has work.
+
+        After ``request_stop`` only tasks in the middle of an optimizer step take part, so that a few calls
+        complete those steps and then there is no work left.
+        """
         live = [t for t in self._tasks.values() if t.live]
+        if self.stop_signal is not None:
+            live = [t for t in live if t.mid_step]
         plan, self._waited = plan_micro_batch(live, self.cfg, self._waited)
         if not plan:
             return False
@@ -209,7 +234,12 @@ class Engine:
         return True
 
     def run(self, progress: bool = False) -> dict[str, TaskState]:
-        """Train until every task has finished; writes the summary table and the loss plot."""
+        """Train until every task has finished; writes the summary table and the loss plot.
+
+        After ``request_stop`` (``lorafleet train`` calls it on SIGTERM/SIGINT) the optimizer steps under
+        way are completed, every live task is checkpointed (``checkpoint_all``) and it returns; the tasks
+        stay ``queued``/``running`` and the same command resumes them exactly.
+        """
         from ..progress import ProgressView
 
         view = ProgressView(self) if progress else None
@@ -217,6 +247,8 @@ class Engine:
             while self.run_once():
                 if view is not None:
                     view.refresh()
+            if self.stop_signal is not None:
+                self.checkpoint_all()
         finally:
             if view is not None:
                 view.close()

@@ -2,20 +2,62 @@
 
 lorafleet train examples/demo.yaml
 lorafleet train examples/demo.yaml --nproc 2     # a 2-stage pipeline (starts torchrun)
+
+The output folder is checked and locked first (``train/outdir.py``): a second run on it is refused. SIGTERM
+and SIGINT complete the optimizer steps under way, checkpoint every task, print the summary and exit with
+143 / 130 (a second signal ends the process at once; checkpoints are atomic, so that is safe too).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 from ..config import load_config
+from .outdir import lock_output_dir
 from .sweep import sweep_report
 
-__all__ = ["cli_train", "print_summary", "train"]
+__all__ = ["TrainingInterrupted", "cli_train", "print_summary", "train"]
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class TrainingInterrupted(Exception):
+    """``train`` stopped on a signal after checkpointing every task; ``states`` as they were then."""
+
+    def __init__(self, signum: int, states: dict) -> None:
+        name = signal.Signals(signum).name
+        steps = ", ".join(
+            f"{n}: step {st.step}" for n, st in states.items() if st.status in ("queued", "running")
+        )
+        super().__init__(
+            f"interrupted by {name}: the optimizer steps under way were completed and every unfinished task "
+            f"was checkpointed ({steps or 'none left'}); run the same command again to resume."
+        )
+        self.signum, self.states = signum, states
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+def _stop_on_signals(engine) -> dict:
+    """Route SIGTERM/SIGINT to ``engine.request_stop`` (a second one exits at once); the old handlers."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def handler(signum, _frame):
+        if engine.stop_signal is not None:
+            os._exit(128 + signum)
+        engine.request_stop(signum)
+
+    return {s: signal.signal(s, handler) for s in _STOP_SIGNALS}
 
 
 def print_summary(states: dict, output_dir: Path) -> None:
@@ -56,11 +98,22 @@ def train(config_path: str | Path, progress: bool = True) -> dict:
         return result.states
     from .engine import Engine
 
-    engine = Engine(cfg)
-    states = engine.run(progress=progress)
-    print_summary(states, Path(cfg.output_dir))
-    sweep_report(cfg, cfg.output_dir)  # sweeps only: ranking table, sweep-<task>.png and .json
-    return states
+    lock = lock_output_dir(cfg.output_dir)
+    try:
+        engine = Engine(cfg)
+        previous = _stop_on_signals(engine)
+        try:
+            states = engine.run(progress=progress)
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+        print_summary(states, Path(cfg.output_dir))
+        if engine.stop_signal is not None:
+            raise TrainingInterrupted(engine.stop_signal, states)
+        sweep_report(cfg, cfg.output_dir)  # sweeps only: ranking table, sweep-<task>.png and .json
+        return states
+    finally:
+        lock.release()
 
 
 def launch_pipeline(config_path: str | Path, nproc: int, progress: bool) -> int:
@@ -69,7 +122,11 @@ def launch_pipeline(config_path: str | Path, nproc: int, progress: bool) -> int:
         raise ValueError(f"--nproc {nproc}: give the number of pipeline processes, at least 1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
     cmd += ["-m", "lorafleet", "train", str(config_path)] + ([] if progress else ["--no-progress"])
-    return subprocess.call(cmd)
+    lock = lock_output_dir(load_config(config_path).output_dir)  # the stages run under this hold
+    try:
+        return subprocess.call(cmd)
+    finally:
+        lock.release()
 
 
 def cli_train(args: argparse.Namespace) -> int:
@@ -80,6 +137,9 @@ def cli_train(args: argparse.Namespace) -> int:
 
     try:
         states = train(args.config, progress=not args.no_progress)
+    except TrainingInterrupted as e:
+        print(f"lorafleet train: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
     except PipelineError as e:
         # Threads still block on links to the failed stage, so leave at once rather than wait for them.
         print(f"lorafleet train: error: {e}", file=sys.stderr, flush=True)

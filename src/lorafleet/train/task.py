@@ -26,6 +26,7 @@ pipeline (the adapter, optimizer and checkpoints then hold that slice).
 
 from __future__ import annotations
 
+import logging
 import time
 import zlib
 from dataclasses import dataclass
@@ -48,7 +49,15 @@ from ..lora import (
     save_peft,
 )
 from ..masks import sequence_key
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, saved_steps
+from .checkpoint import (
+    CorruptCheckpointError,
+    SkippedCheckpoint,
+    load_checkpoint,
+    save_checkpoint,
+    saved_steps,
+    scan_checkpoints,
+    set_aside,
+)
 from .dispatcher import TaskView
 from .evaluate import EarlyStopping, EvalJob, EvalResult, TaskEvaluation
 from .events import CheckpointEvent, EarlyStopEvent, EvalEvent, Event, StepEvent
@@ -57,6 +66,8 @@ from .reference import attach_reference, detach_reference
 from .tasks import StepNorm, TaskKind, TaskLoss, task_kind
 
 __all__ = ["STATUSES", "Task", "TaskState", "keyed_seed", "spec_from_config"]
+
+_log = logging.getLogger("lorafleet.train")
 
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 
@@ -159,6 +170,7 @@ class Task:
         self.step_norm: StepNorm | None = None
         self.step_loss, self.step_tokens, self.step_metrics = 0.0, 0, {}
         self.started_at: float | None = None  # time.perf_counter() when it first ran
+        self.skipped_checkpoints: list[SkippedCheckpoint] = []  # what the last resume passed over, and why
 
     @property
     def name(self) -> str:
@@ -208,6 +220,11 @@ class Task:
             waited=waited,
             group=self.kind.group,
         )
+
+    @property
+    def mid_step(self) -> bool:
+        """Some, not all, of the current optimizer step's micro-batches have run."""
+        return bool(self.pending) and len(self.pending) < self.cfg.batch_size
 
     def start(self) -> bool:
         """Mark the task running when its first micro-batch is planned; True when it was queued."""
@@ -353,13 +370,38 @@ class Task:
         return saved_steps(self.checkpoint_dir)
 
     def resume(self, step: int | None = None) -> bool:
-        """Restore the checkpoint of ``step`` (None: the newest); False when there is none to restore."""
-        if step is None:
-            path = latest_checkpoint(self.checkpoint_dir)
-            if path is None:
-                return False
-        else:
-            path = self.checkpoint_dir / f"step-{step:06d}"
+        """Restore the checkpoint of ``step`` (None: the newest intact one); False when there is none.
+
+        With ``step`` None, checkpoints that fail their manifest (``check_checkpoint``) or cannot be read are
+        passed over, newest first, until one loads: each one skipped is logged (warning, logger
+        ``lorafleet.train``) with its folder and reason, listed in ``skipped_checkpoints`` and renamed to
+        ``step-N.corrupt``. When none is intact the task starts from scratch (False), after saying so.
+        A checkpoint of an incompatible run is never skipped: ``CheckpointMismatchError``.
+        An explicit ``step`` (a pipeline's common step) must load, or ``CorruptCheckpointError`` is raised.
+        """
+        self.skipped_checkpoints = []
+        if step is not None:
+            return self._restore(self.checkpoint_dir / f"step-{step:06d}")
+        good, bad = scan_checkpoints(self.checkpoint_dir)
+        self.skipped_checkpoints += bad
+        restored = False
+        for s in reversed(good):
+            path = self.checkpoint_dir / f"step-{s:06d}"
+            try:
+                restored = self._restore(path)
+                break
+            except CorruptCheckpointError as e:
+                self.skipped_checkpoints.append(SkippedCheckpoint(path, s, str(e)))
+        for skipped in sorted(self.skipped_checkpoints, key=lambda k: k.step):
+            _log.warning("task %s: %s", self.name, skipped.message())
+            set_aside(skipped)
+        if not restored and self.skipped_checkpoints:
+            _log.warning("task %s: no intact checkpoint left; it starts from scratch", self.name)
+        elif restored and self.skipped_checkpoints:
+            _log.warning("task %s: resumed from step %d", self.name, self.state.step)
+        return restored
+
+    def _restore(self, path: Path) -> bool:
         tensors, optim, state = load_checkpoint(path, self.fingerprint())
         with torch.no_grad():
             for k, p in self.params.items():

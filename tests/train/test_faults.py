@@ -1,0 +1,162 @@
+"""Fault injection for training: damaged checkpoints, tasks that cannot start, interrupted runs.
+
+Each test reproduces a case of issue 19 against the public API (``Engine``, ``Task``, ``lorafleet train``);
+the reference is always the same run left alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from helpers.peft_oracle import rel_diff, write_data
+from lorafleet.config import load_config
+from lorafleet.lora.adapters import adapter_names
+from lorafleet.train.checkpoint import CheckpointMismatchError
+from lorafleet.train.engine import Engine
+
+STEPS = 4
+
+
+def _config(
+    tmp: Path,
+    model_dir: Path,
+    names=("a", "b"),
+    out: str = "run",
+    rank: int = 4,
+    file: str = "",
+    concurrent: int = 8,
+    **task_kw,
+) -> Path:
+    cfg = {
+        "base_model": {"path": str(model_dir), "dtype": "float32", "device": "cpu"},
+        "output_dir": str(tmp / out),
+        "seed": 0,
+        "datasets": [],
+        "adapters": [],
+        "tasks": [],
+        "dispatcher": {"max_concurrent_tasks": concurrent, "max_tokens_per_micro_batch": 256},
+    }
+    for i, name in enumerate(names):
+        write_data(tmp / f"{name}.jsonl", i, 6)
+        cfg["datasets"].append(
+            {"name": name, "path": str(tmp / f"{name}.jsonl"), "format": "prompt_completion"}
+        )
+        cfg["adapters"].append(
+            {"name": name, "rank": rank, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]}
+        )
+        task = {"name": name, "adapter": name, "dataset": name, "batch_size": 2, "micro_batch_size": 1}
+        task.update(max_steps=STEPS, max_seq_len=64, save_every_steps=1, optimizer={"lr": 1e-2})
+        task.update(task_kw)
+        cfg["tasks"].append(task)
+    path = tmp / (file or f"{out}.yaml")
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _train(cfg_path: Path) -> dict:
+    return Engine(load_config(cfg_path), tensorboard=False).run()
+
+
+def _adapter(run: Path, name: str) -> dict:
+    return load_file(str(run / "adapters" / name / "adapter_model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_llama_dir):
+    """An uninterrupted run of two tasks, 4 steps each, a checkpoint per step (the newest two kept)."""
+    tmp = tmp_path_factory.mktemp("faults_ref")
+    states = _train(_config(tmp, tiny_llama_dir))
+    assert all(s.status == "succeeded" for s in states.values())
+    return tmp / "run"
+
+
+def _finished_run(reference: Path, tmp_path: Path, model_dir: Path) -> Path:
+    """A copy of the reference run's checkpoints (the same config, a new folder), adapters removed."""
+    cfg = _config(tmp_path, model_dir)
+    shutil.copytree(reference / "checkpoints", tmp_path / "run" / "checkpoints")
+    return cfg
+
+
+@pytest.mark.parametrize("damage", ["safetensors", "state_json"])
+def test_truncated_newest_checkpoint_is_skipped(reference, tmp_path, tiny_llama_dir, caplog, damage):
+    cfg = _finished_run(reference, tmp_path, tiny_llama_dir)
+    newest = tmp_path / "run" / "checkpoints" / "a" / f"step-{STEPS:06d}"
+    victim = newest / ("adapter.safetensors" if damage == "safetensors" else "state.json")
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    with caplog.at_level(logging.WARNING, logger="lorafleet.train"):
+        states = _train(cfg)
+    assert states["a"].status == "succeeded" and states["a"].step == STEPS
+    said = caplog.text
+    assert str(newest) in said and victim.name in said, said
+    assert "truncated" in said
+    # resumed from step 3 and redid step 4: the same weights as the run that was never damaged
+    for name in ("a", "b"):
+        assert rel_diff(_adapter(tmp_path / "run", name), _adapter(reference, name)) <= 1e-6, name
+    # the bad folder is set aside, the redone step written anew
+    assert (newest.parent / f"step-{STEPS:06d}.corrupt").is_dir()
+    assert (newest / "manifest.json").is_file()
+
+
+def test_every_checkpoint_bad_starts_from_scratch(reference, tmp_path, tiny_llama_dir, caplog):
+    cfg = _finished_run(reference, tmp_path, tiny_llama_dir)
+    for folder in (tmp_path / "run" / "checkpoints" / "a").glob("step-*"):
+        (folder / "optimizer.pt").write_bytes(b"garbage")
+    with caplog.at_level(logging.WARNING, logger="lorafleet.train"):
+        states = _train(cfg)
+    assert "starts from scratch" in caplog.text
+    assert states["a"].status == "succeeded" and states["a"].step == STEPS
+    # trained again alone (b is done): other fused batches, so float rounding differs slightly
+    assert rel_diff(_adapter(tmp_path / "run", "a"), _adapter(reference, "a")) <= 1e-5
+
+
+def test_checkpoint_without_manifest_still_resumes(reference, tmp_path, tiny_llama_dir):
+    """A checkpoint written before manifests existed is accepted (here: the manifest removed)."""
+    cfg = _finished_run(reference, tmp_path, tiny_llama_dir)
+    for folder in (tmp_path / "run" / "checkpoints").glob("*/step-*"):
+        (folder / "manifest.json").unlink()
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "a" / f"step-{STEPS:06d}")  # resume at step 3
+    states = _train(cfg)
+    assert states["a"].step == STEPS and states["b"].step == STEPS
+    assert rel_diff(_adapter(tmp_path / "run", "a"), _adapter(reference, "a")) <= 1e-6
+
+
+def test_manifest_lists_sizes_and_checksums(reference):
+    folder = reference / "checkpoints" / "a" / f"step-{STEPS:06d}"
+    files = json.loads((folder / "manifest.json").read_text())["files"]
+    assert set(files) == {"adapter.safetensors", "optimizer.pt", "state.json"}
+    for name, entry in files.items():
+        assert entry["size"] == (folder / name).stat().st_size
+        assert len(entry["sha256"]) == 64
+
+
+def _task_args(cfg_path: Path, name: str):
+    cfg = load_config(cfg_path)
+    ds, ad, task = ({x.name: x for x in xs}[name] for xs in (cfg.datasets, cfg.adapters, cfg.tasks))
+    return ds, ad, task
+
+
+def test_task_that_cannot_resume_leaves_the_engine_at_once(tmp_path, tiny_llama_dir):
+    """Issue 19 item 1: resume raises (an incompatible checkpoint) -> no adapter, no registration, no slot."""
+    _train(_config(tmp_path, tiny_llama_dir, names=("x",), max_steps=1))  # x's checkpoint at rank 4
+    engine = Engine(
+        load_config(_config(tmp_path, tiny_llama_dir, names=("b",), concurrent=1)), tensorboard=False
+    )
+    bad = _config(tmp_path, tiny_llama_dir, names=("x",), rank=8, file="bad.yaml")
+    with pytest.raises(CheckpointMismatchError):
+        engine.add_task(*_task_args(bad, "x"))
+    assert "x" not in engine.states
+    assert "x" not in adapter_names(engine.model)
+    # the name and the slot are free: the same task, fixed, starts; a second new task runs too
+    good = _config(tmp_path, tiny_llama_dir, names=("x", "c"), max_steps=2, file="good.yaml")
+    for name in ("x", "c"):
+        engine.add_task(*_task_args(good, name))
+    states = engine.run()
+    assert {n: s.status for n, s in states.items()} == {"b": "succeeded", "x": "succeeded", "c": "succeeded"}
+    assert states["x"].step == 2 and states["c"].step == 2
