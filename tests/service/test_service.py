@@ -473,6 +473,7 @@ def test_jobs_that_cannot_resume_free_their_slot(tmp_path, tiny_llama_dir):
     import torch
 
     from lorafleet.service.jobspec import EngineSettings
+    from lorafleet.service.store import CheckpointRecord
     from lorafleet.service.worker import Worker
     from lorafleet.train.checkpoint import save_checkpoint
 
@@ -490,7 +491,11 @@ def test_jobs_that_cannot_resume_free_their_slot(tmp_path, tiny_llama_dir):
     tensors = {"w": torch.zeros(2)}
     bad = save_checkpoint(dd.checkpoint_dir(ids[0]), 1, tensors, optim, {"fingerprint": {}})
     (bad / "adapter.safetensors").write_bytes(b"\0" * 4)
-    save_checkpoint(dd.checkpoint_dir(ids[1]), 1, tensors, optim, {"fingerprint": {"seed": -1}})
+    other = save_checkpoint(dd.checkpoint_dir(ids[1]), 1, tensors, optim, {"fingerprint": {"seed": -1}})
+    # recorded in the store, as the worker that wrote them would have: a worker removes checkpoints the
+    # store never recorded before it resumes (a worker that lost its lease may have left them)
+    for jid, path in ((ids[0], bad), (ids[1], other)):
+        store.add_checkpoint(CheckpointRecord(jid, 1, str(path), time.time()))
     worker = Worker(store, dd, EngineSettings(str(tiny_llama_dir), max_concurrent_tasks=2), poll_interval=0.0)
     worker._load_engine()
     deadline = time.monotonic() + 120
