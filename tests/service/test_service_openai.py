@@ -107,11 +107,11 @@ def test_fine_tune_and_serve_through_the_official_sdk(live, tmp_path, capsys):
 
     # the method form, with lorafleet's extension field through extra_body
     job = alice.fine_tuning.jobs.create(
-        model=live.base, training_file=f.id, suffix="sdk", metadata={"team": "red"},
+        model=live.base, training_file=f.id, suffix="sdk", metadata={"team": "red"}, seed=42,
         method={"type": "supervised", "supervised": {"hyperparameters": {"batch_size": 2, "n_epochs": "auto", "learning_rate_multiplier": 20}}},
         extra_body={"lorafleet": {"adapter": {"rank": 4}, "training": TRAINING}},
     )  # fmt: skip
-    assert job.status == "validating_files" and job.organization_id == "alice" and job.seed == 0
+    assert job.status == "validating_files" and job.organization_id == "alice" and job.seed == 42
     assert job.hyperparameters.batch_size == 2 and job.hyperparameters.n_epochs == 3
     assert job.method.type == "supervised" and job.metadata == {"team": "red"}
     # the legacy form: a long job to pause, resume and cancel
@@ -120,6 +120,7 @@ def test_fine_tune_and_serve_through_the_official_sdk(live, tmp_path, capsys):
         extra_body={"lorafleet": {"training": {**TRAINING, "max_steps": 100000}}},
     )  # fmt: skip
     assert long.hyperparameters.learning_rate_multiplier == 2 and long.method.type == "supervised"
+    assert 0 <= long.seed < 2**31  # no seed given: one is drawn and shown
 
     assert [j.id for j in alice.fine_tuning.jobs.list(metadata={"team": "red"})] == [job.id]
     assert [j.id for j in alice.fine_tuning.jobs.list(limit=1)] == [long.id, job.id]  # auto-paginates
