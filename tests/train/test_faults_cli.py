@@ -77,7 +77,10 @@ def test_interrupted_and_killed_runs_resume_exactly(long_reference, tmp_path, ti
     steps = _steps(tmp_path / "run")
     assert steps == Counter({(n, s): 1 for n in ("a", "b") for s in range(1, LONG + 1)})
     for name in ("a", "b"):
-        assert rel_diff(_adapter(tmp_path / "run", name), _adapter(long_reference, name)) <= 1e-6, name
+        # After a SIGTERM the tasks stop (and resume) at different steps, so later fused batches group other
+        # examples than the uninterrupted run's: float32 rounding of another grouping, amplified by Adam
+        # over many steps at lr 1e-2 (measured up to 6.5e-5); a lost or repeated step is ~1e-2.
+        assert rel_diff(_adapter(tmp_path / "run", name), _adapter(long_reference, name)) <= 1e-4, name
 
 
 def test_output_dir_that_is_a_file_or_cannot_be_made(tmp_path, tiny_llama_dir, capsys):

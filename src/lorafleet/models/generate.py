@@ -179,8 +179,20 @@ def generate(
 
     Greedy output equals running the full model on the growing sequence and taking the argmax each step
     (with LongRoPE the cache is recomputed once a row grows past the original context, as transformers'
-    Phi-3 generation does, so that this stays true there too).
+    Phi-3 generation does, so that this stays true there too). The model runs in eval mode (no adapter
+    dropout), also when it comes straight from training; its mode is restored afterwards.
     """
+    was_training = model.training
+    model.eval()
+    try:
+        return _generate(
+            model, tokenizer, prompts, max_new_tokens, temperature, top_p, seed, adapters, stop_ids
+        )
+    finally:
+        model.train(was_training)
+
+
+def _generate(model, tokenizer, prompts, max_new_tokens, temperature, top_p, seed, adapters, stop_ids):
     n = len(prompts)
     if n == 0 or any(len(p) == 0 for p in prompts):
         raise ValueError(
