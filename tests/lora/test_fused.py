@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from helpers.batches import keyed_batch
 from lorafleet.batch import Segment
 from lorafleet.lora import AdapterSpec, FusedLoRALinear, reference_fused_lora
-from lorafleet.masks import MaskSite, keep_mask, sequence_key, token_rows
+from lorafleet.masks import MaskSite, keep_mask
 from lorafleet.models.decoder import Linear
 
 I, O = 48, 40
@@ -69,14 +70,6 @@ def _segments(mix: str, names: list[str]) -> tuple[list[Segment], int]:
     return segs, cursor
 
 
-def _keyed(segments, t: int, seed: int = 1) -> SimpleNamespace:
-    """A batch of ``segments`` over T rows that are the tokens of sequences of 8, each with its dropout key."""
-    lens = [min(8, t - a) for a in range(0, t, 8)]
-    keys = [sequence_key(seed, 0, i, "sft") for i in range(len(lens))]
-    pos = torch.cat([torch.arange(n) for n in lens])
-    return SimpleNamespace(segments=tuple(segments), dropout_rows=token_rows(keys, lens, pos))
-
-
 def _layer(specs: list[AdapterSpec], dtype: torch.dtype, bias: bool, seed: int = 0) -> FusedLoRALinear:
     g = torch.Generator().manual_seed(seed)
     base = Linear(I, O, bias, dtype, "cpu")
@@ -121,7 +114,7 @@ def test_fused_matches_reference(mix: str, adapters: str, dtype: torch.dtype) ->
     specs = ADAPTER_SETS[adapters]
     layer = _layer(specs, dtype, bias=adapters != "lora")
     segs, t = _segments(mix, [s.name for s in specs])
-    batch = _keyed(segs, t)
+    batch = keyed_batch(segs, t)
     g = torch.Generator().manual_seed(2)
     x = torch.randn(t, I, generator=g).to(dtype)
     dy = torch.randn(t, O, generator=g).to(dtype)
@@ -149,7 +142,7 @@ def test_dropout_masks_are_keyed() -> None:
     """Fused and reference apply the keyed mask of each row (whatever torch's RNG holds); other keys or
     another site give other outputs; the same keys give bit-identical ones; eval mode has no dropout."""
     layer = _layer([AdapterSpec("a", rank=4, dropout=0.5)], torch.float32, bias=False)
-    batch = _keyed((Segment("a", 0, 64),), 64, seed=7)
+    batch = keyed_batch((Segment("a", 0, 64),), 64, seed=7)
     x = torch.randn(64, I)
     dy = torch.randn(64, O)
     y1, dx1, g1 = _run(lambda m, x, b: m(x, b), layer, x, batch, dy, rng=7)
@@ -165,7 +158,7 @@ def test_dropout_masks_are_keyed() -> None:
     assert _rel(y1, want) <= 1e-6
     want_dx = dy @ layer.weight + (dy @ b * layer.specs["a"].scaling) @ a * keep * 2.0
     assert _rel(dx1, want_dx) <= 1e-6
-    y3, _, _ = _run(lambda m, x, b: m(x, b), layer, x, _keyed(batch.segments, 64, seed=8), dy)
+    y3, _, _ = _run(lambda m, x, b: m(x, b), layer, x, keyed_batch(batch.segments, 64, seed=8), dy)
     assert _rel(y1, y3) > 1e-3
     layer.mask_site = MaskSite(3, 1)
     y4, _, _ = _run(lambda m, x, b: m(x, b), layer, x, batch, dy)
@@ -241,7 +234,7 @@ def test_single_adapter_matches_peft_layer(spec: AdapterSpec, training: bool) ->
     peft.train(training)
     x = torch.randn(30, I)
     dy = torch.randn(30, O)
-    batch = _keyed((Segment("ad", 0, 30),), 30)
+    batch = keyed_batch((Segment("ad", 0, 30),), 30)
     if spec.dropout > 0:
         peft.lora_dropout["ad"] = _KeyedDropout(batch, layer.mask_site, spec.dropout).train(training)
     y0, dx0, g0 = _run(lambda m, x, b: m(x), peft, x, None, dy)
@@ -266,7 +259,9 @@ def test_gradcheck_float64() -> None:
         AdapterSpec("c", kind="dora", rank=2, dropout=0.2, use_rslora=True),
     ]
     layer = _layer(specs, torch.float32, bias=True).double()
-    batch = _keyed((Segment("a", 0, 4), Segment(None, 4, 5), Segment("b", 5, 8), Segment("c", 8, 11)), 11)
+    batch = keyed_batch(
+        (Segment("a", 0, 4), Segment(None, 4, 5), Segment("b", 5, 8), Segment("c", 8, 11)), 11
+    )
     dora = {"b", "c"}
     names = [
         n
@@ -339,7 +334,7 @@ def test_saved_memory_per_token(kind: str, p: float, dtype: torch.dtype) -> None
     e = torch.finfo(dtype).bits // 8
     layer = _layer([AdapterSpec("a", kind=kind, rank=r, dropout=p)], dtype, bias=True)
     x = torch.randn(t, I, dtype=dtype, requires_grad=True)
-    batch = _keyed((Segment("a", 0, t),), t)
+    batch = keyed_batch((Segment("a", 0, t),), t)
     skip = [x, *layer.parameters(), batch.dropout_rows]
     fused = _saved_bytes(lambda: layer(x, batch), skip)
     plain = _saved_bytes(lambda: reference_fused_lora(layer, x, batch), skip)

@@ -31,6 +31,7 @@ import torch
 pytest.importorskip("triton")
 
 from helpers import REPO
+from helpers.batches import keyed_batch
 from lorafleet.batch import FusedBatch, Segment
 from lorafleet.lora import AdapterSpec, FusedLoRALinear, add_adapter, reference_fused_lora
 from lorafleet.lora.kernels import (
@@ -44,7 +45,7 @@ from lorafleet.lora.kernels import (
     triton_unsupported,
 )
 from lorafleet.lora.kernels._triton import Tiles, interpreting
-from lorafleet.masks import MaskSite, sequence_key, token_rows
+from lorafleet.masks import MaskSite
 from lorafleet.models import Decoder, ModelConfig
 from lorafleet.models.decoder import Linear
 
@@ -175,14 +176,6 @@ def _segments(mix: str, names: list[str]) -> tuple[list[Segment], int]:
     return segs, cursor
 
 
-def _keyed(segments, t: int, seed: int = 1) -> SimpleNamespace:
-    """A batch of ``segments`` over T rows that are the tokens of sequences of 8, each with its dropout key."""
-    lens = [min(8, t - a) for a in range(0, t, 8)]
-    keys = [sequence_key(seed, 0, i, "sft") for i in range(len(lens))]
-    pos = torch.cat([torch.arange(n) for n in lens])
-    return SimpleNamespace(segments=tuple(segments), dropout_rows=token_rows(keys, lens, pos))
-
-
 def _layer(ranks: list[int], dtype: torch.dtype, bias: bool, dropout: float = 0.0) -> FusedLoRALinear:
     g = torch.Generator().manual_seed(sum(ranks))
     base = Linear(I, O, bias, dtype, "cpu")
@@ -216,7 +209,7 @@ def test_triton_layer_equals_reference(mix, dtype):
     layer = _layer(ranks, dtype, bias=mix != "zipf", dropout=0.25 if mix in ("distinct", "skewed") else 0.0)
     layer.backend = "triton"
     segs, t = _segments(mix, [f"a{i}" for i in range(len(ranks))])
-    batch = _keyed(segs, t)
+    batch = keyed_batch(segs, t)
     g = torch.Generator().manual_seed(7)
     x = torch.randn(t, I, generator=g).to(dtype)
     grad = torch.randn(t, O, generator=g).to(dtype)
@@ -227,7 +220,7 @@ def test_triton_layer_equals_reference(mix, dtype):
     assert y.dtype == dtype and _rel(y, y_ref) < tol
     assert _rel(dx, dx_ref) < tol
     if mix in ("distinct", "skewed"):  # with dropout: other keys give the reference other masks
-        _, dx_other, _ = _run(layer, x, _keyed(segs, t, seed=2), grad, use_reference=True, seed=3)
+        _, dx_other, _ = _run(layer, x, keyed_batch(segs, t, seed=2), grad, use_reference=True, seed=3)
         assert _rel(dx, dx_other) > 20 * tol
     used = {s.adapter for s in segs if s.adapter in layer.specs}
     assert {n.split(".")[-1] for n in grads} == used  # adapters without rows get no gradient
@@ -353,7 +346,7 @@ def test_triton_layer_on_quantized_base_equals_reference_on_dense_twin(mode):
         quant.add(spec, a, b)
         dense.add(spec, a.clone(), b.clone())
     quant.backend = "triton"
-    batch = _keyed((Segment("a0", 0, 9), Segment(None, 9, 12), Segment("a1", 12, 30)), 30)
+    batch = keyed_batch((Segment("a0", 0, 9), Segment(None, 9, 12), Segment("a1", 12, 30)), 30)
     x, grad = torch.randn(30, 64, generator=g), torch.randn(30, 48, generator=g)
     y, dx, grads = _run(quant.train(), x, batch, grad, use_reference=False, seed=2)
     y_ref, dx_ref, grads_ref = _run(dense.train(), x, batch, grad, use_reference=True, seed=2)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -22,10 +21,10 @@ import yaml
 
 pytest.importorskip("bitsandbytes")
 
+from helpers.batches import keyed_batch
 from lorafleet.batch import FusedBatch, Segment
 from lorafleet.config import ConfigError, parse_config
 from lorafleet.lora import AdapterSpec, FusedLoRALinear, add_adapter, reference_fused_lora
-from lorafleet.masks import sequence_key, token_rows
 from lorafleet.models import Decoder, ModelConfig
 from lorafleet.models.decoder import Linear
 from lorafleet.models.quant import (
@@ -136,10 +135,7 @@ def test_adapters_on_quantized_base_equal_reference_on_dense_twin(mode):
     quant.backend = "torch"
     segs = (Segment("a0", 0, 9), Segment(None, 9, 12), Segment("a1", 12, 30), Segment("d2", 30, 41))
     segs = tuple(s for s in segs if s.adapter is None or s.adapter in quant.specs)
-    keys = [sequence_key(5, 0, i, "sft") for i in range(len(segs))]  # a1's dropout: keyed masks
-    lens = [s.end - s.start for s in segs]
-    pos = torch.cat([torch.arange(n) for n in lens])
-    batch = SimpleNamespace(segments=segs, dropout_rows=token_rows(keys, lens, pos))
+    batch = keyed_batch(segs, 41, seed=5)  # a1's dropout: keyed masks
     x, grad = torch.randn(41, I), torch.randn(41, O)
     y, dx, grads = _step(quant, x, batch, grad, reference=False)
     y_ref, dx_ref, grads_ref = _step(dense, x, batch, grad, reference=True)
