@@ -174,7 +174,7 @@ class WorkerError(RuntimeError):
 def _corpus_pairs() -> list[dict[str, str]]:
     import chatterbot_corpus
 
-    from lorafleet.data.formats import chatterbot_to_prompt_completion
+    from lorafleet.data.chatterbot import chatterbot_to_prompt_completion
 
     root = Path(next(iter(chatterbot_corpus.__path__))) / "data" / "english"
     pairs: list[dict[str, str]] = []

@@ -22,7 +22,7 @@ _DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "demo.yaml"
 
 def write_demo_data(cfg, tokenizer) -> dict[str, str]:
     """Write each dataset of the demo config from its chatterbot category; returns one question per dataset."""
-    from .data.formats import chatterbot_to_prompt_completion
+    from .data.chatterbot import chatterbot_to_prompt_completion
 
     questions = {}
     for ds in cfg.datasets:

@@ -1,5 +1,6 @@
 """Datasets: read rows from files (``sources``) and turn them into token ids and supervision (``formats``)."""
 
+from .chatterbot import chatterbot_to_prompt_completion
 from .formats import (
     SFT_FORMATS,
     Example,
@@ -7,7 +8,6 @@ from .formats import (
     Tokenizer,
     alpaca_example,
     chat_example,
-    chatterbot_to_prompt_completion,
     load_examples,
     preference_example,
     prompt_completion_example,

@@ -37,14 +37,11 @@ Every missing or mistyped field raises ``DataError`` naming ``file:line`` and th
 
 from __future__ import annotations
 
-import difflib
-import importlib.util
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
+from .fields import check_max_seq_len, messages_field, report_unsupervised, text_field
 from .sources import DataError, Row, read_rows
 
 if TYPE_CHECKING:
@@ -59,7 +56,6 @@ __all__ = [
     "Tokenizer",
     "alpaca_example",
     "chat_example",
-    "chatterbot_to_prompt_completion",
     "load_examples",
     "preference_example",
     "prompt_completion_example",
@@ -228,7 +224,7 @@ def tokenize_rows(rows: Sequence[Row], fmt: str, tokenizer: Tokenizer, max_seq_l
     if fmt not in SFT_FORMATS:
         hint = "; preference rows go through tokenize_preference_rows" if fmt == "preference" else ""
         raise ValueError(f"format {fmt!r} is not one of {', '.join(SFT_FORMATS)}{hint}")
-    _check_len(max_seq_len)
+    check_max_seq_len(max_seq_len)
     build = {"prompt_completion": _pc_row, "chat": _chat_row, "alpaca": _alpaca_row, "text": _text_row}[fmt]
     examples: list[Example] = []
     empty: list[Row] = []
@@ -243,7 +239,7 @@ def tokenize_rows(rows: Sequence[Row], fmt: str, tokenizer: Tokenizer, max_seq_l
             examples.append(Example(ex.tokens, ex.mask, row.where))
         else:
             empty.append(row)
-    _report_empty(empty, len(rows), examples, max_seq_len)
+    report_unsupervised(empty, len(rows), examples, max_seq_len)
     return examples
 
 
@@ -251,7 +247,7 @@ def tokenize_preference_rows(
     rows: Sequence[Row], tokenizer: Tokenizer, max_seq_len: int
 ) -> list[PreferenceExample]:
     """``PreferenceExample``s of ``preference`` rows; rows left without answer tokens are skipped (warning)."""
-    _check_len(max_seq_len)
+    check_max_seq_len(max_seq_len)
     examples: list[PreferenceExample] = []
     empty: list[Row] = []
     for row in rows:
@@ -259,9 +255,9 @@ def tokenize_preference_rows(
         values = []
         for name in ("prompt", "chosen", "rejected"):
             if chat:
-                values.append(_messages(row, name, only_assistant=name != "prompt"))
+                values.append(messages_field(row, name, only_assistant=name != "prompt"))
             else:
-                values.append(_text(row, name))
+                values.append(text_field(row, name))
         try:
             ex = preference_example(*values, tokenizer=tokenizer, max_seq_len=max_seq_len)
         except ValueError as e:
@@ -270,7 +266,7 @@ def tokenize_preference_rows(
             examples.append(PreferenceExample(ex.prompt, ex.chosen, ex.rejected, row.where))
         else:
             empty.append(row)
-    _report_empty(empty, len(rows), examples, max_seq_len)
+    report_unsupervised(empty, len(rows), examples, max_seq_len)
     return examples
 
 
@@ -289,121 +285,23 @@ def load_examples(
 
 
 def _pc_row(row: Row, tokenizer: Tokenizer, max_seq_len: int) -> Example:
-    return prompt_completion_example(_text(row, "prompt"), _text(row, "completion"), tokenizer, max_seq_len)
+    return prompt_completion_example(
+        text_field(row, "prompt"), text_field(row, "completion"), tokenizer, max_seq_len
+    )
 
 
 def _alpaca_row(row: Row, tokenizer: Tokenizer, max_seq_len: int) -> Example:
-    instruction, output = _text(row, "instruction"), _text(row, "output")
-    inp = _text(row, "input", required=False)
+    instruction, output = text_field(row, "instruction"), text_field(row, "output")
+    inp = text_field(row, "input", required=False)
     return alpaca_example(instruction, inp, output, tokenizer, max_seq_len)
 
 
 def _text_row(row: Row, tokenizer: Tokenizer, max_seq_len: int) -> Example:
-    return text_example(_text(row, "text"), tokenizer, max_seq_len)
+    return text_example(text_field(row, "text"), tokenizer, max_seq_len)
 
 
 def _chat_row(row: Row, tokenizer: Tokenizer, max_seq_len: int) -> Example:
-    return chat_example(_messages(row, "messages"), tokenizer, max_seq_len)
-
-
-def _text(row: Row, name: str, required: bool = True) -> str:
-    value = row.data.get(name)
-    if value is None:
-        if not required:
-            return ""
-        present = ", ".join(repr(k) for k in row.data) or "none"
-        raise DataError(
-            row.file, row.line, f"missing field {name!r} (fields present: {present})", _needs(row, name)
-        )
-    if not isinstance(value, str):
-        raise DataError(
-            row.file,
-            row.line,
-            f"field {name!r} is {type(value).__name__} {_short(value)}, expected a string",
-            f"write {name} as a string",
-        )
-    return value
-
-
-def _messages(row: Row, name: str, only_assistant: bool = False) -> list[dict[str, str]]:
-    value = row.data.get(name)
-    if value is None:
-        present = ", ".join(repr(k) for k in row.data) or "none"
-        raise DataError(
-            row.file, row.line, f"missing field {name!r} (fields present: {present})", _needs(row, name)
-        )
-    example = '[{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]'
-    if not isinstance(value, list) or not value:
-        raise DataError(
-            row.file,
-            row.line,
-            f"field {name!r} is {_short(value)}, expected a non-empty list of messages",
-            f"write {example}",
-        )
-    out = []
-    for i, m in enumerate(value):
-        if not isinstance(m, dict):
-            raise DataError(
-                row.file,
-                row.line,
-                f"{name}[{i}] is {_short(m)}, expected a message object",
-                f"write {example}",
-            )
-        for key in ("role", "content"):
-            if not isinstance(m.get(key), str):
-                got = "missing" if key not in m else f"{type(m[key]).__name__} {_short(m[key])}"
-                raise DataError(
-                    row.file,
-                    row.line,
-                    f"{name}[{i}].{key} is {got}, expected a string",
-                    f"give every message a string {key}",
-                )
-        if only_assistant and m["role"] != "assistant":
-            raise DataError(
-                row.file,
-                row.line,
-                f"{name}[{i}].role is {m['role']!r}, but an answer holds assistant messages only",
-                "move other turns into the prompt",
-            )
-        out.append({"role": m["role"], "content": m["content"]})
-    return out
-
-
-_REQUIRED = {
-    "prompt_completion": ("prompt", "completion"),
-    "chat": ("messages",),
-    "alpaca": ("instruction", "output"),
-    "text": ("text",),
-    "preference": ("prompt", "chosen", "rejected"),
-    "unpaired_preference": ("prompt", "completion", "label"),
-}
-
-
-def _needs(row: Row, name: str) -> str:
-    for fmt, fields in _REQUIRED.items():
-        if name in fields:
-            close = difflib.get_close_matches(name, [str(k) for k in row.data], n=1, cutoff=0.6)
-            hint = f" (is {close[0]!r} meant to be {name!r}?)" if close else ""
-            return f"a {fmt} row needs {', '.join(repr(f) for f in fields)}{hint}"
-    return f"add {name!r}"
-
-
-def _report_empty(empty: list[Row], total: int, kept: list[Any], max_seq_len: int) -> None:
-    if not empty:
-        return
-    first = empty[0]
-    if not kept:
-        raise DataError(
-            first.file,
-            first.line,
-            f"no row has a token left to learn from after cutting to max_seq_len = {max_seq_len}",
-            "raise the task's max_seq_len or shorten the prompts",
-        )
-    warnings.warn(
-        f"{first.file}: {len(empty)} of {total} rows have no supervised token after cutting to max_seq_len = "
-        f"{max_seq_len} and are skipped (first at line {first.line}); raise max_seq_len or shorten their prompts",
-        stacklevel=3,
-    )
+    return chat_example(messages_field(row, "messages"), tokenizer, max_seq_len)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -424,11 +322,6 @@ def _eos(tokenizer: Tokenizer) -> int:
             "the tokenizer has no eos token, which ends every example; use a tokenizer that has one"
         )
     return int(eos)
-
-
-def _check_len(max_seq_len: int) -> None:
-    if max_seq_len < 2:
-        raise ValueError(f"max_seq_len = {max_seq_len}; an example needs at least 2 tokens to learn anything")
 
 
 def _render(tokenizer: Tokenizer, messages: Sequence[dict[str, str]], add_generation_prompt: bool) -> str:
@@ -468,52 +361,3 @@ def _prefix_tokens(
             "with a special token in the template, or use the prompt_completion format"
         )
     return len(ids)
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The chatterbot corpus (bundled demo data).
-
-
-def chatterbot_to_prompt_completion(category: str, language: str = "english") -> list[dict[str, str]]:
-    """Prompt/completion pairs from the installed ``chatterbot_corpus`` package's ``<language>/<category>.yml``.
-
-    Each conversation ``[t0, t1, t2, ...]`` gives the consecutive pairs ``(t0, t1), (t1, t2), ...`` (the
-    corpus' own reading: every statement answers the one before it). Entries that are not lists of at least
-    two strings are skipped; the YAML is read with every scalar as text, so an answer such as ``yes`` stays
-    the string "yes".
-    """
-    import yaml
-
-    spec = importlib.util.find_spec("chatterbot_corpus")
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError(
-            "the chatterbot_corpus package is not installed; pip install --no-deps chatterbot-corpus==1.3.3"
-        )
-    root = Path(next(iter(spec.submodule_search_locations))) / "data"
-    folder = root / language
-    if not folder.is_dir():
-        raise ValueError(_unknown("language", language, sorted(p.name for p in root.iterdir() if p.is_dir())))
-    path = folder / f"{category}.yml"
-    if not path.is_file():
-        raise ValueError(
-            _unknown(f"{language} category", category, sorted(p.stem for p in folder.glob("*.yml")))
-        )
-    doc = yaml.load(path.read_text(encoding="utf-8"), Loader=yaml.BaseLoader) or {}
-    pairs: list[dict[str, str]] = []
-    for conv in doc.get("conversations", []) if isinstance(doc, dict) else []:
-        if not isinstance(conv, list) or len(conv) < 2 or not all(isinstance(t, str) for t in conv):
-            continue
-        turns = [t.strip() for t in conv]
-        pairs.extend({"prompt": a, "completion": b} for a, b in zip(turns, turns[1:]))
-    return pairs
-
-
-def _unknown(kind: str, name: str, known: list[str]) -> str:
-    close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
-    hint = f"did you mean {close[0]!r}? " if close else ""
-    return f"chatterbot corpus has no {kind} {name!r}; {hint}available: {', '.join(known)}"

@@ -14,16 +14,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .formats import (
-    Tokenizer,
-    _check_len,
-    _messages,
-    _needs,
-    _report_empty,
-    _short,
-    _text,
-    preference_example,
+from .fields import (
+    check_max_seq_len,
+    messages_field,
+    missing_field,
+    report_unsupervised,
+    short_repr,
+    text_field,
 )
+from .formats import Tokenizer, preference_example
 from .sources import DataError, Row
 
 __all__ = ["UnpairedExample", "tokenize_unpaired_rows"]
@@ -43,26 +42,26 @@ def tokenize_unpaired_rows(
     rows: Sequence[Row], tokenizer: Tokenizer, max_seq_len: int
 ) -> list[UnpairedExample]:
     """``UnpairedExample``s of ``unpaired_preference`` rows; rows left without completion tokens are skipped."""
-    _check_len(max_seq_len)
+    check_max_seq_len(max_seq_len)
     examples: list[UnpairedExample] = []
     empty: list[Row] = []
     for row in rows:
         chat = isinstance(row.data.get("prompt"), list)
         if chat:
-            prompt, completion = _messages(row, "prompt"), _messages(row, "completion", only_assistant=True)
+            prompt, completion = (
+                messages_field(row, "prompt"),
+                messages_field(row, "completion", only_assistant=True),
+            )
         else:
-            prompt, completion = _text(row, "prompt"), _text(row, "completion")
+            prompt, completion = text_field(row, "prompt"), text_field(row, "completion")
         label = row.data.get("label")
         if label is None:
-            present = ", ".join(repr(k) for k in row.data) or "none"
-            raise DataError(
-                row.file, row.line, f"missing field 'label' (fields present: {present})", _needs(row, "label")
-            )
+            raise missing_field(row, "label")
         if not isinstance(label, bool):
             raise DataError(
                 row.file,
                 row.line,
-                f"field 'label' is {type(label).__name__} {_short(label)}, expected true or false",
+                f"field 'label' is {type(label).__name__} {short_repr(label)}, expected true or false",
                 "write label as a JSON boolean: true (desirable) or false (undesirable)",
             )
         try:
@@ -76,5 +75,5 @@ def tokenize_unpaired_rows(
             examples.append(UnpairedExample(ex.prompt, ex.chosen, label, row.where))
         else:
             empty.append(row)
-    _report_empty(empty, len(rows), examples, max_seq_len)
+    report_unsupervised(empty, len(rows), examples, max_seq_len)
     return examples
