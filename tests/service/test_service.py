@@ -117,6 +117,7 @@ def test_files_jobs_and_tenant_isolation(api):
         "type": "supervised",
         "supervised": {"hyperparameters": {"batch_size": 8, "n_epochs": 1, "learning_rate_multiplier": 1.0}},
         "dpo": None,
+        "kto": None,
     }
     # a job naming another tenant's file: refused, with the same words as for a missing file
     r = client.post("/v1/fine_tuning/jobs", headers=h["bob"], json={"training_file": f["id"]})

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from ..config.peft import CONFIG_NAME, WEIGHTS_NAME, peft_adapter_config
 from ..models.decoder import Decoder
 from .adapters import (
     LINEAR_TARGETS,
@@ -37,11 +38,7 @@ from .experts import EXPERT_TARGETS, expert_peft_keys
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "load_peft", "read_peft", "save_peft"]
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
 _LEGACY_WEIGHTS_NAME = "adapter_model.bin"
-# The PEFT release whose adapter_config.json fields this module writes.
-_PEFT_FORMAT_VERSION = "0.21.2"
 _KEY = re.compile(
     r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.([a-z_]+(?:\.base_layer)*)\."
     r"(lora_A\.weight|lora_B\.weight|lora_magnitude_vector(?:\.weight)?)$"
@@ -100,50 +97,10 @@ def _canonical(key: str) -> str:
 
 
 def _config_dict(spec: AdapterSpec, base_model_name_or_path: str | None) -> dict:
-    alpha = int(spec.alpha) if float(spec.alpha).is_integer() else spec.alpha
-    return {
-        "alora_invocation_tokens": None,
-        "alpha_pattern": {},
-        "arrow_config": None,
-        "auto_mapping": None,
-        "base_model_name_or_path": base_model_name_or_path,
-        "bias": "none",
-        "corda_config": None,
-        "ensure_weight_tying": False,
-        "eva_config": None,
-        "exclude_modules": None,
-        "fan_in_fan_out": False,
-        "inference_mode": True,
-        "init_lora_weights": True,
-        "kasa_config": None,
-        "layer_replication": None,
-        "layers_pattern": None,
-        "layers_to_transform": None,
-        "loftq_config": {},
-        "lora_alpha": alpha,
-        "lora_bias": False,
-        "lora_dropout": spec.dropout,
-        "lora_ga_config": None,
-        "megatron_config": None,
-        "megatron_core": "megatron.core",
-        "modules_to_save": None,
-        "monteclora_config": None,
-        "peft_type": "LORA",
-        "peft_version": _PEFT_FORMAT_VERSION,
-        "qalora_group_size": 16,
-        "r": spec.rank,
-        "rank_pattern": {},
-        "revision": None,
-        "target_modules": sorted(t for t in spec.target_modules if t in LINEAR_TARGETS),
-        "target_parameters": sorted(t for t in spec.target_modules if t in EXPERT_TARGETS) or None,
-        "task_type": "CAUSAL_LM",
-        "trainable_token_indices": None,
-        "use_bdlora": None,
-        "use_dora": spec.kind == "dora",
-        "use_qalora": False,
-        "use_rslora": spec.use_rslora,
-        "velora_config": None,
-    }
+    return peft_adapter_config(
+        spec.kind, spec.rank, spec.alpha, spec.dropout, spec.use_rslora, spec.target_modules,
+        base_model_name_or_path,
+    )  # fmt: skip
 
 
 def _check_state(spec: AdapterSpec, state: dict[str, torch.Tensor], where: str) -> None:

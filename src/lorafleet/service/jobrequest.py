@@ -2,9 +2,14 @@
 
 What the official ``openai`` SDK sends (``client.fine_tuning.jobs.create(...)``) is accepted as it is:
 
-- ``method``: ``{"type": "supervised", "supervised": {"hyperparameters": {...}}}`` or
-  ``{"type": "dpo", "dpo": {"hyperparameters": {...}}}`` (``reinforcement`` is refused: lorafleet has no
+- ``method``: ``{"type": "supervised", "supervised": {"hyperparameters": {...}}}``,
+  ``{"type": "dpo", "dpo": {"hyperparameters": {...}}}`` or lorafleet's ``{"type": "kto", "kto":
+  {"hyperparameters": {...}}}`` (TRL's KTO on unpaired rows; ``reinforcement`` is refused: lorafleet has no
   grader);
+- ``model``: the served base model, or one of the tenant's fine-tuned models or checkpoints, which the job
+  continues from (as OpenAI fine-tunes a fine-tuned model); ``api/starts.py`` resolves it;
+- ``reference`` in dpo and kto hyperparameters (lorafleet's extension): ``"auto"`` (the model the job
+  continues from, else the base), ``"base"``, ``"init"`` or one of the tenant's model ids;
 - the legacy top-level ``hyperparameters`` (``batch_size``, ``learning_rate_multiplier``, ``n_epochs``),
   which means a supervised job; not together with ``method``;
 - every hyperparameter may be ``"auto"``, which means the documented default (``AUTO_DEFAULTS``): batch
@@ -42,6 +47,7 @@ __all__ = [
     "AdapterSettings",
     "JobCreate",
     "LorafleetSettings",
+    "PREFERENCE_METHODS",
     "PreferenceSettings",
     "TrainingSettings",
 ]
@@ -52,6 +58,8 @@ AUTO_DEFAULTS: dict[str, float | int] = {
     "n_epochs": 3,
     "learning_rate_multiplier": 1.0,
     "beta": 0.1,
+    "desirable_weight": 1.0,
+    "undesirable_weight": 1.0,
 }
 ENGINE_SEED = 0  # the engine's run seed (``EngineSettings.run_config``); every job's task brings its own seed
 
@@ -155,6 +163,21 @@ class SupervisedHyperparameters(StrictRequest):
 
 class DpoHyperparameters(SupervisedHyperparameters):
     beta: _Auto | float = Field("auto", description="strength of the preference term (auto: 0.1)")
+    reference: str = Field(
+        "auto", min_length=1, max_length=600,
+        description="lorafleet's extension: the frozen reference. auto: the model the job continues from "
+        "(its starting adapter), else the base; base; init (the starting adapter; needs model to name a "
+        "fine-tuned model or checkpoint); or the id of another of your fine-tuned models or checkpoints",
+    )  # fmt: skip
+
+
+class KtoHyperparameters(DpoHyperparameters):
+    desirable_weight: _Auto | float = Field(
+        "auto", description="weight of desirable rows' losses (auto: 1.0)"
+    )
+    undesirable_weight: _Auto | float = Field(
+        "auto", description="weight of undesirable rows' losses (auto: 1.0)"
+    )
 
 
 class SupervisedMethod(StrictRequest):
@@ -165,17 +188,32 @@ class DpoMethod(StrictRequest):
     hyperparameters: DpoHyperparameters = Field(default_factory=DpoHyperparameters)
 
 
+class KtoMethod(StrictRequest):
+    hyperparameters: KtoHyperparameters = Field(default_factory=KtoHyperparameters)
+
+
+_METHODS: dict[str, type[StrictRequest]] = {
+    "supervised": SupervisedMethod,
+    "dpo": DpoMethod,
+    "kto": KtoMethod,
+}
+PREFERENCE_METHODS = ("dpo", "kto")  # the methods with a reference model
+
+
 class Method(StrictRequest):
-    type: Literal["supervised", "dpo", "reinforcement"]
+    type: Literal["supervised", "dpo", "kto", "reinforcement"]
     supervised: SupervisedMethod | None = None
     dpo: DpoMethod | None = None
+    kto: KtoMethod | None = None
     reinforcement: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _one_kind(self) -> Method:
         if self.type == "reinforcement":
-            raise ValueError("reinforcement fine-tuning is not supported here: use 'supervised' or 'dpo'")
-        for other in ("supervised", "dpo", "reinforcement"):
+            raise ValueError(
+                "reinforcement fine-tuning is not supported here: use 'supervised', 'dpo' or 'kto'"
+            )
+        for other in ("supervised", "dpo", "kto", "reinforcement"):
             if other != self.type and getattr(self, other) is not None:
                 raise ValueError(f"method.{other} is given but method.type is {self.type!r}: remove one")
         return self
@@ -184,13 +222,18 @@ class Method(StrictRequest):
 def _resolve(hp: SupervisedHyperparameters) -> dict[str, Any]:
     out = {}
     for key, value in hp.model_dump().items():
+        if key == "reference":  # resolved against the tenant's models by api/starts.py
+            out[key] = value
+            continue
         v = AUTO_DEFAULTS[key] if value == "auto" else value
         bounds = {"batch_size": (1, 1024), "n_epochs": (1, 100)}
         if key in bounds and not bounds[key][0] <= v <= bounds[key][1]:
             raise ValueError(
                 f"{key} must be 'auto' or between {bounds[key][0]} and {bounds[key][1]} (got {v})"
             )
-        if key in ("learning_rate_multiplier", "beta") and not 0 < v <= 100:
+        if key in ("learning_rate_multiplier", "beta", "desirable_weight", "undesirable_weight") and not (
+            0 < v <= 100
+        ):
             raise ValueError(f"{key} must be 'auto' or in (0, 100] (got {v})")
         out[key] = v
     return out
@@ -205,13 +248,22 @@ _HOME_CLASSES: dict[str, type[BaseModel]] = {
 }
 _EXTENSION_HOMES = {
     name: home for home, model in reversed(_HOME_CLASSES.items()) for name in model.model_fields
-} | {"learning_rate": "learning_rate_multiplier (times 1e-4)"}
+} | {
+    "learning_rate": "learning_rate_multiplier (times 1e-4)",
+    "reference": "method.dpo.hyperparameters or method.kto.hyperparameters",
+    "desirable_weight": "method.kto.hyperparameters",
+    "undesirable_weight": "method.kto.hyperparameters",
+}
 
 
 class JobCreate(StrictRequest):
     """``POST /v1/fine_tuning/jobs`` (see the module docstring)."""
 
-    model: str | None = Field(None, max_length=512, description="the served base model (omit it or name it)")
+    model: str | None = Field(
+        None, max_length=600,
+        description="the served base model (omit it or name it), or one of your fine-tuned models or "
+        "checkpoints to continue from (its adapter is the job's starting point)",
+    )  # fmt: skip
     training_file: str = Field(pattern=FILE_ID_PATTERN, description="id of an uploaded JSONL file")
     validation_file: str | None = Field(None, pattern=FILE_ID_PATTERN)
     hyperparameters: SupervisedHyperparameters | None = Field(
@@ -242,7 +294,26 @@ class JobCreate(StrictRequest):
                 raise ValueError("metadata keys are 1 to 64 characters and values at most 512")
         if self.lorafleet.preference is not None and self.method_type != "dpo":
             raise ValueError("lorafleet.preference applies to dpo jobs only: set method.type to 'dpo'")
+        pref = self.lorafleet.preference
+        if pref is not None and pref.objective == "orpo" and self.hyperparameter("reference") != "auto":
+            raise ValueError(
+                "orpo has no reference model: remove method.dpo.hyperparameters.reference, or use objective dpo"
+            )
         return self
+
+    def hyperparameter(self, name: str) -> Any:
+        """The request's value of hyperparameter ``name`` ("auto" when not given; None when the method has no
+        such hyperparameter)."""
+        sub = getattr(self.method, self.method_type, None) if self.method is not None else None
+        hp = sub.hyperparameters if sub is not None else _METHODS[self.method_type]().hyperparameters
+        return getattr(hp, name, None)
+
+    def adapter_fields_given(self) -> set[str]:
+        """The ``lorafleet.adapter`` fields the request sets (a job that continues from a model inherits the
+        others from it)."""
+        if "adapter" not in self.lorafleet.model_fields_set:
+            return set()
+        return set(self.lorafleet.adapter.model_fields_set)
 
     @property
     def method_type(self) -> str:
@@ -253,7 +324,7 @@ class JobCreate(StrictRequest):
         for a hyperparameter out of range."""
         kind = self.method_type
         if self.method is not None:
-            sub = getattr(self.method, kind) or (SupervisedMethod() if kind == "supervised" else DpoMethod())
+            sub = getattr(self.method, kind) or _METHODS[kind]()
             hp = sub.hyperparameters
         else:
             hp = self.hyperparameters or SupervisedHyperparameters()

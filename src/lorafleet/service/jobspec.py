@@ -6,6 +6,12 @@ the worker calls it again to get the ``DatasetConfig``, ``AdapterConfig`` and ``
 ``Engine.add_task``. Names: the task is the job id (so checkpoints live in ``checkpoints/<job id>/``), the
 adapter is the job's adapter id (``adapters/<adapter id>/``), datasets are ``<job id>.train`` and
 ``<job id>.eval``.
+
+A job that continues from one of the tenant's models (``spec["init"]``) starts from a snapshot of that
+adapter taken when the job was created, ``start_folder(output_dir, job id) / "init"`` (the adapter's
+``init_from``), and a reference that names a model is its snapshot in ``.../reference``; ``api/starts.py``
+writes both. The snapshots keep the job reproducible after the source model is deleted or its checkpoints
+are pruned.
 """
 
 from __future__ import annotations
@@ -26,7 +32,15 @@ from ..config import (
 )
 from .jobrequest import BASE_LEARNING_RATE, ENGINE_SEED
 
-__all__ = ["EngineSettings", "JobConfigs", "job_configs", "model_name"]
+__all__ = ["REFERENCE_KEYWORDS", "EngineSettings", "JobConfigs", "job_configs", "model_name", "start_folder"]
+
+REFERENCE_KEYWORDS = ("base", "init")  # a stored reference that is not one of these names a model snapshot
+
+
+def start_folder(output_dir: Path, job_id: str) -> Path:
+    """The folder of a job's start snapshots: ``init`` (its starting adapter) and ``reference``, both PEFT
+    folders. ``job_id`` is a server-made id (checked against its pattern by the caller's ``DataDir``)."""
+    return Path(output_dir) / "starts" / job_id
 
 
 def model_name(base_model: str) -> str:
@@ -102,7 +116,10 @@ _FIELD_NAMES = {
     "tasks[0].early_stopping_patience": f"{_TR}.early_stopping_patience",
     "tasks[0].max_grad_norm": f"{_TR}.max_grad_norm",
     "tasks[0].type": "method.type",
-    "tasks[0].beta": "method.dpo.hyperparameters.beta",
+    "tasks[0].beta": "method.<type>.hyperparameters.beta",
+    "tasks[0].desirable_weight": "method.kto.hyperparameters.desirable_weight",
+    "tasks[0].undesirable_weight": "method.kto.hyperparameters.undesirable_weight",
+    "tasks[0].reference": "method.<type>.hyperparameters.reference",
     "tasks[0].loss_type": "lorafleet.preference.loss_type",
     "tasks[0].label_smoothing": "lorafleet.preference.label_smoothing",
     "tasks[0]": "the job's settings",
@@ -165,6 +182,13 @@ def job_configs(
         task["beta"] = hp["beta"]
         if task["type"] == "dpo":
             task.update({k: pref[k] for k in ("loss_type", "label_smoothing") if k in pref})
+    if kind == "kto":
+        task.update(type="kto", beta=hp["beta"])
+        task.update({k: hp[k] for k in ("desirable_weight", "undesirable_weight")})
+    starts = start_folder(output_dir, job_id)
+    if task.get("type") in ("dpo", "kto") and hp.get("reference") not in (None, "auto"):
+        ref = hp["reference"]
+        task["reference"] = ref if ref in REFERENCE_KEYWORDS else str(starts / "reference")
     if spec.get("validation_file"):
         eval_path, eval_format = files[spec["validation_file"]]
         extra.append({"name": f"{job_id}.eval", "path": str(eval_path), "format": eval_format})
@@ -180,6 +204,8 @@ def job_configs(
         "use_rslora": ad["use_rslora"],
         "target_modules": ad["target_modules"],
     }
+    if spec.get("init"):
+        adapter["init_from"] = str(starts / "init")
     try:
         cfg = settings._one_task_run(output_dir, dataset, adapter, task, *extra)
     except ConfigError as e:

@@ -67,9 +67,10 @@ class JobHyperparameters(BaseModel):
 
 
 class JobMethod(BaseModel):
-    type: Literal["supervised", "dpo"]
+    type: Literal["supervised", "dpo", "kto"]
     supervised: dict[str, Any] | None = None
     dpo: dict[str, Any] | None = None
+    kto: dict[str, Any] | None = None
 
 
 class JobProgress(LorafleetSettings):

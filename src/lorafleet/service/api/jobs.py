@@ -15,6 +15,7 @@ from ..jobspec import job_configs
 from ..schemas import CheckpointObject, EventObject, JobError, JobObject, ListResponse
 from ..store import ACTIVE_STATUSES, EventRecord, JobRecord
 from .deps import JobId, Limit, ServiceDep, Tenant, checkpoint_model_id, cursor
+from .starts import remove_starts, resolve_starts, starting_model, write_starts
 
 __all__ = ["job_object", "router"]
 
@@ -37,13 +38,18 @@ def _job_error(message: str) -> JobError:
     return JobError(code="invalid_file" if param else "training_failed", message=message, param=param)
 
 
+def _model(spec: dict) -> str:
+    """A job's ``model``: what it continues from (as OpenAI shows it), else its base model."""
+    return (spec.get("init") or {}).get("model") or spec["model"]
+
+
 def job_object(j: JobRecord) -> JobObject:
     """The OpenAI job object of a stored job (``fine_tuned_model``: its adapter id, once succeeded)."""
     s = j.spec
     kind = s["method"]["type"]
     hp = s["method"][kind]["hyperparameters"]
     return JobObject(
-        id=j.id, model=s["model"], created_at=int(j.created_at), started_at=_ts(j.started_at),
+        id=j.id, model=_model(s), created_at=int(j.created_at), started_at=_ts(j.started_at),
         finished_at=_ts(j.finished_at), status=j.status, training_file=s["training_file"],
         validation_file=s.get("validation_file"), hyperparameters=hp, method=s["method"],
         fine_tuned_model=j.adapter_id if j.status == "succeeded" else None, organization_id=j.tenant,
@@ -64,9 +70,11 @@ def _event_object(e: EventRecord) -> EventObject:
 
 @router.post("", response_model=JobObject)
 def create_job(body: JobCreate, tenant_: Tenant, svc: ServiceDep) -> JobObject:
-    """Create a job. It starts in ``validating_files``; the worker queues it and trains it."""
+    """Create a job. It starts in ``validating_files``; the worker queues it and trains it. ``model`` may name
+    one of the tenant's fine-tuned models or checkpoints to continue from (``api/starts.py``)."""
     store, dd = svc.store, svc.dd
-    if body.model is not None and body.model != svc.served_model:
+    init = starting_model(svc, tenant_, body.model)
+    if init is None and body.model is not None and body.model != svc.served_model:
         # a fleet serves the base models its workers announce, besides this server's own
         fleet = svc.base_models()
         if body.model not in fleet:
@@ -86,6 +94,7 @@ def create_job(body: JobCreate, tenant_: Tenant, svc: ServiceDep) -> JobObject:
     except ValueError as e:
         raise ApiError(400, str(e), param="hyperparameters", code="invalid_hyperparameters") from None
     spec["model"] = body.model or svc.served_model
+    starts = resolve_starts(svc, tenant_, body, spec, init)
     job = JobRecord(
         id=new_job_id(), tenant=tenant_, status="validating_files", spec=spec,
         adapter_id=new_adapter_id(body.suffix), created_at=time.time(), priority=body.lorafleet.priority,
@@ -94,11 +103,16 @@ def create_job(body: JobCreate, tenant_: Tenant, svc: ServiceDep) -> JobObject:
     for fid in filter(None, (body.training_file, body.validation_file)):
         rec = store.get_file(tenant_, fid)
         files[fid] = (dd.file_path(fid), rec.format if rec else "")
-    try:  # what the engine's config would refuse is refused now, not after the job was queued
-        job_configs(spec, job.id, job.adapter_id, files, svc.settings.engine, dd.engine)
-    except ValueError as e:
-        raise ApiError(400, str(e), code="invalid_job") from None
-    store.add_job(job)
+    write_starts(svc, job.id, starts, spec["model"])
+    try:
+        try:  # what the engine's config would refuse is refused now, not after the job was queued
+            job_configs(spec, job.id, job.adapter_id, files, svc.settings.engine, dd.engine)
+        except ValueError as e:
+            raise ApiError(400, str(e), code="invalid_job") from None
+        store.add_job(job)
+    except BaseException:  # the job does not exist: neither do its snapshots
+        remove_starts(svc, job.id)
+        raise
     store.add_events([EventRecord(job.id, "message", "Created fine-tuning job", time.time())])
     return job_object(job)
 
