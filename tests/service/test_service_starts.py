@@ -64,6 +64,11 @@ def _fine_tuned(app, model_dir, tenant: str, rank: int, targets, seed: int, mode
     return job
 
 
+def _no_snapshots(app) -> bool:
+    starts = DataDir(app.state.settings.data_dir).engine / "starts"
+    return not starts.exists() or not any(starts.iterdir())
+
+
 @pytest.fixture()
 def api(tmp_path, tiny_model_dir):
     with api_client(tmp_path) as (client, headers, app):
@@ -177,7 +182,7 @@ def test_another_tenants_model_is_the_404_of_a_missing_one(api, tiny_model_dir):
     r = client.post(JOBS, headers=h["alice"], json={"model": f"{src.adapter_id}:ckpt-step-3",
                                                      "training_file": files["alice", "sft"]})  # fmt: skip
     assert r.status_code == 404
-    assert not (DataDir(app.state.settings.data_dir).engine / "starts").exists()  # nothing was kept
+    assert _no_snapshots(app)  # nothing was kept
 
 
 @pytest.mark.parametrize(
@@ -197,6 +202,11 @@ def test_another_tenants_model_is_the_404_of_a_missing_one(api, tiny_model_dir):
          ["desirable_weight must be 'auto' or in (0, 100]"]),
         ({"type": "kto", "kto": {"hyperparameters": {"batch_size": 1}}}, {}, 400,
          ["lorafleet.training.micro_batch_size"]),
+        # refused by the engine's config after the snapshot was taken: the snapshot goes too
+        ({"type": "kto", "kto": {"hyperparameters": {"batch_size": 1}}}, {"model": "SRC"}, 400,
+         ["lorafleet.training.micro_batch_size"]),
+        ({"type": "dpo", "dpo": {"hyperparameters": {"reference": "SRC"}}},
+         {"lorafleet": {"training": {"max_seq_len": 4000}}}, 400, ["max_seq_len"]),
         ({"type": "kto", "kto": {"hyperparameters": {"bta": 0.1}}}, {}, 400, ["did you mean 'beta'"]),
         ({"type": "kto", "dpo": {}}, {}, 400, ["method.dpo is given but method.type is 'kto'"]),
     ],
@@ -207,14 +217,33 @@ def test_bad_continuations_and_kto_settings_are_400s_naming_the_field(
     client, h, app, files = api
     src = _fine_tuned(app, tiny_model_dir, "alice", 4, ["q_proj", "v_proj"], seed=1)
     data = "unpaired" if method["type"] == "kto" else "pairs" if method["type"] == "dpo" else "sft"
-    body = {"training_file": files["alice", data], "method": method, **extra}
+    body = json.loads(json.dumps({"training_file": files["alice", data], "method": method, **extra}))
+    body = json.loads(json.dumps(body).replace('"SRC"', json.dumps(src.adapter_id)))
     if "adapter" in extra.get("lorafleet", {}):
         body["model"] = src.adapter_id
     r = client.post(JOBS, headers=h["alice"], json=body)
     assert r.status_code == status, r.text
     for w in words:
         assert w in _error(r), _error(r)
-    assert not (DataDir(app.state.settings.data_dir).engine / "starts").exists()
+    assert _no_snapshots(app)
+
+
+def test_a_snapshot_that_cannot_be_written_is_a_503_and_keeps_nothing(api, tiny_model_dir, monkeypatch):
+    client, h, app, files = api
+    src = _fine_tuned(app, tiny_model_dir, "alice", 4, ["q_proj", "v_proj"], seed=1)
+    body = {"model": src.adapter_id, "training_file": files["alice", "pairs"], "method": {"type": "dpo"}}
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr("lorafleet.service.api.starts.shutil.copyfile", full)
+        r = client.post(JOBS, headers=h["alice"], json=body)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "storage_unavailable", r.text
+    assert str(app.state.settings.data_dir) not in _error(r)
+    assert [j["id"] for j in client.get(JOBS, headers=h["alice"]).json()["data"]] == [src.id]
+    assert _no_snapshots(app)
+    assert client.post(JOBS, headers=h["alice"], json=body).status_code == 200  # once the disk is back
 
 
 def test_kto_data_formats_are_checked_with_file_and_line(api):
