@@ -127,7 +127,7 @@ def _cli_losses(run: Path, task: str) -> list[float]:
     return [r["loss"] for r in recs if r.get("task") == task and r.get("kind", "train") == "train"]
 
 
-def test_sft_then_dpo_and_kto_jobs_continue_from_it_and_equal_the_cli(live, tiny_model_dir, tmp_path):
+def test_sft_then_dpo_and_kto_jobs_continue_from_it_and_equal_the_cli(live, tiny_model_dir, tmp_path, capsys):
     alice, bob = _client(live, "alice"), _client(live, "bob")
     sft = alice.fine_tuning.jobs.create(
         model=live.base, training_file=_upload(alice, "sft.jsonl", SFT), seed=3,
@@ -179,6 +179,16 @@ def test_sft_then_dpo_and_kto_jobs_continue_from_it_and_equal_the_cli(live, tiny
             model=sft.fine_tuned_model, training_file=pairs, method={"type": "dpo"},
             extra_body={"lorafleet": {"adapter": {"rank": 8}}},
         )  # fmt: skip
+
+    # the command-line client continues from a model the same way (adapter settings inherited)
+    capsys.readouterr()
+    cli = ["--url", live.url.removesuffix("/v1"), "--token", live.token("alice"), "--json"]
+    assert cli_main(["jobs", "create", "--training-file", unpaired, "--model", ckpt, "--method", "kto",
+                     "--reference", "base", "--batch-size", "2", *cli]) == 0  # fmt: skip
+    job = json.loads(capsys.readouterr().out)
+    assert job["model"] == ckpt and job["method"]["kto"]["hyperparameters"]["reference"] == "base"
+    assert job["lorafleet"]["adapter"]["rank"] == 4
+    alice.fine_tuning.jobs.cancel(job["id"])
 
     dpo, kto = _wait(alice, dpo.id), _wait(alice, kto.id)
     dpo_losses, kto_losses = _losses(alice, dpo.id), _losses(alice, kto.id)

@@ -178,27 +178,31 @@ def _print_event(ev: dict) -> None:
     print(f"  {ev['message']}", file=sys.stderr)
 
 
+_ADAPTER_FLAGS = ("type", "rank", "alpha", "dropout", "target_modules")
+
+
 def _cmd_create(args: argparse.Namespace) -> int:
     client = _client(args)
-    kind = "dpo" if args.method in ("dpo", "orpo") else "supervised"
+    kind = {"sft": "supervised", "orpo": "dpo"}.get(args.method, args.method)
     hp: dict[str, Any] = {
         "batch_size": args.batch_size, "n_epochs": args.n_epochs,
         "learning_rate_multiplier": args.learning_rate_multiplier,
     }  # fmt: skip
-    if kind == "dpo":
+    if kind in ("dpo", "kto"):
         hp["beta"] = args.beta
+    if args.method in ("dpo", "kto") and args.reference:
+        hp["reference"] = args.reference
+    if kind == "kto":
+        hp.update(desirable_weight=args.desirable_weight, undesirable_weight=args.undesirable_weight)
     training: dict[str, Any] = {"max_seq_len": args.max_seq_len}
-    for key in ("eval_every_steps", "max_steps"):
+    for key in ("eval_every_steps", "max_steps", "micro_batch_size"):
         if getattr(args, key) is not None:
             training[key] = getattr(args, key)
-    ext: dict[str, Any] = {
-        "adapter": {
-            "type": args.type, "rank": args.rank, "alpha": args.alpha, "dropout": args.dropout,
-            "target_modules": args.target_modules.split(","),
-        },
-        "training": training,
-        "priority": args.priority,
-    }  # fmt: skip
+    # only the adapter flags given: the server's defaults otherwise, or what a continued model has
+    adapter = {k: getattr(args, k) for k in _ADAPTER_FLAGS if getattr(args, k) is not None}
+    if "target_modules" in adapter:
+        adapter["target_modules"] = adapter["target_modules"].split(",")
+    ext: dict[str, Any] = {"adapter": adapter, "training": training, "priority": args.priority}
     if kind == "dpo":
         ext["preference"] = {"objective": args.method}
     body: dict[str, Any] = {
@@ -206,6 +210,8 @@ def _cmd_create(args: argparse.Namespace) -> int:
         "method": {"type": kind, kind: {"hyperparameters": hp}},
         "lorafleet": ext,
     }
+    if args.model:
+        body["model"] = args.model
     if args.validation_file:
         body["validation_file"] = _file_id(client, args.validation_file)
     if args.suffix:
@@ -302,11 +308,15 @@ def add_jobs_command(sub) -> None:
     c = jobs.add_parser("create", parents=[common], help="create a job (uploads local files first)")
     c.add_argument("--training-file", required=True, help="a file id, or a local JSONL file to upload")
     c.add_argument("--validation-file", help="a file id, or a local JSONL file to upload")
-    c.add_argument("--type", choices=["lora", "dora"], default="lora")
-    c.add_argument("--rank", type=int, default=8)
-    c.add_argument("--alpha", type=float, default=16.0)
-    c.add_argument("--dropout", type=float, default=0.0)
-    c.add_argument("--target-modules", default="q_proj,v_proj", help="comma-separated")
+    c.add_argument(
+        "--model", help="the base model (default: the server's), or a fine-tuned model or checkpoint id to "
+        "continue from (its adapter settings are kept)",
+    )  # fmt: skip
+    c.add_argument("--type", choices=["lora", "dora"], help="adapter type (default lora)")
+    c.add_argument("--rank", type=int, help="adapter rank (default 8)")
+    c.add_argument("--alpha", type=float, help="adapter alpha (default 16)")
+    c.add_argument("--dropout", type=float, help="adapter dropout (default 0)")
+    c.add_argument("--target-modules", help="comma-separated (default q_proj,v_proj)")
     c.add_argument("--batch-size", type=int, default=8)
     c.add_argument(
         "--learning-rate-multiplier", type=float, default=1.0, help="times the base learning rate 1e-4"
@@ -318,9 +328,17 @@ def add_jobs_command(sub) -> None:
         "--eval-every-steps", type=int, help="validation loss every N steps (needs --validation-file)"
     )
     c.add_argument(
-        "--method", choices=["sft", "dpo", "orpo"], default="sft", help="dpo/orpo: preference files"
-    )
-    c.add_argument("--beta", type=float, default=0.1, help="dpo/orpo beta")
+        "--method", choices=["sft", "dpo", "orpo", "kto"], default="sft",
+        help="dpo/orpo: preference files; kto: unpaired rows",
+    )  # fmt: skip
+    c.add_argument("--beta", type=float, default=0.1, help="dpo/orpo/kto beta")
+    c.add_argument(
+        "--reference", help="dpo/kto reference: auto (default: the model continued from, else the base), base, "
+        "init, or a model id",
+    )  # fmt: skip
+    c.add_argument("--desirable-weight", type=float, default=1.0, help="kto")
+    c.add_argument("--undesirable-weight", type=float, default=1.0, help="kto")
+    c.add_argument("--micro-batch-size", type=int, help="examples per fused forward/backward")
     c.add_argument("--suffix")
     c.add_argument("--priority", type=int, default=0)
     c.add_argument("--wait", action="store_true", help="follow the job until it finishes")
