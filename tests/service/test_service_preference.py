@@ -33,6 +33,7 @@ PAIRS = [
     {"prompt": f"what is {i} plus {i}?", "chosen": f" {2 * i}", "rejected": f" {2 * i + 1} or so"}
     for i in range(6)
 ]
+VALID = [{"prompt": f"what is {i} plus 1?", "chosen": f" {i + 1}", "rejected": f" {i}"} for i in range(3)]
 UNPAIRED = [{"prompt": f"what is {i} plus {i}?", "completion": f" {2 * i + i % 2}", "label": i % 2 == 0}
             for i in range(8)]  # fmt: skip
 ADAPTER = {"rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "o_proj"]}
@@ -68,9 +69,9 @@ def _wait(client, job_id, timeout=300):
     return job
 
 
-def _losses(client, job_id) -> list[float]:
+def _losses(client, job_id, key: str = "train_loss") -> list[float]:
     events = client.fine_tuning.jobs.list_events(job_id, limit=1000, extra_query={"order": "asc"})
-    return [e.data["train_loss"] for e in events if e.type == "metrics"]
+    return [e.data[key] for e in events if e.type == "metrics" and key in e.data]
 
 
 def _download(live, tenant: str, adapter_id: str, dest: Path) -> Path:
@@ -83,14 +84,22 @@ def _download(live, tenant: str, adapter_id: str, dest: Path) -> Path:
     return dest / adapter_id
 
 
-def _cli_train(tmp: Path, model_dir, name: str, rows, fmt: str, adapter: dict, task: dict) -> Path:
-    """``lorafleet train`` of one task; returns the run folder."""
-    data = tmp / f"{name}.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+def _cli_train(
+    tmp: Path, model_dir, name: str, rows, fmt: str, adapter: dict, task: dict, held_out=None
+) -> Path:
+    """``lorafleet train`` of one task (``held_out``: rows of its eval_dataset); returns the run folder."""
+    datasets = []
+    for ds, data_rows in ((name, rows), (f"{name}-valid", held_out)):
+        if data_rows is not None:
+            data = tmp / f"{ds}.jsonl"
+            data.write_text("".join(json.dumps(r) + "\n" for r in data_rows))
+            datasets.append({"name": ds, "path": str(data), "format": fmt})
+    if held_out is not None:
+        task = {**task, "eval_dataset": f"{name}-valid"}
     cfg = {
         "base_model": {"path": str(model_dir)},
         "output_dir": str(tmp / f"run-{name}"),
-        "datasets": [{"name": name, "path": str(data), "format": fmt}],
+        "datasets": datasets,
         "adapters": [{"name": name, "dropout": 0.0, **ADAPTER, **adapter}],
         "tasks": [
             {
@@ -122,9 +131,10 @@ def _assert_same_adapter(ours: Path, oracle: Path, rel: float = 1e-5) -> float:
     return worst
 
 
-def _cli_losses(run: Path, task: str) -> list[float]:
+def _cli_losses(run: Path, task: str, kind: str = "train") -> list[float]:
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in recs if r.get("task") == task and r.get("kind", "train") == "train"]
+    key = "loss" if kind == "train" else "eval_loss"
+    return [r[key] for r in recs if r.get("task") == task and r.get("kind", "train") == kind]
 
 
 def test_sft_then_dpo_and_kto_jobs_continue_from_it_and_equal_the_cli(live, tiny_model_dir, tmp_path, capsys):
@@ -141,8 +151,9 @@ def test_sft_then_dpo_and_kto_jobs_continue_from_it_and_equal_the_cli(live, tiny
     # DPO from the fine-tuned model (no adapter settings: inherited), KTO from its step-2 checkpoint; together
     pairs, unpaired = _upload(alice, "pairs.jsonl", PAIRS), _upload(alice, "thumbs.jsonl", UNPAIRED)
     dpo_hp = {"batch_size": 2, "learning_rate_multiplier": 100, "beta": 0.2, "n_epochs": 1}
+    valid = _upload(alice, "pairs-valid.jsonl", VALID)
     dpo = alice.fine_tuning.jobs.create(
-        model=sft.fine_tuned_model, training_file=pairs, seed=5,
+        model=sft.fine_tuned_model, training_file=pairs, validation_file=valid, seed=5,
         method={"type": "dpo", "dpo": {"hyperparameters": dpo_hp}},
         extra_body={"lorafleet": {"training": TRAINING}},
     )  # fmt: skip
@@ -203,8 +214,11 @@ def test_sft_then_dpo_and_kto_jobs_continue_from_it_and_equal_the_cli(live, tiny
     sft_dir = _download(live, "alice", sft.fine_tuned_model, tmp_path / "dl")
     run = _cli_train(tmp_path, tiny_model_dir, "dpo", PAIRS, "preference", {"init_from": str(sft_dir)},
                      {"type": "dpo", "beta": 0.2, "batch_size": 2, "num_epochs": 1, "seed": 5,
-                      "optimizer": {"lr": 100e-4}})  # fmt: skip
+                      "optimizer": {"lr": 100e-4}}, held_out=VALID)  # fmt: skip
     assert _cli_losses(run, "dpo") == pytest.approx(dpo_losses, rel=1e-5)
+    # the validation loss at the end (against the same reference) too
+    valid_losses = _losses(alice, dpo.id, "valid_loss")
+    assert len(valid_losses) == 1 and _cli_losses(run, "dpo", "eval") == pytest.approx(valid_losses, rel=1e-5)
     worst_dpo = _assert_same_adapter(_download(live, "alice", dpo.fine_tuned_model, tmp_path / "dl"),
                                      run / "adapters" / "dpo")  # fmt: skip
     # the checkpoint as a PEFT folder, written here by save_peft from the engine's checkpoint file
