@@ -30,6 +30,7 @@ from ..config import (
     TaskConfig,
     parse_config,
 )
+from .files import JOB_ID_PATTERN, safe_child
 from .jobrequest import BASE_LEARNING_RATE, ENGINE_SEED
 
 __all__ = ["REFERENCE_KEYWORDS", "EngineSettings", "JobConfigs", "job_configs", "model_name", "start_folder"]
@@ -39,8 +40,8 @@ REFERENCE_KEYWORDS = ("base", "init")  # a stored reference that is not one of t
 
 def start_folder(output_dir: Path, job_id: str) -> Path:
     """The folder of a job's start snapshots: ``init`` (its starting adapter) and ``reference``, both PEFT
-    folders. ``job_id`` is a server-made id (checked against its pattern by the caller's ``DataDir``)."""
-    return Path(output_dir) / "starts" / job_id
+    folders (``job_id`` is checked against the job id pattern: no other name becomes a path)."""
+    return safe_child(Path(output_dir) / "starts", job_id, JOB_ID_PATTERN)
 
 
 def model_name(base_model: str) -> str:
@@ -185,10 +186,11 @@ def job_configs(
     if kind == "kto":
         task.update(type="kto", beta=hp["beta"])
         task.update({k: hp[k] for k in ("desirable_weight", "undesirable_weight")})
-    starts = start_folder(output_dir, job_id)
     if task.get("type") in ("dpo", "kto") and hp.get("reference") not in (None, "auto"):
         ref = hp["reference"]
-        task["reference"] = ref if ref in REFERENCE_KEYWORDS else str(starts / "reference")
+        task["reference"] = (
+            ref if ref in REFERENCE_KEYWORDS else str(start_folder(output_dir, job_id) / "reference")
+        )
     if spec.get("validation_file"):
         eval_path, eval_format = files[spec["validation_file"]]
         extra.append({"name": f"{job_id}.eval", "path": str(eval_path), "format": eval_format})
@@ -205,7 +207,7 @@ def job_configs(
         "target_modules": ad["target_modules"],
     }
     if spec.get("init"):
-        adapter["init_from"] = str(starts / "init")
+        adapter["init_from"] = str(start_folder(output_dir, job_id) / "init")
     try:
         cfg = settings._one_task_run(output_dir, dataset, adapter, task, *extra)
     except ConfigError as e:
