@@ -44,16 +44,16 @@ def _weights(model_dir, spec: AdapterSpec, seed: int) -> dict[str, torch.Tensor]
     return {k: 0.1 * torch.randn(p.shape, generator=g) for k, p in params.items()}
 
 
-def _fine_tuned(app, model_dir, tenant: str, rank: int, targets, seed: int, model="tiny-model") -> JobRecord:
+def _fine_tuned(app, model_dir, tenant: str, rank: int, targets, seed: int, kind="lora") -> JobRecord:
     """A succeeded job of ``tenant`` with a random adapter (PEFT folder) and a checkpoint at step 2."""
     store, dd = app.state.store, DataDir(app.state.settings.data_dir)
     adapter_id = new_adapter_id(None)
-    spec = AdapterSpec(adapter_id, rank=rank, alpha=2.0 * rank, target_modules=tuple(targets))
+    spec = AdapterSpec(adapter_id, kind=kind, rank=rank, alpha=2.0 * rank, target_modules=tuple(targets))
     state = _weights(model_dir, spec, seed)
     save_peft(dd.adapter_dir(adapter_id), spec, state)
-    body = {"training_file": "file-" + "0" * 24, "lorafleet": {"adapter": {"rank": rank, "alpha": 2.0 * rank,
-            "target_modules": list(targets)}}}  # fmt: skip
-    job = JobRecord(new_job_id(), tenant, "queued", {**JobCreate(**body).normalized(), "model": model},
+    body = {"training_file": "file-" + "0" * 24, "lorafleet": {"adapter": {"type": kind, "rank": rank,
+            "alpha": 2.0 * rank, "target_modules": list(targets)}}}  # fmt: skip
+    job = JobRecord(new_job_id(), tenant, "queued", {**JobCreate(**body).normalized(), "model": "tiny-model"},
                     adapter_id, time.time())  # fmt: skip
     store.add_job(job)
     store.transition(job.id, "succeeded", ["queued"], finished_at=time.time())
@@ -119,11 +119,12 @@ def _formats(app, job):
     return {fid: app.state.store.get_file(job.tenant, fid).format}
 
 
-def test_a_checkpoint_start_and_a_named_reference(api, tiny_model_dir):
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_a_checkpoint_start_and_a_named_reference(api, tiny_model_dir, kind):
     """A KTO job from a checkpoint, with another fine-tuned model (other rank and targets) as its reference:
     the checkpoint's snapshot is a PEFT folder of its job's adapter settings with the checkpoint's weights."""
     client, h, app, files = api
-    src = _fine_tuned(app, tiny_model_dir, "alice", 2, ["o_proj", "up_proj"], seed=2)
+    src = _fine_tuned(app, tiny_model_dir, "alice", 2, ["o_proj", "up_proj"], seed=2, kind=kind)
     other = _fine_tuned(app, tiny_model_dir, "alice", 4, ["q_proj"], seed=3)
     ckpt = f"{src.adapter_id}:ckpt-step-2"
     hp = {"beta": 0.2, "desirable_weight": 1.5, "reference": other.adapter_id, "batch_size": 2}
@@ -139,8 +140,14 @@ def test_a_checkpoint_start_and_a_named_reference(api, tiny_model_dir):
     dd = DataDir(app.state.settings.data_dir)
     root = start_folder(dd.engine, job["id"])
     spec, state = read_peft(root / "init", "x")
-    assert (spec.rank, spec.alpha, sorted(spec.target_modules)) == (2, 4.0, ["o_proj", "up_proj"])
+    assert (spec.kind, spec.rank, spec.alpha, sorted(spec.target_modules)) == (
+        kind,
+        2,
+        4.0,
+        ["o_proj", "up_proj"],
+    )
     _, src_state = read_peft(dd.adapter_dir(src.adapter_id), "x")
+    assert state.keys() == src_state.keys()
     assert all(torch.equal(state[k], 0.5 * src_state[k]) for k in src_state)  # the checkpoint's weights
     assert read_peft(root / "reference", "x")[0].rank == 4
     cfg = _configs(app, app.state.store.get_job("alice", job["id"]), files)
