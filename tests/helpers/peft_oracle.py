@@ -66,13 +66,23 @@ TASKS = {
 STEPS = 3
 
 
-def peft_init(model_dir: Path, out: Path, name: str, rank, alpha, targets, rslora, seed) -> None:
-    """An adapter made by PEFT with random A and B (so every gradient is non-trivial)."""
+def peft_init(model_dir: Path, out: Path, name: str, rank, alpha, targets, rslora, seed, dora=False) -> None:
+    """An adapter made by PEFT with random A and B (so every gradient is non-trivial), saved in out / name.
+
+    MoE expert targets (``experts.gate_up_proj``, ``experts.down_proj``) go through PEFT's target_parameters.
+    """
     import transformers as tf
     from peft import LoraConfig, get_peft_model
 
+    from lorafleet.lora.experts import EXPERT_TARGETS
+
     base = tf.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, use_rslora=rslora)
+    modules = [t for t in targets if t not in EXPERT_TARGETS]
+    params = [f"mlp.{t}" for t in targets if t in EXPERT_TARGETS] or None
+    cfg = LoraConfig(
+        r=rank, lora_alpha=alpha, target_modules=modules, target_parameters=params, lora_dropout=0.0,
+        use_rslora=rslora, use_dora=dora,
+    )  # fmt: skip
     pm = get_peft_model(base, cfg)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import make_tiny_model
-from helpers.peft_oracle import engine_config, peft_alone, rel_diff
+from helpers.peft_oracle import engine_config, peft_alone, peft_init, rel_diff
 from lorafleet.cli import main as cli_main
 from lorafleet.lora.experts import EXPERT_TARGETS
 
@@ -43,27 +43,6 @@ FAMILY_TASKS = {
 }
 
 
-def peft_init(model_dir, out, rank, alpha, targets, rslora, seed) -> None:
-    """A PEFT adapter with random A and B; expert tensors through PEFT's target_parameters."""
-    import transformers as tf
-    from peft import LoraConfig, get_peft_model
-
-    base = tf.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    modules = [t for t in targets if t not in EXPERT_TARGETS]
-    params = [f"mlp.{t}" for t in targets if t in EXPERT_TARGETS] or None
-    cfg = LoraConfig(
-        r=rank, lora_alpha=alpha, target_modules=modules, target_parameters=params, lora_dropout=0.0,
-        use_rslora=rslora,
-    )  # fmt: skip
-    pm = get_peft_model(base, cfg)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_" in n:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-    pm.save_pretrained(out)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("family", list(FAMILY_TASKS))
 def test_together_equals_peft_alone(tmp_path, family):
@@ -71,7 +50,7 @@ def test_together_equals_peft_alone(tmp_path, family):
     model_dir = tmp_path / "model"
     make_tiny_model(family, model_dir, seed=3)
     for i, (name, (rank, alpha, targets, *_r, rslora)) in enumerate(tasks.items()):
-        peft_init(model_dir, tmp_path / "init" / name, rank, alpha, targets, rslora, seed=10 + i)
+        peft_init(model_dir, tmp_path / "init", name, rank, alpha, targets, rslora, seed=10 + i)
     cfg = engine_config(tmp_path, model_dir, tasks)
     assert cli_main(["train", str(cfg), "--no-progress"]) == 0
     for i, (name, spec) in enumerate(tasks.items()):

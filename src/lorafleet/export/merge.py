@@ -21,9 +21,12 @@ from pathlib import Path
 
 import torch
 
-from ..lora.adapters import PEFT_PREFIX, AdapterSpec
+from ..lora.adapters import AdapterSpec, remove_adapter
+from ..lora.experts import FusedLoRAExperts, expert_delta
+from ..lora.fused import FusedLoRALinear
+from ..lora.peft_format import add_peft_state
 from ..models.decoder import Decoder
-from ..models.families import ModelConfig
+from ..models.families import EXPERT_CHECKPOINT_NAMES, ModelConfig
 
 __all__ = ["hf_config_dict", "hf_state_dict", "merge_adapter", "merged_weight", "write_hf_folder"]
 
@@ -39,6 +42,8 @@ _COPIED = (
     "merges.txt",
     "added_tokens.json",
 )
+# Parameters of an MoE layer's ``mlp`` (models/moe.py) that hf_state_dict renames.
+_MOE_LEAVES = ("gate.weight", "experts.gate_up_proj", "experts.down_proj")
 
 
 def merged_weight(
@@ -59,37 +64,65 @@ def merged_weight(
 
 
 def merge_adapter(model: Decoder, spec: AdapterSpec, state: dict[str, torch.Tensor]) -> int:
-    """Fold adapter ``spec`` (PEFT keys -> tensors, as ``read_peft`` returns) into ``model``; the projections merged."""
-    modules = sorted({k.removeprefix(PEFT_PREFIX).rsplit(".lora_", 1)[0] for k in state})
-    n = model.config.num_hidden_layers
-    for mod_name in modules:
-        layer = int(mod_name.split(".")[1])
-        if not 0 <= layer < n:
-            raise ValueError(
-                f"adapter {spec.name!r} has weights for layer {layer} but the base has {n} layers; "
-                "was it trained on another base model?"
-            )
-        linear = model.get_submodule(mod_name)
-        key = PEFT_PREFIX + mod_name
-        a, b = state[key + ".lora_A.weight"], state[key + ".lora_B.weight"]
-        if a.shape[1] != linear.in_features or b.shape[0] != linear.out_features:
-            raise ValueError(
-                f"adapter {spec.name!r}: {mod_name} is [{b.shape[0]}, {a.shape[1]}] in the adapter but "
-                f"[{linear.out_features}, {linear.in_features}] in the base; was it trained on another base model?"
-            )
-        with torch.no_grad():
-            linear.weight.copy_(
-                merged_weight(linear.weight, a, b, spec, state.get(key + ".lora_magnitude_vector"))
-            )
-    return len(modules)
+    """Fold adapter ``spec`` (PEFT keys -> tensors, as ``read_peft`` returns) into ``model``; the tensors merged.
+
+    The adapter is first attached as ``init_from`` attaches it (``add_peft_state``: every weight checked
+    against the model's shapes), then each adapted projection's weight, and each adapted expert tensor
+    (every expert's ``W[e] + scaling * B_e A_e``), is replaced by the merged one and the adapter removed.
+    """
+    try:
+        add_peft_state(model, spec, state, "the adapter")
+    except ValueError as e:
+        raise ValueError(f"{e}; pass --base PATH to the model it was trained on") from e
+    merged = 0
+    with torch.no_grad():
+        for _, layer in model.named_modules():
+            if isinstance(layer, FusedLoRALinear) and spec.name in layer.specs:
+                magnitude = layer.lora_magnitude_vector[spec.name] if spec.kind == "dora" else None
+                a, b = layer.lora_A[spec.name], layer.lora_B[spec.name]
+                layer.weight.copy_(merged_weight(layer.weight, a, b, spec, magnitude))
+                merged += 1
+            elif isinstance(layer, FusedLoRAExperts) and spec.name in layer.specs:
+                for param, (a, b) in layer.parameters_of(spec.name).items():
+                    w = getattr(layer, param)
+                    delta = expert_delta(a, b, spec.rank, layer.num_experts)
+                    w.copy_((w.to(torch.float32) + spec.scaling * delta).to(w.dtype))
+                    merged += 1
+    remove_adapter(model, spec.name)
+    return merged
 
 
 def hf_state_dict(model: Decoder) -> dict[str, torch.Tensor]:
-    """The model's weights under Hugging Face's names (``model.layers.0...``, ``lm_head.weight`` unless tied)."""
+    """The model's weights under the names transformers' ``save_pretrained`` writes.
+
+    ``model.layers.0...``, ``lm_head.weight`` unless tied; an MoE layer's fused expert tensors are split
+    into one matrix per expert and its router renamed as the family's checkpoints name them
+    (``families.EXPERT_CHECKPOINT_NAMES``: Mixtral's ``block_sparse_moe.experts.N.w1``, Qwen3-MoE's
+    ``mlp.experts.N.gate_proj``).
+    """
     out: dict[str, torch.Tensor] = {}
+    layout = model.config.expert_layout
     for name, p in model.named_parameters():  # a tied lm_head is the embedding and is listed once
-        hf = name if name == "lm_head.weight" else f"model.{name}"
-        out[hf] = p.detach().cpu().contiguous()
+        t = p.detach().cpu()
+        if name == "lm_head.weight":
+            out[name] = t.contiguous()
+            continue
+        layer, sep, leaf = name.partition(".mlp.")
+        if layout is not None and sep and leaf in _MOE_LEAVES:
+            block, names = EXPERT_CHECKPOINT_NAMES[layout]
+            prefix = f"model.{layer}.{block}"
+            if leaf == "gate.weight":
+                out[f"{prefix}.gate.weight"] = t.contiguous()
+            elif leaf == "experts.down_proj":
+                for e in range(t.shape[0]):
+                    out[f"{prefix}.experts.{e}.{names['down']}.weight"] = t[e].contiguous()
+            else:
+                gate, up = t.chunk(2, dim=1)
+                for e in range(t.shape[0]):
+                    out[f"{prefix}.experts.{e}.{names['gate']}.weight"] = gate[e].contiguous()
+                    out[f"{prefix}.experts.{e}.{names['up']}.weight"] = up[e].contiguous()
+            continue
+        out[f"model.{name}"] = t.contiguous()
     return out
 
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from ..lora.adapters import PEFT_PREFIX, AdapterSpec
-from ..lora.peft_format import CONFIG_NAME, read_peft, save_peft
+from ..lora.adapters import AdapterSpec
+from ..lora.peft_format import CONFIG_NAME, check_peft_representable, read_peft, save_peft
 from ..models.families import ModelConfig
 from .base_ref import base_model_reference, check_hf_id, resolve_base
 
@@ -53,29 +53,15 @@ def parse_size(text: str | int) -> int:
     return max(1, int(float(m.group(1)) * _UNITS[(m.group(2) or "B").lower()]))
 
 
-def _expected_shape(cfg: ModelConfig, module: str) -> tuple[int, int]:
-    """(out, in) of projection ``layers.N.<parent>.<proj>`` in a model of config ``cfg``."""
-    h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-    q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
-    shapes = {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q)}
-    shapes |= {"gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
-    return shapes[module.rsplit(".", 1)[1]]
+def _check_fits(cfg: ModelConfig, spec: AdapterSpec, state: dict[str, torch.Tensor]) -> None:
+    """Refuse an adapter that does not fit a base of config ``cfg`` (checked on a weightless meta model)."""
+    from ..lora.peft_format import add_peft_state
+    from ..models.decoder import Decoder
 
-
-def _check_fits(cfg: ModelConfig, name: str, state: dict[str, torch.Tensor], base: Path) -> None:
-    for key, t in state.items():
-        if not key.endswith(".lora_A.weight"):
-            continue
-        module = key.removeprefix(PEFT_PREFIX).removesuffix(".lora_A.weight")
-        layer = int(module.split(".")[1])
-        b = state[key.replace(".lora_A.", ".lora_B.")]
-        want = _expected_shape(cfg, module)
-        if layer >= cfg.num_hidden_layers or (b.shape[0], t.shape[1]) != want:
-            raise ValueError(
-                f"adapter {name!r} does not fit the base {base}: {module} is [{b.shape[0]}, {t.shape[1]}] in the "
-                f"adapter, the base {'has no such layer' if layer >= cfg.num_hidden_layers else f'needs {list(want)}'};"
-                " pass --base PATH to the model it was trained on"
-            )
+    try:
+        add_peft_state(Decoder(cfg, device="meta"), spec, state, "the adapter")
+    except ValueError as e:
+        raise ValueError(f"{e}; pass --base PATH to the model it was trained on") from e
 
 
 def _check_destination(output: Path) -> None:
@@ -115,7 +101,6 @@ def _load_merged(adapter: Path, base: Path, name: str):
 
     spec, state = read_peft(adapter, name)
     model = load_model(base, dtype=torch.float32, device="cpu")
-    _check_fits(model.config, name, state, base)
     if base.is_file() and "rope_freqs.weight" in GGUFFile(base).tensors:
         raise ValueError(
             f"{base} carries LLaMA 3 rope scaling as a rope_freqs tensor, which a merged export cannot describe "
@@ -166,14 +151,19 @@ def export_adapter(
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
     try:
         if not merge and not gguf:
+            local = resolve_base(recorded, base) if base is not None else _local_base(recorded)
             if hf_id is not None:
                 ref = hf_id
-            elif base is not None or (recorded is not None and _local_base(recorded) is not None):
-                ref = base_model_reference(resolve_base(recorded, base))
+            elif local is not None:
+                ref = base_model_reference(local)
             elif recorded is not None:
                 ref = recorded  # a hub id (or a path of another machine): kept as recorded
             else:
                 raise ValueError("the adapter records no base model; pass --base PATH or --hf-id OWNER/NAME")
+            if local is not None:  # what PEFT would read differently on this base
+                from ..models.loading import read_model_config
+
+                check_peft_representable(spec, read_model_config(local).model_type)
             save_peft(tmp_dir / "out", spec, state, ref)
             result = ExportResult(
                 "peft", output, tuple(sorted(p.name for p in (tmp_dir / "out").iterdir())), ref
@@ -185,7 +175,7 @@ def export_adapter(
             from ..models.loading import read_model_config
 
             cfg = read_model_config(base_path)
-            _check_fits(cfg, name, state, base_path)
+            _check_fits(cfg, spec, state)
             write_gguf_adapter(tmp_dir / "out.gguf", cfg, spec, state, dtype)
             _install(tmp_dir / "out.gguf", output)
             return ExportResult("gguf-adapter", output, (output.name,), str(base_path))
@@ -202,8 +192,10 @@ def export_adapter(
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
-def _local_base(recorded: str) -> Path | None:
+def _local_base(recorded: str | None) -> Path | None:
     """``resolve_base(recorded)``, or None when ``recorded`` is not a local model."""
+    if recorded is None:
+        return None
     try:
         return resolve_base(recorded)
     except ValueError:

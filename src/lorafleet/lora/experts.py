@@ -36,7 +36,7 @@ from ..models.moe import ExpertRouting, Experts, combine
 if TYPE_CHECKING:
     from .adapters import AdapterSpec
 
-__all__ = ["EXPERT_TARGETS", "FusedLoRAExperts", "expert_peft_keys", "reference_expert_lora"]
+__all__ = ["EXPERT_TARGETS", "FusedLoRAExperts", "expert_delta", "expert_peft_keys", "reference_expert_lora"]
 
 # Adapter target names of the expert tensors (PEFT's target_parameters, relative to the MoE block).
 EXPERT_TARGETS = ("experts.gate_up_proj", "experts.down_proj")
@@ -70,6 +70,17 @@ def _factors(ab: tuple[torch.Tensor, torch.Tensor], e: int, rank: int, num_exper
     a_e = a[e * rank : (e + 1) * rank]
     b_e = b[:, e::num_experts]
     return a_e.to(dtype), b_e.to(dtype)
+
+
+def expert_delta(a_XI: torch.Tensor, b_OX: torch.Tensor, rank: int, num_experts: int) -> torch.Tensor:
+    """Every expert's dense update ``B_e A_e`` [E, out, in] (float32) from PEFT's layout (X = E * R).
+
+    Expert e's factors are the ones ``_factors`` takes (A rows ``e*R:(e+1)*R``, B columns ``e::E``): the
+    weight an adapter gives expert e is ``W[e] + scaling * expert_delta(...)[e]``, PEFT's ``get_delta_weight``.
+    """
+    a_ERI = a_XI.to(torch.float32).reshape(num_experts, rank, a_XI.shape[1])
+    b_ORE = b_OX.to(torch.float32).reshape(b_OX.shape[0], rank, num_experts)
+    return torch.einsum("ore,eri->eoi", b_ORE, a_ERI)
 
 
 def _adapter_per_token(layer: FusedLoRAExperts, batch, t: int, device) -> tuple[torch.Tensor, list[_Slot]]:

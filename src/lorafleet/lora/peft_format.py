@@ -36,7 +36,16 @@ from .adapters import (
 )
 from .experts import EXPERT_TARGETS, expert_peft_keys
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "load_peft", "read_peft", "save_peft"]
+__all__ = [
+    "CONFIG_NAME",
+    "PEFT_MOE_RENAMED_TARGETS",
+    "WEIGHTS_NAME",
+    "add_peft_state",
+    "check_peft_representable",
+    "load_peft",
+    "read_peft",
+    "save_peft",
+]
 
 _LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 _KEY = re.compile(
@@ -49,6 +58,8 @@ _PARENT |= {"gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 # A PEFT key's module path under an MoE block ("experts", "experts.base_layer") names an expert tensor
 # only together with the adapter's targets (lora/experts.py: expert_peft_keys).
 _EXPERT_PATH = re.compile(r"^experts(?:\.base_layer)*$")
+# transformers 4's LoRA keys on one expert's own module: "...block_sparse_moe.experts.3.w1.lora_A.weight".
+_PER_EXPERT_KEY = re.compile(r"\.experts\.\d+\.([a-z0-9_]+)\.lora_")
 # Config fields whose non-default value would make the adapter compute something lorafleet does not.
 _UNSUPPORTED = {
     "rank_pattern": ({}, None),
@@ -67,6 +78,25 @@ _UNSUPPORTED = {
     "monteclora_config": (None,),
     "kasa_config": (None,),
 }
+
+
+# Projections that PEFT 0.21 with transformers 5, on a model of these types, reads as transformers 4's names of
+# the per-expert modules and moves onto the fused experts (its MoE target conversion, applied whenever PEFT
+# loads or creates an adapter): LoRA on these projections of a dense MLP layer (Qwen3-MoE's mlp_only_layers)
+# has no PEFT form, as a PEFT folder would load as a different adapter.
+PEFT_MOE_RENAMED_TARGETS: dict[str, tuple[str, ...]] = {"qwen3_moe": ("gate_proj", "up_proj", "down_proj")}
+
+
+def check_peft_representable(spec: AdapterSpec, model_type: str) -> None:
+    """Refuse an adapter that HF PEFT would load as another adapter on a base of ``model_type``."""
+    renamed = [t for t in spec.target_modules if t in PEFT_MOE_RENAMED_TARGETS.get(model_type, ())]
+    if renamed:
+        raise ValueError(
+            f"adapter {spec.name!r} targets {renamed} (the dense MLP layers of this {model_type} model), which the "
+            f"installed PEFT cannot represent: on {model_type} it reads target_modules {renamed} as transformers 4's "
+            "per-expert names and puts them on the experts, so the folder would load as a different adapter; "
+            "export it merged (--merge), or train without these targets"
+        )
 
 
 def _parse_key(key: str, targets: tuple[str, ...] = EXPERT_TARGETS) -> tuple[int, str, str, str] | None:
@@ -90,6 +120,26 @@ def _parse_key(key: str, targets: tuple[str, ...] = EXPERT_TARGETS) -> tuple[int
     if _PARENT.get(m.group(3)) != m.group(2):
         return None
     return int(m.group(1)), m.group(2), m.group(3), part
+
+
+def _refuse_per_expert_modules(state: dict[str, torch.Tensor], who: str, folder: Path) -> None:
+    """Refuse LoRA on one expert's own module (``...experts.3.w1``): transformers 4's layout of MoE adapters.
+
+    transformers 5 holds the experts as fused 3-D tensors, which PEFT 0.21 (and lorafleet) adapt through
+    target_parameters. PEFT converts such an old adapter on loading by stacking w1 and w3 (gate_proj and
+    up_proj) into gate_up_proj at twice the rank, with rank_pattern / alpha_pattern: a rank per tensor, which
+    an lorafleet adapter (one rank) cannot hold, so it is refused rather than loaded into something else.
+    """
+    for key in state:
+        m = _PER_EXPERT_KEY.search(key)
+        if m:
+            raise ValueError(
+                f"{who}: {folder} adapts {m.group(1)} of each expert as its own module (key {key!r}), transformers "
+                "4's layout of MoE adapters; transformers 5 fuses the experts into 3-D tensors and PEFT 0.21 "
+                "converts such an adapter to target_parameters at twice the rank on gate_up_proj (a rank per "
+                "tensor, which lorafleet adapters do not have); train a new adapter with target_modules "
+                f"{list(EXPERT_TARGETS)}"
+            )
 
 
 def _canonical(key: str) -> str:
@@ -240,6 +290,7 @@ def read_peft(folder: str | Path, name: str) -> tuple[AdapterSpec, dict[str, tor
         if field not in cfg:
             raise ValueError(f"{who}: {folder / CONFIG_NAME} has no {field!r}")
     state = {_canonical(k): v for k, v in _read_weights(folder, name).items()}
+    _refuse_per_expert_modules(state, who, folder)
     found = {_parse_key(k)[2] for k in state if _parse_key(k) is not None}
     targets = cfg.get("target_modules")
     params = cfg.get("target_parameters") or []
@@ -312,12 +363,24 @@ def load_peft(
                     f"set {field} to {got!r} or train a new adapter"
                 )
         spec = replace(spec, dropout=expect.dropout)
+    add_peft_state(model, spec, state, f"{folder}")
+    return spec
+
+
+def add_peft_state(model: Decoder, spec: AdapterSpec, state: dict[str, torch.Tensor], where: str) -> None:
+    """Add adapter ``spec`` to ``model`` with the weights ``state`` (PEFT keys, as ``read_peft`` returns).
+
+    Every weight the model needs must be in ``state`` with the model's shape (``where`` names the source
+    in the messages); on any error the adapter is taken off the model again. ``model`` may live on the
+    ``meta`` device, which checks that an adapter fits a base without reading the base's weights.
+    """
+    name = spec.name
     n = model.config.num_hidden_layers
     parsed = [_parse_key(k, spec.target_modules) for k in state]
     beyond = sorted({p[0] for p in parsed if p is not None and p[0] >= n})
     if beyond:
         raise ValueError(
-            f"adapter {name!r}: {folder} has weights for layers {beyond[:5]} but the model has {n} layers; "
+            f"adapter {name!r}: {where} has weights for layers {beyond[:5]} but the model has {n} layers; "
             "was it trained on another base model?"
         )
     add_adapter(model, spec)
@@ -326,13 +389,13 @@ def load_peft(
         missing = [k for k in params if k not in state]
         if missing:
             raise ValueError(
-                f"adapter {name!r}: {folder} lacks {len(missing)} weights this model needs, e.g. {missing[:3]}"
+                f"adapter {name!r}: {where} lacks {len(missing)} weights this model needs, e.g. {missing[:3]}"
             )
         for key, p in params.items():
             t = state[key]
             if t.shape != p.shape:
                 raise ValueError(
-                    f"adapter {name!r}: {key} in {folder} has shape {list(t.shape)}, the model needs "
+                    f"adapter {name!r}: {key} in {where} has shape {list(t.shape)}, the model needs "
                     f"{list(p.shape)}; was it trained on another base model?"
                 )
             with torch.no_grad():
@@ -340,4 +403,3 @@ def load_peft(
     except BaseException:
         remove_adapter(model, name)
         raise
-    return spec

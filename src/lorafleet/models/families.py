@@ -27,6 +27,7 @@ import torch
 from .errors import UnsupportedModelError
 
 __all__ = [
+    "EXPERT_CHECKPOINT_NAMES",
     "SUPPORTED_ARCHITECTURES",
     "ModelConfig",
     "RopeSpec",
@@ -51,6 +52,14 @@ SUPPORTED_ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
     "Phi3ForCausalLM": ("phi3", {"fused_qkv": True, "fused_gate_up": True}),
     "MixtralForCausalLM": ("mixtral", {"expert_layout": "mixtral"}),
     "Qwen3MoeForCausalLM": ("qwen3_moe", {"qk_norm": True, "expert_layout": "qwen3_moe"}),
+}
+# How a checkpoint names the experts of each ``ModelConfig.expert_layout`` (what transformers' save_pretrained
+# writes, one matrix per expert): the MoE block's name inside a layer, and the name of each expert's matrix.
+# "gate" and "up" are the two halves of experts.gate_up_proj[e] (gate rows first), "down" is
+# experts.down_proj[e]; the router is "<block>.gate.weight".
+EXPERT_CHECKPOINT_NAMES: dict[str, tuple[str, dict[str, str]]] = {
+    "mixtral": ("block_sparse_moe", {"gate": "w1", "up": "w3", "down": "w2"}),
+    "qwen3_moe": ("mlp", {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}),
 }
 _MODEL_TYPES = {mt: arch for arch, (mt, _) in SUPPORTED_ARCHITECTURES.items()}
 _ROPE_TYPES = ("default", "linear", "llama3", "longrope")

@@ -13,22 +13,19 @@ import torch
 
 from .decoder import Decoder
 from .errors import ModelLoadError
-from .families import ModelConfig
+from .families import EXPERT_CHECKPOINT_NAMES, ModelConfig
 
 __all__ = ["ModelLoadError", "load_model", "read_model_config", "resolve_model_path"]
 
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
-# Per-expert tensors of a checkpoint -> (part of the fused 3-D parameter): "gate" and "up" are the two
-# halves of experts.gate_up_proj[e], "down" is experts.down_proj[e]. Family data: ModelConfig.expert_layout.
+# Per-expert tensors of a checkpoint (families.EXPERT_CHECKPOINT_NAMES) -> (part of the fused 3-D parameter):
+# "gate" and "up" are the two halves of experts.gate_up_proj[e], "down" is experts.down_proj[e].
 _EXPERT_KEYS = {
-    "mixtral": (
-        re.compile(r"^layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)\.weight$"),
-        {"w1": "gate", "w3": "up", "w2": "down"},
-    ),
-    "qwen3_moe": (
-        re.compile(r"^layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$"),
-        {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"},
-    ),
+    layout: (
+        re.compile(rf"^layers\.(\d+)\.{block}\.experts\.(\d+)\.({'|'.join(names.values())})\.weight$"),
+        {name: part for part, name in names.items()},
+    )
+    for layout, (block, names) in EXPERT_CHECKPOINT_NAMES.items()
 }
 _ROUTER_KEY = re.compile(r"^layers\.(\d+)\.block_sparse_moe\.gate\.weight$")
 
