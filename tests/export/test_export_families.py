@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import TINY_VOCAB, make_tiny_model
+from helpers import TINY_VOCAB
 from helpers.adapters import random_adapter
 from helpers.peft_oracle import peft_init
 from lorafleet import FusedBatch
@@ -41,17 +41,6 @@ CASES = {
     ),
     ("qwen3_moe", "lora"): dict(rank=4, alpha=8, target_modules=("q_proj", "experts.gate_up_proj")),
 }
-SEEDS = {"gemma2": 40, "gemma3": 41, "phi3": 42, "mixtral": 43, "qwen3_moe": 44}
-
-
-@pytest.fixture(scope="module")
-def bases(tmp_path_factory):
-    """family -> a tiny random model folder of it (made once per module)."""
-    out = {}
-    for family, seed in SEEDS.items():
-        out[family] = tmp_path_factory.mktemp(f"base_{family}")
-        make_tiny_model(family, out[family], seed=seed)
-    return out
 
 
 def run_cli(*args) -> int:
@@ -88,10 +77,10 @@ def transformers_logits(folder: Path, adapter: Path | None = None, merge: bool =
 
 
 @pytest.mark.parametrize(("family", "kind"), list(CASES))
-def test_export_and_merge_equal_transformers_and_peft(bases, family, kind, tmp_path):
+def test_export_and_merge_equal_transformers_and_peft(family_bases, family, kind, tmp_path):
     """The exported PEFT folder in transformers + PEFT, and the merged folder in transformers and in lorafleet,
     give lorafleet's logits of base + adapter."""
-    base = bases[family]
+    base = family_bases[family]
     random_adapter(base, tmp_path / "a", seed=7, **CASES[(family, kind)])
     want = ours(base, tmp_path / "a")
     assert (want - ours(base, None)).abs().max() > 1e-2  # the adapter changes the output
@@ -135,10 +124,10 @@ PEFT_MADE = {
 
 
 @pytest.mark.parametrize("family", list(PEFT_MADE))
-def test_init_from_a_peft_folder_loads_back_equal(bases, family, tmp_path):
+def test_init_from_a_peft_folder_loads_back_equal(family_bases, family, tmp_path):
     """A folder PEFT wrote: init_from's loading gives PEFT's logits and its exact tensors, and lorafleet's
     save (and ``lorafleet export``) writes them back unchanged."""
-    base = bases[family]
+    base = family_bases[family]
     rank, alpha, targets, rslora, dora = PEFT_MADE[family]
     peft_init(base, tmp_path, "p", rank, alpha, targets, rslora, seed=3, dora=dora)
     peft_dir = tmp_path / "p"
@@ -169,10 +158,10 @@ def test_init_from_a_peft_folder_loads_back_equal(bases, family, tmp_path):
         ).abs().max() == 0
 
 
-def test_what_peft_cannot_represent_is_refused_with_the_target_and_reason(bases, tmp_path, capsys):
+def test_what_peft_cannot_represent_is_refused_with_the_target_and_reason(family_bases, tmp_path, capsys):
     """LoRA on a Qwen3-MoE dense layer's down_proj: PEFT 0.21 on transformers 5 reads the name as transformers
     4's per-expert down_proj and moves it onto the experts, so a PEFT export is refused (merging is fine)."""
-    base = bases["qwen3_moe"]
+    base = family_bases["qwen3_moe"]
     random_adapter(base, tmp_path / "a", seed=7, rank=2, alpha=4, target_modules=("q_proj", "down_proj"))
     want = ours(base, tmp_path / "a")
     assert (transformers_logits(base, tmp_path / "a") - want).abs().max() > 1e-2  # PEFT loads another adapter
@@ -184,12 +173,12 @@ def test_what_peft_cannot_represent_is_refused_with_the_target_and_reason(bases,
     assert (transformers_logits(tmp_path / "merged") - want).abs().max() <= 1e-4
 
 
-def test_a_transformers_4_per_expert_adapter_is_refused(bases, tmp_path, capsys):
+def test_a_transformers_4_per_expert_adapter_is_refused(family_bases, tmp_path, capsys):
     """Mixtral LoRA on each expert's w1/w2/w3 (transformers 4's layout): PEFT converts it to a rank per tensor
     (w1 and w3 stacked at twice the rank), which init_from and export refuse, naming the key and the reason."""
     from safetensors.torch import save_file
 
-    base = bases["mixtral"]
+    base = family_bases["mixtral"]
     folder = tmp_path / "v4"
     folder.mkdir()
     g = torch.Generator().manual_seed(0)

@@ -4,7 +4,8 @@ Legend: R rank, I input features, O output features of one adapted projection.
 
 LoRA: ``W' = W + scaling * B A`` (``scaling`` alpha / r, or alpha / sqrt(r) with rsLoRA). DoRA:
 ``W' = m / ||W + scaling * B A||_row * (W + scaling * B A)``, the weight DoRA's forward applies (its bias is
-left alone, as DoRA never scales it). The products are formed in float32 and stored in the model's dtype.
+left alone, as DoRA never scales it). Expert LoRA: every expert's ``W[e] + scaling * B_e A_e``. The products
+are formed in float32 and stored in the model's dtype.
 
 ``write_hf_folder`` writes what ``transformers.AutoModelForCausalLM.from_pretrained`` and
 ``lorafleet.load_model`` load: ``config.json``, ``generation_config.json``, safetensors shards (with

@@ -179,6 +179,11 @@ def export_adapter(
             write_gguf_adapter(tmp_dir / "out.gguf", cfg, spec, state, dtype)
             _install(tmp_dir / "out.gguf", output)
             return ExportResult("gguf-adapter", output, (output.name,), str(base_path))
+        if gguf:  # before the merge: a family lorafleet cannot write as a GGUF model is refused at once
+            from ..models.loading import read_model_config
+            from .gguf_out import check_gguf_model_family
+
+            check_gguf_model_family(read_model_config(base_path))
         model = _load_merged(adapter, base_path, name)
         if gguf:
             write_gguf_model(tmp_dir / "out.gguf", model, base_path, f"{base_path.stem}-{name}", dtype)

@@ -43,6 +43,7 @@ __all__ = [
     "add_peft_state",
     "check_peft_representable",
     "load_peft",
+    "parse_peft_key",
     "read_peft",
     "save_peft",
 ]
@@ -99,7 +100,7 @@ def check_peft_representable(spec: AdapterSpec, model_type: str) -> None:
         )
 
 
-def _parse_key(key: str, targets: tuple[str, ...] = EXPERT_TARGETS) -> tuple[int, str, str, str] | None:
+def parse_peft_key(key: str, targets: tuple[str, ...] = EXPERT_TARGETS) -> tuple[int, str, str, str] | None:
     """(layer, parent, module, part) of a PEFT key, with part one of lora_A / lora_B / magnitude.
 
     An expert key's module is its target name (``experts.gate_up_proj``), read through ``targets`` (the
@@ -160,7 +161,7 @@ def _check_state(spec: AdapterSpec, state: dict[str, torch.Tensor], where: str) 
         raise ValueError(f"{who}: no weights {where}")
     modules: dict[tuple[int, str], set[str]] = {}
     for key, t in state.items():
-        parsed = _parse_key(key, spec.target_modules)
+        parsed = parse_peft_key(key, spec.target_modules)
         if parsed is None:
             raise ValueError(
                 f"{who}: key {key!r} {where} is not a LoRA key of a decoder projection "
@@ -291,7 +292,7 @@ def read_peft(folder: str | Path, name: str) -> tuple[AdapterSpec, dict[str, tor
             raise ValueError(f"{who}: {folder / CONFIG_NAME} has no {field!r}")
     state = {_canonical(k): v for k, v in _read_weights(folder, name).items()}
     _refuse_per_expert_modules(state, who, folder)
-    found = {_parse_key(k)[2] for k in state if _parse_key(k) is not None}
+    found = {parse_peft_key(k)[2] for k in state if parse_peft_key(k) is not None}
     targets = cfg.get("target_modules")
     params = cfg.get("target_parameters") or []
     if not isinstance(params, list):
@@ -376,7 +377,7 @@ def add_peft_state(model: Decoder, spec: AdapterSpec, state: dict[str, torch.Ten
     """
     name = spec.name
     n = model.config.num_hidden_layers
-    parsed = [_parse_key(k, spec.target_modules) for k in state]
+    parsed = [parse_peft_key(k, spec.target_modules) for k in state]
     beyond = sorted({p[0] for p in parsed if p is not None and p[0] >= n})
     if beyond:
         raise ValueError(
