@@ -200,3 +200,40 @@ def test_a_transformers_4_per_expert_adapter_is_refused(family_bases, tmp_path, 
         load_peft(model, folder, "v4")
     assert run_cli("--adapter", folder, "--output", tmp_path / "out") == 2
     assert "w1 of each expert" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_an_adapter_trained_on_experts_exports_for_peft(family_bases, tmp_path):
+    """Through the CLI: ``lorafleet train`` of expert LoRA on Mixtral, then ``lorafleet export`` to a PEFT folder
+    and a merged folder, both loaded by transformers (+ PEFT) with lorafleet's logits of the trained adapter."""
+    import yaml
+
+    base = family_bases["mixtral"]
+    rows = [{"prompt": f"Question {i}?", "completion": f" Answer {i}."} for i in range(4)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    targets = ["q_proj", "experts.gate_up_proj", "experts.down_proj"]
+    cfg = {
+        "base_model": {"path": str(base)},
+        "output_dir": str(tmp_path / "run"),
+        "datasets": [{"name": "d", "path": str(tmp_path / "d.jsonl"), "format": "prompt_completion"}],
+        "adapters": [{"name": "t", "rank": 2, "alpha": 4, "dropout": 0.0, "target_modules": targets}],
+        "tasks": [
+            {
+                "name": "t",
+                "adapter": "t",
+                "dataset": "d",
+                "batch_size": 2,
+                "max_steps": 2,
+                "optimizer": {"lr": 0.05},
+            }
+        ],
+    }
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(tmp_path / "c.yaml"), "--no-progress"]) == 0
+    adapter = tmp_path / "run" / "adapters" / "t"
+    want = ours(base, adapter)
+    assert (want - ours(base, None)).abs().max() > 1e-3  # training moved the adapter
+    assert run_cli("--adapter", adapter, "--output", tmp_path / "peft") == 0
+    assert run_cli("--adapter", adapter, "--output", tmp_path / "merged", "--merge") == 0
+    scale = max(1.0, want.abs().max().item())
+    assert (transformers_logits(base, tmp_path / "peft") - want).abs().max() <= ATOL * scale
+    assert (transformers_logits(tmp_path / "merged") - want).abs().max() <= 1e-4 * scale

@@ -127,8 +127,8 @@ def _refuse_per_expert_modules(state: dict[str, torch.Tensor], who: str, folder:
     """Refuse LoRA on one expert's own module (``...experts.3.w1``): transformers 4's layout of MoE adapters.
 
     transformers 5 holds the experts as fused 3-D tensors, which PEFT 0.21 (and lorafleet) adapt through
-    target_parameters. PEFT converts such an old adapter on loading by stacking w1 and w3 (gate_proj and
-    up_proj) into gate_up_proj at twice the rank, with rank_pattern / alpha_pattern: a rank per tensor, which
+    target_parameters. PEFT's conversion of such an old adapter stacks w1 and w3 (gate_proj and up_proj)
+    into gate_up_proj at twice the rank, with rank_pattern / alpha_pattern: a rank per tensor, which
     an lorafleet adapter (one rank) cannot hold, so it is refused rather than loaded into something else.
     """
     for key in state:
@@ -136,8 +136,8 @@ def _refuse_per_expert_modules(state: dict[str, torch.Tensor], who: str, folder:
         if m:
             raise ValueError(
                 f"{who}: {folder} adapts {m.group(1)} of each expert as its own module (key {key!r}), transformers "
-                "4's layout of MoE adapters; transformers 5 fuses the experts into 3-D tensors and PEFT 0.21 "
-                "converts such an adapter to target_parameters at twice the rank on gate_up_proj (a rank per "
+                "4's layout of MoE adapters; transformers 5 fuses the experts into 3-D tensors, onto which PEFT 0.21 "
+                "maps such an adapter only by stacking w1 and w3 at twice the rank on gate_up_proj (a rank per "
                 "tensor, which lorafleet adapters do not have); train a new adapter with target_modules "
                 f"{list(EXPERT_TARGETS)}"
             )
