@@ -9,17 +9,21 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 import yaml
 from safetensors.torch import load_file
 
+from helpers.faults import unwritable
 from helpers.peft_oracle import rel_diff, write_data
 from lorafleet.config import load_config
 from lorafleet.lora.adapters import adapter_names
 from lorafleet.train.checkpoint import CheckpointMismatchError
 from lorafleet.train.engine import Engine
+from lorafleet.train.events import StepEvent, StorageFaultEvent
+from lorafleet.train.storage import StorageHolds, StorageRetry
 
 STEPS = 4
 
@@ -160,3 +164,69 @@ def test_task_that_cannot_resume_leaves_the_engine_at_once(tmp_path, tiny_llama_
     states = engine.run()
     assert {n: s.status for n, s in states.items()} == {"b": "succeeded", "x": "succeeded", "c": "succeeded"}
     assert states["x"].step == 2 and states["c"].step == 2
+
+
+# -- storage faults: a checkpoint that cannot be written (issue 19 item 4) ----------------------------------
+
+
+def _fault_at_step_2_of_a(tmp_path: Path, model_dir: Path, attempts: int, lift_when_b_ends: bool):
+    """Train a and b (the reference's config); a's checkpoint folder refuses writes from a's step 2 on, and
+    is writable again once b has finished (when ``lift_when_b_ends``). (engine, states, storage faults seen,
+    b's steps while a was held)."""
+    engine = Engine(load_config(_config(tmp_path, model_dir)), tensorboard=False)
+    engine.storage = StorageHolds(StorageRetry(first_s=0.01, max_s=0.04, attempts=attempts))
+    folder = tmp_path / "run" / "checkpoints" / "a"
+    fault, faults, b_held = ExitStack(), [], []
+
+    def watch(ev) -> None:
+        if isinstance(ev, StepEvent) and ev.task == "a" and ev.step == 2:
+            fault.enter_context(unwritable(folder))
+        elif isinstance(ev, StorageFaultEvent):
+            faults.append(ev)
+        elif isinstance(ev, StepEvent) and ev.task == "b" and faults:
+            b_held.append(ev.step)
+            if ev.step == STEPS and lift_when_b_ends:
+                fault.close()
+
+    engine.subscribe(watch)
+    with fault:
+        states = engine.run()
+    return engine, states, faults, b_held
+
+
+def test_a_checkpoint_that_cannot_be_written_holds_the_task_until_the_disk_is_back(
+    reference, tmp_path, tiny_llama_dir
+):
+    _, states, faults, b_held = _fault_at_step_2_of_a(tmp_path, tiny_llama_dir, 1000, True)
+    assert {n: (s.status, s.step) for n, s in states.items()} == {
+        "a": ("succeeded", 4),
+        "b": ("succeeded", 4),
+    }
+    assert faults and {(f.task, f.step) for f in faults} == {("a", 2)}
+    assert [f.failures for f in faults] == list(range(1, len(faults) + 1))
+    assert all("/" not in f.reason and f.reason for f in faults), faults
+    assert b_held == [3, 4]  # b trained on while a waited
+    # a went on from its in-memory state: one record per step, and the weights of the run left alone
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for name in ("a", "b"):
+        assert [r["step"] for r in records if r["task"] == name and "loss" in r] == [1, 2, 3, 4], name
+        # b ran alone for two steps: other fused batches, so float rounding differs slightly
+        assert rel_diff(_adapter(tmp_path / "run", name), _adapter(reference, name)) <= 1e-5, name
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints" / "a").glob("step-*")) == [
+        "step-000003",
+        "step-000004",
+    ]
+
+
+def test_a_storage_fault_that_lasts_fails_the_task_with_a_reason_and_no_path(
+    tmp_path, tiny_llama_dir, caplog
+):
+    with caplog.at_level(logging.WARNING, logger="lorafleet.train"):
+        _, states, faults, _ = _fault_at_step_2_of_a(tmp_path, tiny_llama_dir, 3, False)
+    assert (states["a"].status, states["a"].step) == ("failed", 2)
+    assert states["b"].status == "succeeded"
+    assert len(faults) == 2  # the third failed write is the last: the task fails instead
+    error = states["a"].error
+    assert "checkpoint at step 2 could not be written after 3 attempts" in error, error
+    assert "/" not in error, error
+    assert str(tmp_path / "run" / "checkpoints" / "a") in caplog.text  # the operator's log has the path

@@ -19,12 +19,15 @@ batch size, optimizer, schedule and checkpoints. Each call of ``run_once``:
 
 What a step is (denominators, accumulation, clipping, the optimizer and schedule, evaluation, checkpoints,
 resume) is the ``Task``'s (``train/task.py``), shared with every pipeline stage: the engine only decides
-which micro-batch runs. A task whose loss or weights become NaN/inf fails alone; the others go on.
+which micro-batch runs. A task whose loss or weights become NaN/inf fails alone; the others go on. A task
+whose checkpoint or final adapter cannot be written (a storage fault, ``OSError``) is held and its write
+retried with backoff (``storage_retry``, ``train/storage.py``); it fails only when the tries run out.
 Subscribers receive typed events (``train/events.py``).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,11 +44,14 @@ from ..models.recompute import apply_recompute, remove_recompute
 from ..models.tokenizer import load_tokenizer
 from .dispatcher import PlanItem, next_waited, plan_next
 from .evaluate import evaluate
-from .events import RECORDED, Event, StatusEvent, StepEvent
+from .events import RECORDED, Event, StatusEvent, StepEvent, StorageFaultEvent
+from .storage import StorageHolds, StorageRetry
 from .task import STATUSES, Task, TaskState
 from .tasks import order_groups, pack_groups
 
 __all__ = ["STATUSES", "Engine", "TaskState", "pack_plan", "plan_micro_batch", "resolve_device"]
+
+_log = logging.getLogger("lorafleet.train")
 
 
 def plan_micro_batch(
@@ -109,6 +115,8 @@ class Engine:
         self._arrivals = 0
         self._waited: dict[str, int] = {}  # micro-batches each task was left out of (dispatcher fairness)
         self.stop_signal: int | None = None  # set by request_stop: run() winds down
+        # tasks held by a storage fault, and how their writes are retried (callers may set another policy)
+        self.storage = StorageHolds(StorageRetry())
         datasets = {d.name: d for d in cfg.datasets}
         adapters = {a.name: a for a in cfg.adapters}
         for task in cfg.tasks:
@@ -157,8 +165,8 @@ class Engine:
         self._tasks[task.name] = t
         self.metrics.truncate(task.name, t.state.step)  # the steps it redoes are logged again
         if resumed and t.done:
-            self._finish(t, "succeeded", None, export=True)
-        if t.state.status == "queued":
+            self._end_step(t, saved=True)  # it only needs its adapter written (a storage fault holds it)
+        elif t.state.status == "queued":
             t.begin_step()
         self._emit(StatusEvent(task.name, t.state.status))
 
@@ -176,6 +184,7 @@ class Engine:
             )
         del self._tasks[name]
         self._waited.pop(name, None)
+        self.storage.release(name)
         return t.state
 
     def request_stop(self, signum: int) -> None:
@@ -186,15 +195,23 @@ class Engine:
         """Checkpoint every live task at its last completed optimizer step (unless it already is)."""
         for t in self._tasks.values():
             if t.live and t.state.step > 0 and t.state.step not in t.saved_steps():
-                self._emit(t.save())
+                try:
+                    self._emit(t.save())
+                except OSError as e:  # the storage is down: it resumes from its last checkpoint
+                    _log.error(
+                        "task %s: could not write its checkpoint at step %d: %s", t.name, t.state.step, e
+                    )
 
     def run_once(self) -> bool:
         """One fused micro-batch and the optimizer steps it completes; False when no task has work.
 
         After ``request_stop`` only tasks in the middle of an optimizer step take part, so that a few calls
-        complete those steps and then there is no work left.
+        complete those steps and then there is no work left. Tasks held by a storage fault take no part;
+        their writes are tried again here once due.
         """
-        live = [t for t in self._tasks.values() if t.live]
+        for name in self.storage.due():
+            self._end_step(self._tasks[name], saved=self.storage.saved(name))
+        live = [t for t in self._tasks.values() if t.live and t.name not in self.storage]
         if self.stop_signal is not None:
             live = [t for t in live if t.mid_step]
         plan, self._waited = plan_micro_batch(live, self.cfg, self._waited)
@@ -244,7 +261,7 @@ class Engine:
 
         view = ProgressView(self) if progress else None
         try:
-            while self.run_once():
+            while self.run_once() or (self.stop_signal is None and self.storage.wait()):
                 if view is not None:
                     view.refresh()
             if self.stop_signal is not None:
@@ -291,18 +308,40 @@ class Engine:
             for event in t.record_eval(results[t.name]):
                 self._emit(event)
 
-    def _end_step(self, t: Task) -> None:
-        """After a step (and its evaluation): checkpoint; finish the task or queue its next step."""
-        if t.save_due():
-            self._emit(t.save())
-        if t.done:
-            self._finish(t, "succeeded", None, export=True)
+    def _end_step(self, t: Task, saved: bool = False) -> None:
+        """After a step (and its evaluation): checkpoint; finish the task or queue its next step. A write
+        that fails holds the task (``saved``: its checkpoint was written, the retry goes on after it)."""
+        try:
+            if not saved and t.save_due():
+                event = t.save()
+                saved = True
+                self._emit(event)
+            if t.done:
+                self._finish(t, "succeeded", None, export=True)
+            else:
+                t.begin_step()
+        except OSError as e:
+            self._storage_fault(t, saved, e)
+            return
+        self.storage.release(t.name)
+
+    def _storage_fault(self, t: Task, saved: bool, e: OSError) -> None:
+        """Hold ``t`` until its write can be tried again, or fail it when the tries are spent."""
+        fault = self.storage.failed(t.name, t.state.step, saved, e)
+        _log.warning(
+            "task %s: could not write at step %d (try %d): %s", t.name, t.state.step, fault.failures, e
+        )
+        if fault.retry_in_s is None:
+            self._finish(t, "failed", fault.message(), export=False)
         else:
-            t.begin_step()
+            self._emit(
+                StorageFaultEvent(t.name, t.state.step, fault.reason, fault.failures, fault.retry_in_s)
+            )
 
     def _finish(self, t: Task, status: str, error: str | None, export: bool) -> None:
-        t.state.status, t.state.error = status, error
-        if export:
+        if export:  # first: a write that fails leaves the task as it was, to be tried again
             t.export(self.output_dir / "adapters" / t.spec.name)
+        self.storage.release(t.name)
+        t.state.status, t.state.error = status, error
         t.release(self.model)
         self._emit(StatusEvent(t.name, status, error))

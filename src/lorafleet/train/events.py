@@ -9,7 +9,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["RECORDED", "CheckpointEvent", "EarlyStopEvent", "EvalEvent", "Event", "StatusEvent", "StepEvent"]
+__all__ = [
+    "RECORDED",
+    "CheckpointEvent",
+    "EarlyStopEvent",
+    "EvalEvent",
+    "Event",
+    "StatusEvent",
+    "StepEvent",
+    "StorageFaultEvent",
+]
 
 
 @dataclass(frozen=True)
@@ -96,6 +105,18 @@ class CheckpointEvent:
     path: str
 
 
-Event = StepEvent | EvalEvent | EarlyStopEvent | StatusEvent | CheckpointEvent
+@dataclass(frozen=True)
+class StorageFaultEvent:
+    """The task's checkpoint (or final adapter) at ``step`` could not be written (``reason``: the error's
+    text, no path); it is held and the write is tried again in ``retry_in_s`` s (``train/storage.py``)."""
+
+    task: str
+    step: int
+    reason: str
+    failures: int
+    retry_in_s: float
+
+
+Event = StepEvent | EvalEvent | EarlyStopEvent | StatusEvent | CheckpointEvent | StorageFaultEvent
 # the events that are lines of metrics.jsonl (``record()``)
 RECORDED = (StepEvent, EvalEvent, EarlyStopEvent)

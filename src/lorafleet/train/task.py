@@ -171,6 +171,7 @@ class Task:
         self.step_loss, self.step_tokens, self.step_metrics = 0.0, 0, {}
         self.started_at: float | None = None  # time.perf_counter() when it first ran
         self.skipped_checkpoints: list[SkippedCheckpoint] = []  # what the last resume passed over, and why
+        self._best_unsaved = False  # a better evaluated adapter than the one in checkpoint_dir/best
 
     @property
     def name(self) -> str:
@@ -314,7 +315,7 @@ class Task:
         improved, stop = ev.early.update(result.loss, step)
         if improved and ev.early.patience is not None:
             ev.best_state = {k: p.detach().cpu().clone() for k, p in self.params.items()}
-            save_peft(self.checkpoint_dir / "best", self.spec, ev.best_state, self.base_path)
+            self._best_unsaved = True  # written with the next checkpoint, which holds this evaluation
         if stop and step < self.state.total_steps:
             ev.stopped_early = True
             out.append(EarlyStopEvent(self.cfg.name, step, ev.early.best_step, ev.early.best_loss))
@@ -351,7 +352,14 @@ class Task:
         return out
 
     def save(self) -> CheckpointEvent:
-        """Checkpoint the current step (adapter, optimizer, schedule, bookkeeping), atomically."""
+        """Checkpoint the current step (adapter, optimizer, schedule, bookkeeping), atomically; the best
+        evaluated adapter (``checkpoint_dir/best``) is written first when it changed, so ``best`` always
+        matches the early-stopping state of the newest checkpoint. An ``OSError`` leaves the task as it was
+        (the engine tries again: ``train/storage.py``)."""
+        ev = self.evaluation
+        if self._best_unsaved and ev is not None and ev.best_state is not None:
+            save_peft(self.checkpoint_dir / "best", self.spec, ev.best_state, self.base_path)
+            self._best_unsaved = False
         state: dict[str, Any] = {
             "fingerprint": self.fingerprint(),
             "status": self.state.status,
