@@ -13,6 +13,7 @@ ever answered with a bare ``{"detail": ...}``.
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -35,6 +36,7 @@ __all__ = [
 
 STORAGE_RETRY_AFTER_S = 30  # what a 503 for unwritable storage tells clients to wait
 
+_log = logging.getLogger("lorafleet.service")
 _RETRY_AFTER_S = 5  # what a 503 asks the client to wait while the store is unreachable
 _QUOTA_RETRY_AFTER_S = 30  # what a 429 asks: jobs finish, files get deleted
 
@@ -64,6 +66,7 @@ def error_response(
 
 
 def _storage_unavailable(exc: StorageUnavailable) -> JSONResponse:
+    _log.warning("answering 503: storage cannot be written: %s", exc.cause)  # the full error, with its path
     return error_response(
         503, str(exc), "server_error", code="storage_unavailable",
         headers={"Retry-After": str(STORAGE_RETRY_AFTER_S)},

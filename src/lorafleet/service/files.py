@@ -13,6 +13,7 @@ Data directory layout::
     DATA_DIR/lorafleet.db             the store (SQLite)
     DATA_DIR/files/<file id>.jsonl    uploads
     DATA_DIR/engine/                  the engine's OUTPUT_DIR: checkpoints/<job id>/, adapters/<adapter id>/
+                                      (``check_writable`` probes these two before a job is created or started)
     DATA_DIR/exports/<adapter id>.zip adapter downloads, built once
     DATA_DIR/worker.lock              held by the one running worker
 """
@@ -120,9 +121,31 @@ class DataDir:
         return Path("/tmp") / f"lorafleet-{digest}.sock"
 
     def create(self) -> DataDir:
-        for p in (self.root, self.files, self.engine, self.exports, self.engine / "adapters"):
+        for p in (self.root, self.files, self.engine, self.exports, *self.job_folders):
             p.mkdir(parents=True, exist_ok=True)
         return self
+
+    @property
+    def job_folders(self) -> tuple[Path, Path]:
+        """The folders a training job writes into: its checkpoints and its finished adapter."""
+        return self.engine / "checkpoints", self.engine / "adapters"
+
+    def check_writable(self) -> None:
+        """Raise ``StorageUnavailable`` unless a file can be created, written, synced and removed in each of
+        ``job_folders`` (a read-only or full disk, a folder gone or replaced): what a job about to be created
+        or started needs. The exception's ``cause`` is the full error (with its path, for the log)."""
+        for folder in self.job_folders:
+            probe = folder / f".probe-{os.getpid()}-{secrets.token_hex(4)}"
+            try:
+                fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                try:
+                    os.write(fd, b"x")
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.unlink(probe)
+            except OSError as e:
+                raise StorageUnavailable(e) from e
 
     def file_path(self, file_id: str) -> Path:
         return safe_child(self.files, file_id, FILE_ID_PATTERN, ".jsonl")

@@ -16,6 +16,8 @@ Loop, top to bottom:
      worker that crashed, was SIGKILLed or lost its lease go on from their last checkpoint, on whichever
      worker claims them (checkpoints that the store never recorded are removed first: a worker that lost
      its lease may have written them);
+   - no job is claimed while the data folder cannot be written (``DataDir.check_writable``): they wait,
+     ``queued``, and the worker's announcement says why;
    - jobs the engine holds that the store says are ``cancelled``: ``Engine.cancel_task``;
    - jobs the engine holds that the store says are ``paused``: they leave the engine (``cancel_task``, the
      store keeps ``paused``) right after their next checkpoint, or at once when nothing was trained since
@@ -31,6 +33,11 @@ Loop, top to bottom:
    engine goes on: a step's metrics are stored before that step's checkpoint is written, so a worker killed
    at any moment loses no step that its checkpoints hold (a resumed job trains the steps after its last
    checkpoint again, and their metrics events replace the earlier ones).
+
+Storage faults: a job whose checkpoint (or final adapter) cannot be written is held by the engine and the
+write is retried with backoff (``train/storage.py``; a ``warning`` event tells the tenant each time) while
+the others train on; it goes on from its in-memory state once a write succeeds, and fails only when the
+tries run out. Errors shown to tenants never contain a server path (``_public``); the log has them whole.
 
 Leases (``store.base``): every job a worker trains is leased to it; the heartbeat thread renews the leases
 (and announces the worker: host, base model, capacity, jobs) every ``lease_s / 4`` seconds. Every write for
@@ -57,7 +64,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .files import DataDir
+from ..train.events import Event, StorageFaultEvent
+from .files import DataDir, StorageUnavailable
 from .jobspec import EngineSettings, job_configs, model_name
 from .leases import HeldLeases
 from .store import (
@@ -245,7 +253,7 @@ class Worker(JobRecorder):
                         job_id, lambda lease, j=job_id: self.store.transition(j, "running", ["queued"], lease)
                     )
         free = self.settings.max_concurrent_tasks - len(self.leases)
-        if free > 0:
+        if free > 0 and self._storage_ok():
             since = time.monotonic()
             claimed = self.store.claim_jobs(self.id, self.model, free, self.lease_s)
             # every claimed lease is held (and so renewed) before any job is admitted: admitting one job
@@ -261,6 +269,35 @@ class Worker(JobRecorder):
                 self.engine.forget(name)
                 self._last_metrics.pop(name, None)
                 self._saved_step.pop(name, None)
+
+    def _storage_ok(self) -> bool:
+        """Whether jobs can be started: their folders can be written. Says so in the log and the worker's
+        announcement when that changes."""
+        try:
+            self.dd.check_writable()
+        except StorageUnavailable as e:
+            if not self.message.startswith("storage"):
+                log.warning("not claiming jobs: the data folder cannot be written: %s", e.cause)
+            self.message = f"storage unavailable ({e.cause.strerror or type(e.cause).__name__}); jobs wait"
+            return False
+        if self.message.startswith("storage"):
+            log.info("the data folder can be written again; claiming jobs")
+            self.message = ""
+        return True
+
+    def _on_event(self, ev: Event) -> None:
+        if isinstance(ev, StorageFaultEvent):
+            log.warning("job %s: storage fault at step %d (try %d)", ev.task, ev.step, ev.failures)
+            if self.leases.get(ev.task) is not None:
+                self._event(
+                    ev.task, f"Checkpoint at step {ev.step} could not be written ({ev.reason}); training of "
+                    f"this job waits and tries again in {ev.retry_in_s:.0f} s", level="warning",
+                )  # fmt: skip
+            return
+        super()._on_event(ev)
+
+    def _fail(self, job_id: str, message: str) -> None:
+        super()._fail(job_id, _public(message, self.dd))
 
     def _configs(self, job):
         files = {}
@@ -352,7 +389,13 @@ class Worker(JobRecorder):
 
 
 def _public(message: str, dd: DataDir) -> str:
-    """A message without the server's folders: file paths become their file ids."""
+    """A message without the server's paths: an uploaded file's path becomes its file id, a path inside the
+    data folder is kept relative to it, and any other absolute path is cut to its last part."""
     for folder in (dd.files, dd.engine, dd.root):
         message = message.replace(f"{folder.resolve()}/", "").replace(f"{folder}/", "")
-    return re.sub(r"\b(file-[0-9a-f]{24})\.jsonl\b", r"\1", message)
+    message = re.sub(r"\b(file-[0-9a-f]{24})\.jsonl\b", r"\1", message)
+    return _ABSOLUTE_PATH.sub(lambda m: m.group(2), message)
+
+
+# an absolute path (not a URL's): /a/b/name, with its last part as group 2
+_ABSOLUTE_PATH = re.compile(r"(?<![\w:/.~-])(/(?:[^\s'\"/:]+/)+)([^\s'\"/:]*)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Query, Request, Security
@@ -13,7 +14,7 @@ from .. import auth
 from ..errors import ApiError, not_found
 from ..files import ADAPTER_ID_PATTERN, FILE_ID_PATTERN, JOB_ID_PATTERN, DataDir
 from ..jobspec import model_name
-from ..store import JobRecord, Store
+from ..store import CheckpointRecord, JobRecord, Store
 
 if TYPE_CHECKING:
     from ..app import ServiceSettings
@@ -27,8 +28,10 @@ __all__ = [
     "ServiceDep",
     "Tenant",
     "checkpoint_model_id",
+    "checkpoint_on_disk",
     "cursor",
     "model_name",
+    "present_checkpoints",
 ]
 
 
@@ -85,6 +88,28 @@ Limit = Annotated[int, Query(ge=1, le=100, description="page size")]
 def checkpoint_model_id(adapter_id: str, step: int) -> str:
     """The model id of a job's checkpoint at ``step``: ``<adapter id>:ckpt-step-<step>``."""
     return f"{adapter_id}:ckpt-step-{step}"
+
+
+def checkpoint_on_disk(c: CheckpointRecord) -> bool:
+    """Whether a recorded checkpoint is still there: the engine prunes all but the newest ones, and an
+    operator may remove any; the store keeps the record either way."""
+    return (Path(c.path) / "adapter.safetensors").is_file()
+
+
+def present_checkpoints(
+    store: Store, job_id: str, after: int | None, limit: int
+) -> tuple[list[CheckpointRecord], bool]:
+    """A page of the job's checkpoints that are on disk (``checkpoint_on_disk``), newest first, and whether
+    more follow; the store is read in pages until the page is full."""
+    found: list[CheckpointRecord] = []
+    more = True
+    while more and len(found) <= limit:  # one extra tells has_more
+        rows, more = store.list_checkpoints(job_id, after, 100)
+        found += [c for c in rows if checkpoint_on_disk(c)]
+        if not rows:
+            break
+        after = rows[-1].seq
+    return found[:limit], len(found) > limit
 
 
 def cursor(value: str | None, prefix: str) -> int | None:

@@ -14,7 +14,7 @@ from ..jobrequest import JobCreate
 from ..jobspec import job_configs
 from ..schemas import CheckpointObject, EventObject, JobError, JobObject, ListResponse
 from ..store import ACTIVE_STATUSES, EventRecord, JobRecord
-from .deps import JobId, Limit, ServiceDep, Tenant, checkpoint_model_id, cursor
+from .deps import JobId, Limit, ServiceDep, Tenant, checkpoint_model_id, cursor, present_checkpoints
 from .starts import remove_starts, resolve_starts, starting_model, write_starts
 
 __all__ = ["job_object", "router"]
@@ -71,7 +71,8 @@ def _event_object(e: EventRecord) -> EventObject:
 @router.post("", response_model=JobObject)
 def create_job(body: JobCreate, tenant_: Tenant, svc: ServiceDep) -> JobObject:
     """Create a job. It starts in ``validating_files``; the worker queues it and trains it. ``model`` may name
-    one of the tenant's fine-tuned models or checkpoints to continue from (``api/starts.py``)."""
+    one of the tenant's fine-tuned models or checkpoints to continue from (``api/starts.py``). 503 with
+    ``Retry-After`` while the data folder cannot be written."""
     store, dd = svc.store, svc.dd
     init = starting_model(svc, tenant_, body.model)
     if init is None and body.model is not None and body.model != svc.served_model:
@@ -109,6 +110,7 @@ def create_job(body: JobCreate, tenant_: Tenant, svc: ServiceDep) -> JobObject:
             job_configs(spec, job.id, job.adapter_id, files, svc.settings.engine, dd.engine)
         except ValueError as e:
             raise ApiError(400, str(e), code="invalid_job") from None
+        dd.check_writable()  # a job that could not checkpoint is a 503 now (StorageUnavailable), not failed later
         store.add_job(job)
     except BaseException:  # the job does not exist: neither do its snapshots
         remove_starts(svc, job.id)
@@ -229,9 +231,10 @@ def list_checkpoints(
     after: Annotated[str | None, Query(pattern=r"^ftckpt-[0-9]{1,18}$")] = None,
     limit: Limit = 20,
 ) -> ListResponse[CheckpointObject]:
-    """The job's checkpoints, newest first; each is also a model (``fine_tuned_model_checkpoint``)."""
+    """The job's checkpoints that are on disk, newest first; each is also a model
+    (``fine_tuned_model_checkpoint``)."""
     job = svc.get_job(tenant_, job_id)
-    rows, more = svc.store.list_checkpoints(job_id, cursor(after, "ftckpt-"), limit)
+    rows, more = present_checkpoints(svc.store, job_id, cursor(after, "ftckpt-"), limit)
     data = [
         CheckpointObject(
             id=f"ftckpt-{c.seq}",

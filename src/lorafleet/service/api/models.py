@@ -21,7 +21,7 @@ from ..errors import ERROR_RESPONSES, ApiError
 from ..files import ADAPTER_ID_PATTERN
 from ..schemas import DeletedObject, ListResponse, ModelObject
 from ..store import JobRecord
-from .deps import Service, ServiceDep, Tenant, checkpoint_model_id
+from .deps import Service, ServiceDep, Tenant, checkpoint_model_id, checkpoint_on_disk
 
 __all__ = ["ResolvedModel", "resolve_model", "router"]
 
@@ -64,7 +64,7 @@ def _checkpoints(svc: Service, job: JobRecord) -> list[ResolvedModel]:
     while True:
         rows, more = svc.store.list_checkpoints(job.id, after, 100)
         for c in rows:
-            if (Path(c.path) / "adapter.safetensors").is_file():  # pruned ones are gone
+            if checkpoint_on_disk(c):  # pruned or removed ones are gone
                 mid = checkpoint_model_id(job.adapter_id, c.step)
                 out.append(ResolvedModel(mid, int(c.created_at), job.tenant, Path(c.path), job))
         if not more or not rows:
