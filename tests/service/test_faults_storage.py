@@ -152,6 +152,44 @@ def test_running_jobs_wait_out_a_disk_fault_and_new_ones_wait_unclaimed(disk_fau
     assert rel_diff(tensors[a], tensors[b]) <= 1e-4
 
 
+def test_no_5xx_but_503_from_any_route_while_the_data_folder_cannot_be_written(disk_fault_run):
+    """Every route, with the data folder's files, engine and exports folders unwritable: reads answer as
+    usual; writes are a 503 with ``Retry-After`` in the error shape, and change nothing."""
+    client, h, store, dd, a, b, _ = disk_fault_run
+    adapter = store.get_job_any(a).adapter_id
+    fid = store.get_job_any(a).spec["training_file"]
+    other = upload(client, h, jsonl(ROWS)).json()["id"]
+    calls = [
+        ("GET", JOBS, None), ("GET", f"{JOBS}/{a}", None), ("GET", f"{JOBS}/{a}/events", None),
+        ("GET", f"{JOBS}/{a}/checkpoints", None), ("GET", "/v1/files", None), ("GET", f"/v1/files/{fid}", None),
+        ("GET", "/v1/models", None), ("GET", f"/v1/models/{adapter}", None), ("GET", "/v1/adapters", None),
+        ("GET", f"/v1/adapters/{adapter}", None), ("GET", "/healthz", None),
+        ("GET", f"/v1/adapters/{adapter}/download", None), ("POST", JOBS, _body(fid)),
+        ("POST", f"{JOBS}/{a}/cancel", None), ("POST", f"{JOBS}/{a}/pause", None),
+        ("DELETE", f"/v1/files/{other}", None), ("DELETE", f"/v1/models/{adapter}", None),
+    ]  # fmt: skip
+    with unwritable(dd.files, dd.engine, dd.exports) as mode:
+        answers = {(m, u): client.request(m, u, headers=h, json=j) for m, u, j in calls}
+        r = upload(client, h, jsonl(ROWS))
+        answers[("POST", "/v1/files")] = r
+    for call, r in answers.items():
+        assert r.status_code < 500 or r.status_code == 503, (call, r.status_code, r.text)
+        if r.status_code >= 400:
+            assert error_message(r) and "/srv" not in r.text and str(dd.root) not in r.text, (call, r.text)
+    unwritten = {c for c, r in answers.items() if r.status_code == 503}
+    writes = {("POST", JOBS), ("DELETE", f"/v1/files/{other}"), ("POST", "/v1/files")}
+    adapter_writes = {("GET", f"/v1/adapters/{adapter}/download"), ("DELETE", f"/v1/models/{adapter}")}
+    # (where the folders are replaced by files, the adapter's folder is gone too: 409 and 404, not 503)
+    expected = writes | (adapter_writes if mode != "replace" else set())
+    assert unwritten == expected, {c: answers[c].status_code for c in answers}
+    assert all(int(answers[c].headers["Retry-After"]) > 0 for c in unwritten)
+    # nothing was half-done: the file and the model are still there, and work once the disk is back
+    assert client.get(f"/v1/files/{other}", headers=h).status_code == 200
+    assert client.get(f"/v1/models/{adapter}", headers=h).status_code == 200
+    assert client.get(f"/v1/adapters/{adapter}/download", headers=h).status_code == 200
+    assert client.delete(f"/v1/files/{other}", headers=h).status_code == 200
+
+
 def test_checkpoint_list_holds_only_checkpoints_on_disk(disk_fault_run):
     """Issue 19 item 8: the engine keeps the newest two checkpoints; the store recorded all three; an
     operator then removes one more."""

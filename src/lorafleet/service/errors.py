@@ -122,8 +122,9 @@ def _describe_validation(exc: RequestValidationError) -> tuple[str, list[str], s
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Answer ``ApiError``, the store's ``StoreUnavailable`` (503) and ``QuotaExceeded`` (429), request
-    validation errors and Starlette's HTTP errors in the one shape."""
+    """Answer ``ApiError``, the store's ``StoreUnavailable`` (503) and ``QuotaExceeded`` (429), storage
+    faults (``StorageUnavailable`` and any other ``OSError``: 503), request validation errors and Starlette's
+    HTTP errors in the one shape."""
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -148,6 +149,18 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StorageUnavailable)
     async def _storage_error(request: Request, exc: StorageUnavailable) -> JSONResponse:
         return _storage_unavailable(exc)
+
+    @app.exception_handler(OSError)
+    async def _os_error(request: Request, exc: OSError) -> JSONResponse:
+        # a file operation of the data folder failed (read-only, full, gone), or the connection to the
+        # inference worker broke: retryable, never a 500
+        _log.error("%s %s: %s", request.method, request.url.path, exc, exc_info=exc)
+        if isinstance(exc, ConnectionError):
+            return error_response(
+                503, "the connection to the inference worker broke; retry", "server_error",
+                code="worker_unavailable", headers={"Retry-After": str(_RETRY_AFTER_S)},
+            )  # fmt: skip
+        return _storage_unavailable(StorageUnavailable(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

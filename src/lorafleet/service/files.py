@@ -130,11 +130,12 @@ class DataDir:
         """The folders a training job writes into: its checkpoints and its finished adapter."""
         return self.engine / "checkpoints", self.engine / "adapters"
 
-    def check_writable(self) -> None:
+    def check_writable(self, *folders: Path) -> None:
         """Raise ``StorageUnavailable`` unless a file can be created, written, synced and removed in each of
-        ``job_folders`` (a read-only or full disk, a folder gone or replaced): what a job about to be created
-        or started needs. The exception's ``cause`` is the full error (with its path, for the log)."""
-        for folder in self.job_folders:
+        ``folders`` (default ``job_folders``: what a job about to be created or started needs), as a
+        read-only or full disk, or a folder gone or replaced, would not let it. The exception's ``cause`` is
+        the full error (with its path, for the log)."""
+        for folder in folders or self.job_folders:
             probe = folder / f".probe-{os.getpid()}-{secrets.token_hex(4)}"
             try:
                 fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

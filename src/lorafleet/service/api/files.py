@@ -116,6 +116,7 @@ def delete_file(file_id: FileId, tenant_: Tenant, svc: ServiceDep) -> DeletedObj
             409, f"file {file_id} is used by unfinished job(s) {', '.join(users)}: cancel them or wait",
             code="file_in_use",
         )  # fmt: skip
+    svc.dd.check_writable(svc.dd.files)  # a 503 before the record goes, not a file left behind after
     if svc.store.delete_file(tenant_, file_id):
         svc.dd.file_path(file_id).unlink(missing_ok=True)
     return DeletedObject(id=file_id, object="file", deleted=True)

@@ -146,6 +146,9 @@ def delete_model(tenant_: Tenant, svc: ServiceDep, model_id: str = _ModelId) -> 
             400, f"{model_id!r} is a checkpoint: delete its fine-tuned model {m.job.adapter_id!r} instead",
             param="model", code="checkpoint_not_deletable",
         )  # fmt: skip
+    folder = svc.dd.adapter_dir(m.id)
+    svc.dd.check_writable(svc.dd.exports, folder.parent)  # a 503 while they cannot be written, not "deleted"
     svc.dd.export_zip(m.id).unlink(missing_ok=True)
-    shutil.rmtree(svc.dd.adapter_dir(m.id), ignore_errors=True)
+    if folder.exists():
+        shutil.rmtree(folder)
     return DeletedObject(id=m.id, object="model", deleted=True)
