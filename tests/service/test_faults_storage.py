@@ -127,6 +127,7 @@ def disk_fault_run(tmp_path_factory, tiny_llama_dir):
         yield client, h, store, dd, a, b, seen
 
 
+@pytest.mark.slow  # the module's training run (about 15 s on 2 cores) is its fixture
 def test_running_jobs_wait_out_a_disk_fault_and_new_ones_wait_unclaimed(disk_fault_run):
     client, h, store, dd, a, b, seen = disk_fault_run
     # during the fault: A stopped at step 2 (trained and reported; its checkpoint refused), still running
@@ -152,6 +153,7 @@ def test_running_jobs_wait_out_a_disk_fault_and_new_ones_wait_unclaimed(disk_fau
     assert rel_diff(tensors[a], tensors[b]) <= 1e-4
 
 
+@pytest.mark.slow  # the module's training run (about 15 s on 2 cores) is its fixture
 def test_no_5xx_but_503_from_any_route_while_the_data_folder_cannot_be_written(disk_fault_run):
     """Every route, with the data folder's files, engine and exports folders unwritable: reads answer as
     usual; writes are a 503 with ``Retry-After`` in the error shape, and change nothing."""
@@ -190,6 +192,7 @@ def test_no_5xx_but_503_from_any_route_while_the_data_folder_cannot_be_written(d
     assert client.delete(f"/v1/files/{other}", headers=h).status_code == 200
 
 
+@pytest.mark.slow  # the module's training run (about 15 s on 2 cores) is its fixture
 def test_checkpoint_list_holds_only_checkpoints_on_disk(disk_fault_run):
     """Issue 19 item 8: the engine keeps the newest two checkpoints; the store recorded all three; an
     operator then removes one more."""
