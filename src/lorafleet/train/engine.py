@@ -21,7 +21,8 @@ What a step is (denominators, accumulation, clipping, the optimizer and schedule
 resume) is the ``Task``'s (``train/task.py``), shared with every pipeline stage: the engine only decides
 which micro-batch runs. A task whose loss or weights become NaN/inf fails alone; the others go on. A task
 whose checkpoint or final adapter cannot be written (a storage fault, ``OSError``) is held and its write
-retried with backoff (``storage_retry``, ``train/storage.py``); it fails only when the tries run out.
+retried with backoff (``Engine.storage``, a ``StorageHolds`` with its ``StorageRetry`` policy: ``train/storage.py``);
+it fails only when the tries run out.
 Subscribers receive typed events (``train/events.py``).
 """
 
