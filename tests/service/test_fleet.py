@@ -1,127 +1,28 @@
 """A fleet on a real PostgreSQL server, on loopback: API processes (``lorafleet serve --api-only``) and
 worker processes (``lorafleet worker``) sharing one store and one data folder, driven over HTTP.
 
-What is checked comes from the store itself (read past the API with the store's own reader): every step of
-every job has exactly one metrics event; the lease history of each job shows grants that never overlap
-(a new fencing token only once the previous lease expired or was released); the events of each job were
-written with non-decreasing fencing tokens, so no worker that had lost a job wrote for it afterwards.
+What is checked comes from the store itself (``helpers.fleet.check_store``): one metrics event per step,
+fencing tokens non-decreasing over each job's events, lease grants that never overlap.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from helpers import REPO
+from helpers.fleet import LEASE_S, Fleet, check_store, holder
 from lorafleet.service.store import open_store
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 
 ROWS = [{"prompt": f"What is {i} plus {i}?", "completion": f" It is {2 * i}."} for i in range(24)]
-LEASE_S = 3.0
 HP = {"batch_size": 2, "max_steps": 40, "save_every_steps": 4, "max_seq_len": 32}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Proc:
-    """A lorafleet subprocess whose output goes to a log file."""
-
-    def __init__(self, name: str, log_dir: Path, *args: str) -> None:
-        self.name, self.log = name, log_dir / f"{name}.log"
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "lorafleet", *args],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=REPO,
-                env=env,
-            )
-
-    def tail(self) -> str:
-        return f"--- {self.name}\n" + (self.log.read_text()[-3000:] if self.log.exists() else "")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-class Fleet:
-    """API processes and workers over the store at ``url`` and the data folder ``data``."""
-
-    def __init__(self, url: str, model: Path, root: Path) -> None:
-        self.url, self.model, self.root = url, model, root
-        self.data = root / "shared"
-        self.apis: list[tuple[Proc, str]] = []
-        self.workers: dict[str, Proc] = {}
-
-    def api(self) -> str:
-        port = _free_port()
-        p = Proc(
-            f"api-{port}", self.root, "serve", "--api-only", "--store", self.url, "--data-dir", str(self.data),
-            "--base-model", str(self.model), "--port", str(port),
-        )  # fmt: skip
-        base = f"http://127.0.0.1:{port}"
-        self.apis.append((p, base))
-        return base
-
-    def worker(self, wid: str, *extra: str) -> Proc:
-        p = Proc(
-            wid, self.root, "worker", "--store", self.url, "--data-dir", str(self.data), "--base-model",
-            str(self.model), "--worker-id", wid, "--lease-s", str(LEASE_S), "--poll-interval", "0.1",
-            "--num-threads", "1", "--device", "cpu", *extra,
-        )  # fmt: skip
-        self.workers[wid] = p
-        return p
-
-    def wait_ready(self, n_workers: int, timeout: float = 240.0) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for p, _ in self.apis:
-                assert p.proc.poll() is None, self.tails()
-            try:
-                hs = [httpx.get(f"{base}/healthz", timeout=5).json() for _, base in self.apis]
-                ready = [w for w in hs[0]["workers"] if w["alive"] and w["state"] == "ready"]
-                if len(ready) >= n_workers:
-                    return hs[0]
-            except (httpx.TransportError, ValueError):
-                pass
-            time.sleep(0.3)
-        raise AssertionError(f"fleet not ready after {timeout} s\n{self.tails()}")
-
-    def token(self, tenant: str) -> str:
-        r = subprocess.run(
-            [sys.executable, "-m", "lorafleet", "tokens", "create", "--tenant", tenant, "--store", self.url],
-            capture_output=True, text=True, cwd=REPO, check=True,
-        )  # fmt: skip
-        return r.stdout.strip()
-
-    def tails(self) -> str:
-        return "\n".join(p.tail() for p in [*(p for p, _ in self.apis), *self.workers.values()])
-
-    def stop(self) -> None:
-        for p in [*self.workers.values(), *(p for p, _ in self.apis)]:
-            p.stop()
 
 
 def _client(base: str, token: str) -> httpx.Client:
@@ -143,28 +44,6 @@ def _submit(client: httpx.Client, n: int, hp=HP) -> list[str]:
         assert r.status_code == 200, r.text
         ids.append(r.json()["id"])
     return ids
-
-
-def _check_store(store, job_ids: list[str], steps: int) -> dict[str, list[str]]:
-    """The fleet's invariants, read from the store; returns each job's holders in grant order."""
-    holders = {}
-    for jid in job_ids:
-        job = store.get_job_any(jid)
-        assert job.status == "succeeded", job
-        events, more = store.list_events(jid, None, 1000, ascending=True)
-        assert not more
-        metrics = [e for e in events if e.type == "metrics"]
-        assert sorted(e.step for e in metrics) == list(range(1, steps + 1)), jid  # exactly one per step
-        by_step = sorted(metrics, key=lambda e: e.step)
-        tokens = [e.lease_token for e in by_step]
-        assert tokens == sorted(tokens) and tokens[0] >= 1, (jid, tokens)  # fenced: never an old holder
-        grants = store.lease_history(jid)
-        assert [g.token for g in grants] == list(range(1, len(grants) + 1))
-        for a, b in zip(grants, grants[1:], strict=False):
-            end = a.expires_at if a.released_at is None else min(a.expires_at, a.released_at)
-            assert b.granted_at >= end, (jid, a, b)  # never two holders at once
-        holders[jid] = [g.holder for g in grants]
-    return holders
 
 
 @pytest.fixture()
@@ -193,7 +72,7 @@ def test_sigkilled_worker_jobs_finish_on_the_others_without_overlap(fleet):
         # kill w1 once it has trained and checkpointed some steps of a job
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
-            mine = [j for j in jobs if _holder(store, j) == "w1"]
+            mine = [j for j in jobs if holder(store, j) == "w1"]
             if mine and any(store.get_job_any(j).step >= 6 for j in mine):
                 break
             time.sleep(0.05)
@@ -205,7 +84,7 @@ def test_sigkilled_worker_jobs_finish_on_the_others_without_overlap(fleet):
         orphans = [j for j in mine if store.get_job_any(j).status != "succeeded"]
         assert orphans
         # the orphans are claimed by w2 within the lease expiry (plus its poll), and resumed
-        while time.monotonic() < killed_at + 120 and any(_holder(store, j) != "w2" for j in orphans):
+        while time.monotonic() < killed_at + 120 and any(holder(store, j) != "w2" for j in orphans):
             time.sleep(0.05)
         took_over_s = time.monotonic() - killed_at
         assert took_over_s < LEASE_S + 2.0, (took_over_s, fleet.tails())
@@ -215,7 +94,7 @@ def test_sigkilled_worker_jobs_finish_on_the_others_without_overlap(fleet):
             if all(store.get_job_any(j).status in ("succeeded", "failed", "cancelled") for j in jobs):
                 break
             time.sleep(0.2)
-        holders = _check_store(store, jobs, HP["max_steps"])
+        holders = check_store(store, jobs, HP["max_steps"])
         for j in orphans:
             assert holders[j][0] == "w1" and holders[j][-1] == "w2", holders[j]
             events, _ = store.list_events(j, None, 1000, ascending=True)
@@ -226,11 +105,6 @@ def test_sigkilled_worker_jobs_finish_on_the_others_without_overlap(fleet):
         print(f"fleet: w1 SIGKILLed; w2 took over its {len(orphans)} job(s) after {took_over_s:.1f} s")
     finally:
         store.close()
-
-
-def _holder(store, job_id: str) -> str | None:
-    grants = store.lease_history(job_id)
-    return grants[-1].holder if grants else None
 
 
 def test_postgres_restart_mid_run_answers_503_then_everything_finishes(tiny_llama_dir, tmp_path):
@@ -275,7 +149,7 @@ def test_postgres_restart_mid_run_answers_503_then_everything_finishes(tiny_llam
             assert r.status_code in (200, 503), r.text
             time.sleep(0.2)
         store = open_store(fleet.url)
-        holders = _check_store(store, jobs, 60)
+        holders = check_store(store, jobs, 60)
         print(
             f"postgres restart: {len(statuses)} requests while down, all 503, answered in "
             f"{', '.join(f'{x:.2f}' for x in latencies)} s; "
