@@ -159,7 +159,8 @@ def add_tokens_command(sub) -> None:
         q.set_defaults(func=_cmd_tokens)
 
 
-_KEEP = object()  # a flag not given: the tenant's setting stays as it is
+_KEEP = argparse.SUPPRESS  # a flag not given sets no attribute: the tenant's setting stays as it is (and
+# --help shows no default for it)
 
 
 def _limit(value: str) -> int | None:
@@ -191,9 +192,9 @@ def _cmd_tenants(args: argparse.Namespace) -> int:
                 raise ValueError(f"--weight must be > 0 (got {args.weight})")
             changes["weight"] = args.weight
         for name in ("max_running_jobs", "max_queued_jobs"):
-            if getattr(args, name) is not _KEEP:
+            if hasattr(args, name):
                 changes[name] = getattr(args, name)
-        if args.max_stored_mb is not _KEEP:
+        if hasattr(args, "max_stored_mb"):
             changes["max_stored_bytes"] = (
                 None if args.max_stored_mb is None else int(args.max_stored_mb * 2**20)
             )
@@ -217,7 +218,7 @@ def add_tenants_command(sub) -> None:
     s = tenants.add_parser("set", help="set a tenant's weight and quotas (flags not given stay as they are)")
     s.add_argument("tenant")
     s.add_argument("--weight", type=float, default=None, help="share of the fleet's tokens (default 1)")
-    s.add_argument("--max-running-jobs", type=_limit, default=_KEEP, help="N or none")
+    s.add_argument("--max-running-jobs", type=_limit, default=_KEEP, help="N or none (leased jobs)")
     s.add_argument("--max-queued-jobs", type=_limit, default=_KEEP, help="N or none (validating + queued)")
     s.add_argument(
         "--max-stored-mb", type=lambda v: None if v.lower() == "none" else float(v), default=_KEEP,
