@@ -81,7 +81,8 @@ def test_sigkilled_worker_jobs_finish_on_the_others_without_overlap(fleet):
         killed_at = time.monotonic()
         fleet.workers["w1"].proc.send_signal(signal.SIGKILL)
         fleet.workers["w1"].proc.wait()
-        orphans = [j for j in mine if store.get_job_any(j).status != "succeeded"]
+        at_kill = {j: store.get_job_any(j) for j in mine}  # the steps the store holds of w1's jobs
+        orphans = [j for j, rec in at_kill.items() if rec.status != "succeeded"]
         assert orphans
         # the orphans are claimed by w2 within the lease expiry (plus its poll), and resumed
         while time.monotonic() < killed_at + 120 and any(holder(store, j) != "w2" for j in orphans):
@@ -95,14 +96,28 @@ def test_sigkilled_worker_jobs_finish_on_the_others_without_overlap(fleet):
                 break
             time.sleep(0.2)
         holders = check_store(store, jobs, HP["max_steps"])
+        lost = {}
         for j in orphans:
             assert holders[j][0] == "w1" and holders[j][-1] == "w2", holders[j]
             events, _ = store.list_events(j, None, 1000, ascending=True)
-            assert any(e.message.startswith("Resumed from the checkpoint at step") for e in events)
+            resumed = [
+                e.message for e in events if e.message.startswith("Resumed from the checkpoint at step")
+            ]
+            assert len(resumed) == 1, resumed
+            # at most one checkpoint period is trained again: w2 went on from w1's last checkpoint
+            ckpt = int(resumed[0].split()[6])
+            assert at_kill[j].step - HP["save_every_steps"] <= ckpt <= at_kill[j].step, (
+                resumed,
+                at_kill[j].step,
+            )
+            lost[j] = at_kill[j].step - ckpt
         for base, token in ((api_a, tokens["bob"]), (api_b, tokens["alice"])):
             listed = _client(base, token).get("/v1/fine_tuning/jobs").json()["data"]
             assert {j["status"] for j in listed} == {"succeeded"} and len(listed) == 2
-        print(f"fleet: w1 SIGKILLed; w2 took over its {len(orphans)} job(s) after {took_over_s:.1f} s")
+        print(
+            f"fleet: w1 SIGKILLed; w2 took over its {len(orphans)} job(s) after {took_over_s:.1f} s and trained "
+            f"{sorted(lost.values())} step(s) again (checkpoint period {HP['save_every_steps']})"
+        )
     finally:
         store.close()
 

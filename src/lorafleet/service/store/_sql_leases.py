@@ -101,7 +101,8 @@ class LeaseSQL:
         return out
 
     def _loads(self, tx: Tx, model: str) -> dict[str, TenantLoad]:
-        """Each tenant's tokens per step over its leased jobs on ``model``, its leased jobs on every model,
+        """Each tenant's tokens per step over its leased jobs on ``model`` (and how many of those have not
+        trained a step yet), its leased jobs on every model,
         the average tokens per step of its jobs in the window, its weight and running-jobs quota."""
         since = time.time() - FAIR_SHARE_WINDOW_S
         live = f"lease_holder IS NOT NULL AND lease_expires >= {self.NOW}"
@@ -109,9 +110,10 @@ class LeaseSQL:
         rows = tx.query(
             f"SELECT tenant, SUM(CASE WHEN {live} AND model = ? THEN COALESCE({rate}, 0) ELSE 0 END) AS load, "
             f"SUM(CASE WHEN {live} THEN 1 ELSE 0 END) AS running, "
+            f"SUM(CASE WHEN {live} AND model = ? AND step = 0 THEN 1 ELSE 0 END) AS starting, "
             f"AVG(CASE WHEN model = ? THEN {rate} ELSE NULL END) AS avg_rate "
             f"FROM jobs WHERE {live} OR updated_at > ? GROUP BY tenant",
-            (model, model, since),
+            (model, model, model, since),
         )
         measured = {r["tenant"]: r for r in rows}
         limits = {r["tenant"]: r for r in tx.query("SELECT tenant, weight, max_running_jobs FROM tenants")}
@@ -121,6 +123,7 @@ class LeaseSQL:
             out[t] = TenantLoad(
                 tokens_per_step=float(m["load"] or 0) if m else 0.0, running=int(m["running"] or 0) if m else 0,
                 job_tokens_per_step=float(m["avg_rate"]) if m and m["avg_rate"] is not None else None,
+                starting=int(m["starting"] or 0) if m else 0,
                 weight=float(lim["weight"]) if lim else 1.0,
                 max_running_jobs=None if lim is None or lim["max_running_jobs"] is None else int(lim["max_running_jobs"]),
             )  # fmt: skip
