@@ -2,9 +2,10 @@
 inside a tenant. Pure Python, no database: the store calls ``fair_order`` inside its claim transaction.
 
 Running jobs train together in fused micro-batches, one step after another, so a job's share of the
-fleet's tokens is its tokens per optimizer step. A tenant's load is the sum of that over its leased jobs (a leased job that has not
-trained a step yet counts as its expected tokens per step, below: otherwise workers claiming one after the
-other in that moment would all see the tenant as lighter than it is), divided by its weight (default 1). Each claim gives the next job to the tenant with the smallest load that
+fleet's tokens is its tokens per optimizer step. A tenant's load is the sum of that over its leased jobs
+(a leased job that has not trained a step yet counts as its expected tokens per step, below: otherwise
+workers claiming one after the other in that moment would all see the tenant as lighter than it is),
+divided by its weight (default 1). Each claim gives the next job to the tenant with the smallest load that
 has a claimable job and is under its running-jobs quota (ties: fewer running jobs per weight, then
 priority, then age); inside the tenant, the highest priority, then the oldest job. Each pick adds the job's
 expected tokens per step (its tenant's recent average, else the fleet's, else one unit) to the load, so a
