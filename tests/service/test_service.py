@@ -290,10 +290,26 @@ def test_bad_input_is_4xx_with_clear_messages(api):
 def test_dashboard_is_served_without_external_resources(api):
     client, _, _ = api
     html = client.get("/").text
-    assert '<table id="jobs">' in html and 'src="/dashboard.js"' in html
-    for path in ("/", "/dashboard.js", "/dashboard.css"):
-        text = client.get(path).text.replace("http://www.w3.org/2000/svg", "")
-        assert "http://" not in text and "https://" not in text and "//cdn" not in text, path
+    assert '<table id="jobs">' in html and 'src="/dashboard.js"' in html and 'src="/chart.js"' in html
+    for path in ("/", "/dashboard.js", "/chart.js", "/dashboard.css", "/docs", "/redoc"):
+        r = client.get(path)
+        text = r.text.replace("http://www.w3.org/2000/svg", "")
+        assert (
+            r.status_code == 200 and "http://" not in text and "https://" not in text and "//cdn" not in text
+        ), path
+    # /docs and /redoc load their bundles from this server (the browser test renders them offline)
+    for page, assets in (
+        ("/docs", ["swagger-ui-bundle.js", "swagger-ui.css"]),
+        ("/redoc", ["redoc.standalone.js"]),
+    ):
+        text = client.get(page).text
+        for name in assets:
+            assert f"/docs-assets/{name}" in text, (page, name)
+            r = client.get(f"/docs-assets/{name}")
+            assert r.status_code == 200 and len(r.content) > 100_000, name
+    r = client.get("/docs-assets/../../etc/passwd")
+    assert r.status_code == 404 and "/docs" in _error(r)
+    assert client.get("/docs-assets/nothing.js").status_code == 404
     assert client.get("/healthz").json()["worker"]["alive"] is False
     schema = client.get("/openapi.json").json()
     assert {"/v1/files", "/v1/fine_tuning/jobs", "/v1/adapters/{adapter_id}/download"} <= set(schema["paths"])

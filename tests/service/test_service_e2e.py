@@ -1,11 +1,10 @@
 """The fine-tuning service end to end: a real ``lorafleet serve`` (uvicorn + worker process + the training
-engine) on a tiny random LLaMA, driven over loopback HTTP, by the ``lorafleet jobs`` client and by headless
-Chromium.
+engine) on a tiny random LLaMA, driven over loopback HTTP, by the ``lorafleet jobs`` client (the dashboard's
+browser test is ``test_dashboard_browser.py``).
 
 Oracles: HF PEFT loads every downloaded adapter onto the transformers model and its rank and targets are
 the ones requested; the zip holds exactly the files the engine exported; the checkpoint a killed job resumes
-from is the newest ``step-N`` folder on disk; the loss curve the dashboard draws has one point per step the
-API reports.
+from is the newest ``step-N`` folder on disk.
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,8 +25,8 @@ import httpx
 import pytest
 from safetensors.torch import load_file
 
-from helpers import REPO
 from helpers.peft_oracle import rel_diff
+from helpers.serve import Server
 from lorafleet.service import auth
 from lorafleet.service.files import DataDir
 from lorafleet.service.store import SQLiteStore
@@ -58,58 +56,9 @@ def _job(training_file: str, hp: dict, adapter: dict | None = None, **top) -> di
     return {"training_file": training_file, "hyperparameters": openai_hp, "lorafleet": ext, **top}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _write_jsonl(path: Path, rows) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
-
-
-class Server:
-    """A ``lorafleet serve`` subprocess on a free port; its output goes to ``log``."""
-
-    def __init__(self, model: Path, data: Path, *extra: str) -> None:
-        self.model, self.data, self.extra = model, data, extra
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = data.parent / f"serve-{self.port}.log"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout: float = 180.0) -> Server:
-        cmd = [
-            sys.executable, "-m", "lorafleet", "serve", "--base-model", str(self.model), "--data-dir", str(self.data),
-            "--port", str(self.port), "--device", "cpu", "--poll-interval", "0.05", "--num-threads", "1", *self.extra,
-        ]  # fmt: skip
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"server exited: {self.tail()}"
-            try:
-                h = httpx.get(f"{self.url}/healthz", timeout=2).json()
-                if h["worker"].get("alive") and h["worker"].get("state") == "ready":
-                    self.worker_pid = h["worker"]["pid"]
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError(f"server not ready after {timeout} s: {self.tail()}")
-
-    def tail(self) -> str:
-        return self.log.read_text()[-4000:] if self.log.exists() else ""
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 def _client(server: Server, token: str) -> httpx.Client:
@@ -178,7 +127,7 @@ def _peft_check(model_dir: Path, adapter_dir: Path, rank: int, targets: set[str]
     assert not torch.allclose(before, after)
 
 
-# -- one server for the two-tenant run, the load test and the dashboard -----------------------------------
+# -- one server for the two-tenant run, the load test, the CLI ------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -395,8 +344,8 @@ def test_job_the_engine_rejects_fails_with_the_reason(service, trained):
 
 def test_dpo_job_with_validation_file_from_the_cli(service, trained):
     """``lorafleet jobs create --wait`` uploads a preference file and a held-out file and follows a DPO
-    job: validation losses join the step events at the evaluation steps, the task's own numbers (rewards)
-    come along, and the adapter downloads."""
+    job: each step printed once, validation losses as events of their own at the evaluation steps, the
+    task's own numbers (rewards) come along, and the adapter downloads."""
     server, tokens, root = service["server"], service["tokens"], service["root"]
     pairs = [
         {"prompt": f"What is {i} plus {i}?", "chosen": f" It is {2 * i}.", "rejected": f" It is {2 * i + 1}."}
@@ -425,9 +374,14 @@ def test_dpo_job_with_validation_file_from_the_cli(service, trained):
         for f in bob.get("/v1/files").json()["data"]
         if f["id"] in (job["training_file"], job["validation_file"])
     } == {"preference"}
-    metrics = {e["data"]["step"]: e["data"] for e in _metrics(bob, job["id"]) if e["type"] == "metrics"}
+    # --wait printed each step once, and each validation once, as its own event
+    for step in (1, 2, 3, 4):
+        assert r.stderr.count(f"Step {step}/4: training loss=") == 1, r.stderr
+    assert [int(x) for x in re.findall(r"Step (\d): validation loss=", r.stderr)] == [2, 4], r.stderr
+    events = _metrics(bob, job["id"])
+    metrics = {e["data"]["step"]: e["data"] for e in events if e["type"] == "metrics"}
     assert sorted(metrics) == [1, 2, 3, 4]
-    assert [s for s, d in metrics.items() if "valid_loss" in d] == [2, 4]
+    assert [e["data"]["step"] for e in events if "valid_loss" in e["data"]] == [2, 4]
     assert all(d["train_loss"] > 0 and len(d) > 5 for d in metrics.values())  # DPO's rewards/accuracies too
     z = bob.get(f"/v1/adapters/{job['fine_tuned_model']}/download")
     assert (
@@ -469,50 +423,6 @@ def test_killed_worker_is_restarted_and_resumes(service, trained):
     events = _metrics(alice, job_id)
     assert f"Resumed from the checkpoint at step {resume_from} of {LONG}" in [e["message"] for e in events]
     assert [e["data"]["step"] for e in events if e["type"] == "metrics"] == list(range(1, LONG + 1))
-
-
-def _chromium() -> str:
-    r = subprocess.run(["bash", str(REPO / "scripts" / "ensure_chromium.sh")], capture_output=True, text=True)
-    if r.returncode == 3:
-        pytest.skip(f"chromium is not installed and cannot be installed here: {r.stderr.strip()}")
-    assert r.returncode == 0, r.stderr
-    return r.stdout.strip().splitlines()[-1]
-
-
-def test_dashboard_renders_jobs_and_loss_curves_in_chromium(service, trained, tmp_path):
-    chromium = _chromium()
-    server, tokens = service["server"], service["tokens"]
-    alice, a = trained["alice"]
-    jobs = alice.get("/v1/fine_tuning/jobs").json()["data"]
-    url = f"{server.url}/#token={tokens['alice']}"
-    base = [
-        chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars",
-        f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,1000", "--virtual-time-budget=15000",
-    ]  # fmt: skip
-    dom = subprocess.run([*base, "--dump-dom", url], capture_output=True, text=True, timeout=120)
-    assert dom.returncode == 0, dom.stderr[-2000:]
-    html = dom.stdout
-    assert 'data-loaded="1"' in html, html[:3000]
-    rows = re.findall(r'<tr class="job-row" data-job="([^"]+)" data-status="([^"]+)"', html)
-    assert rows == [(j["id"], j["status"]) for j in jobs]
-    # one curve per job with steps; alice's trained job has one point per step the API reports
-    curves = dict(re.findall(r'<polyline class="curve" data-job="([^"]+)" data-points="(\d+)"', html))
-    assert curves[a["id"]] == str(a["lorafleet"]["step"]) == str(STEPS)
-    assert tokens["bob"] not in html and trained["bob"][1]["id"] not in html
-    shot = tmp_path / "dashboard.png"
-    r = subprocess.run(
-        [*base, f"--screenshot={shot}", url], capture_output=True, text=True, timeout=120, cwd=tmp_path
-    )
-    assert r.returncode == 0 and shot.is_file(), r.stderr[-2000:]
-    import matplotlib.image
-
-    img = (matplotlib.image.imread(str(shot))[..., :3] * 255).round()
-    # the first job's curve colour (#2f6fdf) is drawn: a line, not a few stray pixels
-    blue = (
-        (abs(img[..., 0] - 0x2F) < 8) & (abs(img[..., 1] - 0x6F) < 8) & (abs(img[..., 2] - 0xDF) < 8)
-    ).sum()
-    assert blue > 150, blue
-    print(f"\ndashboard screenshot: {shot} ({shot.stat().st_size} bytes, {blue} curve pixels)")
 
 
 # -- durability: SIGKILL mid-training, restart, resume ----------------------------------------------------

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
-from .api import adapters, dashboard, files, inference, jobs, models
+from .api import adapters, dashboard, docs, files, inference, jobs, models
 from .api.deps import Service, model_name
 from .api.limits import BodyLimit
 from .errors import ApiError, install_error_handlers
@@ -52,6 +52,8 @@ def create_app(settings: ServiceSettings, store: Store | None = None) -> FastAPI
     app = FastAPI(
         title="lorafleet fine-tuning service",
         version="0.1.0",
+        docs_url=None,  # /docs and /redoc come from api/docs.py, with local assets (no CDN)
+        redoc_url=None,
         description=(
             "Fine-tune LoRA adapters on one shared base model. Every /v1 request needs "
             "`Authorization: Bearer TOKEN` (`lorafleet tokens create --tenant NAME`)."
@@ -62,6 +64,6 @@ def create_app(settings: ServiceSettings, store: Store | None = None) -> FastAPI
     app.state.service = Service(store, dd, settings, model_name(settings.base_model))
     app.add_middleware(BodyLimit, upload_limit=settings.max_upload_bytes)
     install_error_handlers(app)
-    for module in (dashboard, files, jobs, models, inference, adapters):
+    for module in (dashboard, docs, files, jobs, models, inference, adapters):
         app.include_router(module.router)
     return app

@@ -17,13 +17,15 @@ __all__ = ["JobRecorder"]
 
 class JobRecorder:
     """The engine-event half of a worker. A job's step metrics are stored as soon as the engine reports
-    them, before it may checkpoint that step; an evaluation joins its step's metrics event. Events of a job
-    the worker no longer leases are dropped: it no longer speaks for that job."""
+    them, before it may checkpoint that step (one ``metrics`` event per step); an evaluation is a
+    ``message`` event of its own right after it (``data``: step, valid_loss, valid_*). Events of a job the
+    worker no longer leases are dropped: it no longer speaks for that job, so nothing of the worker follows
+    a cancel's "Job cancelled by the user"."""
 
     store: Store
     engine: Any
     leases: HeldLeases
-    _last_metrics: dict[str, EventRecord]  # each job's latest step event, which its eval joins
+    _last_metrics: dict[str, EventRecord]  # each job's latest step event (its checkpoint's metrics)
     _saved_step: dict[str, int]  # each held job's step of its newest checkpoint
 
     def _write(self, job_id: str, write: Callable[[Lease | None], Any]) -> bool:
@@ -64,18 +66,13 @@ class JobRecorder:
                 )
             return
         if isinstance(ev, EvalEvent):
-            # the evaluation after a step joins that step's metrics event (valid_loss, valid_*): the store
-            # replaces the metrics event of a job and step with the later one
+            # the evaluation after a step is its own event, after that step's metrics event: the list is
+            # append-only, so a reader that already read the step's event misses nothing
             valid = {f"valid_{k[5:]}": v for k, v in ev.record().items() if k.startswith("eval_")}
-            rec = self._last_metrics.get(job_id)
-            if rec is not None and rec.step == ev.step:
-                rec.data.update(valid)
-                rec.message += f", validation loss={ev.loss:.4f}"
-            else:
-                rec = EventRecord(
-                    job_id, "message", f"Step {ev.step}: validation loss={ev.loss:.4f}", time.time(),
-                    data={"step": ev.step, **valid},
-                )  # fmt: skip
+            rec = EventRecord(
+                job_id, "message", f"Step {ev.step}: validation loss={ev.loss:.4f}", time.time(),
+                data={"step": ev.step, **valid},
+            )  # fmt: skip
             self._write(job_id, lambda lease: self.store.add_events([rec], lease))
             return
         now = time.time()

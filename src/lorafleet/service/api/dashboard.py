@@ -1,4 +1,5 @@
-"""``/healthz`` and the dashboard's static files (no token needed)."""
+"""``/healthz`` and the dashboard's static files (no token needed): the page, its script and chart, its
+styles, all from ``lorafleet/service/static`` (no external resources)."""
 
 from __future__ import annotations
 
@@ -49,11 +50,16 @@ def dashboard() -> HTMLResponse:
     return HTMLResponse(_asset("dashboard.html"))
 
 
-@router.get("/dashboard.js", include_in_schema=False)
-def dashboard_js() -> Response:
-    return Response(_asset("dashboard.js"), media_type="text/javascript")
+# the dashboard's files besides the page, served at /NAME
+_ASSETS = {"dashboard.js": "text/javascript", "chart.js": "text/javascript", "dashboard.css": "text/css"}
 
 
-@router.get("/dashboard.css", include_in_schema=False)
-def dashboard_css() -> Response:
-    return Response(_asset("dashboard.css"), media_type="text/css")
+def _asset_route(name: str, media_type: str) -> None:
+    def serve() -> Response:
+        return Response(_asset(name), media_type=media_type)
+
+    router.add_api_route("/" + name, serve, methods=["GET"], include_in_schema=False, name=name)
+
+
+for _name, _type in _ASSETS.items():
+    _asset_route(_name, _type)

@@ -216,8 +216,11 @@ def list_events(
     limit: Annotated[int, Query(ge=1, le=1000)] = 20,
     order: Annotated[str, Query(pattern="^(asc|desc)$", description="desc: newest first")] = "desc",
 ) -> ListResponse[EventObject]:
-    """Status messages and one ``metrics`` event per optimizer step (``data``: step, train_loss,
-    learning_rate, tokens, elapsed_s). ``order=asc`` with ``after`` follows a running job."""
+    """Status messages, one ``metrics`` event per optimizer step (``data``: step, train_loss,
+    learning_rate, tokens, elapsed_s) and, after each evaluation, a ``message`` event (``data``: step,
+    valid_loss, valid_*). Append-only: a new event gets a larger id, a listed one keeps its id and place;
+    ``order=asc`` with ``after`` follows a running job. After a cancel, "Job cancelled by the user" is the
+    job's last event."""
     svc.get_job(tenant_, job_id)
     rows, more = svc.store.list_events(job_id, cursor(after, "ftevent-"), limit, ascending=order == "asc")
     return ListResponse[EventObject](data=[_event_object(e) for e in rows], has_more=more)

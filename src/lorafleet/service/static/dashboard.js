@@ -1,12 +1,16 @@
-// The lorafleet dashboard: the tenant's jobs and their live training-loss curves, drawn as inline SVG.
-// It calls the same REST API as every client, with the token kept in this browser's localStorage (or
-// given once as /#token=...). Every value from the API is inserted as text, never as HTML.
+// The lorafleet dashboard: the tenant's jobs with their training and validation loss, a page per job (its
+// events, checkpoints, hyper-parameters and tokens/s) and every worker's heartbeat. It calls the same REST
+// API as every client, with the token kept in this browser's localStorage (or given once as /#token=...).
+// Every value from the API is inserted as text, never as HTML. Events are append-only (a listed event
+// never changes id or place), so each job's list is read once and then followed from its last id.
 "use strict";
 
 const POLL_MS = 2000;
-const COLORS = ["#2f6fdf", "#d9822b", "#23914f", "#c8343b", "#7b4fd1", "#0f9bb0", "#b0407e", "#6b7a1f"];
-const SVG_NS = "http://www.w3.org/2000/svg";
-const state = { token: null, jobs: [], series: new Map(), colors: new Map(), timer: null };
+const MAX_EVENTS_SHOWN = 500;
+const FINISHED = ["succeeded", "failed", "cancelled"];
+const CANCELLABLE = ["validating_files", "queued", "running", "paused"];
+const { colors, drawChart } = window.lfChart;
+const state = { token: null, jobs: [], series: new Map(), checkpoints: new Map(), workers: [], timer: null };
 
 function el(tag, attrs, text) {
   const e = document.createElement(tag);
@@ -15,15 +19,10 @@ function el(tag, attrs, text) {
   return e;
 }
 
-function svg(tag, attrs, text) {
-  const e = document.createElementNS(SVG_NS, tag);
-  for (const [k, v] of Object.entries(attrs || {})) e.setAttribute(k, String(v));
-  if (text !== undefined) e.textContent = text;
-  return e;
-}
+function cell(row, text, attrs) { const td = el("td", attrs || {}, text); row.appendChild(td); return td; }
 
-async function api(path) {
-  const r = await fetch(path, { headers: { Authorization: "Bearer " + state.token } });
+async function api(path, opts) {
+  const r = await fetch(path, { ...(opts || {}), headers: { Authorization: "Bearer " + state.token } });
   if (!r.ok) {
     let msg = r.status + " " + r.statusText;
     try { msg = (await r.json()).error.message; } catch (e) { /* not JSON: keep the status line */ }
@@ -32,37 +31,60 @@ async function api(path) {
   return r;
 }
 
-function colorOf(jobId) {
-  if (!state.colors.has(jobId)) state.colors.set(jobId, COLORS[state.colors.size % COLORS.length]);
-  return state.colors.get(jobId);
+function series(jobId) {
+  let s = state.series.get(jobId);
+  if (!s) {
+    s = { after: null, events: [], train: new Map(), valid: new Map(), rate: [], complete: false };
+    state.series.set(jobId, s);
+  }
+  return s;
 }
 
 async function fetchEvents(job) {
-  // metrics events in ascending order from the last seen one; a step seen twice (a job resumed from a
-  // checkpoint trains it again) keeps the newer loss
-  let s = state.series.get(job.id);
-  if (!s) { s = { after: null, loss: new Map(), complete: false }; state.series.set(job.id, s); }
-  if (s.complete) return;  // a finished job's events were all read: no need to ask again
-  const finished = ["succeeded", "failed", "cancelled"].includes(job.status);
+  // every new event, oldest first, from the last one read; a finished job's list is complete once read
+  const s = series(job.id);
+  if (s.complete) return;
+  const finished = FINISHED.includes(job.status);
   for (;;) {
-    let q = "?order=asc&limit=1000" + (s.after ? "&after=" + encodeURIComponent(s.after) : "");
+    const q = "?order=asc&limit=1000" + (s.after ? "&after=" + encodeURIComponent(s.after) : "");
     const page = await (await api("/v1/fine_tuning/jobs/" + job.id + "/events" + q)).json();
     for (const ev of page.data) {
       s.after = ev.id;
-      if (ev.type === "metrics" && typeof ev.data.train_loss === "number") s.loss.set(ev.data.step, ev.data.train_loss);
+      s.events.push(ev);
+      const d = ev.data || {};
+      if (ev.type === "metrics" && typeof d.train_loss === "number") {
+        s.train.set(d.step, d.train_loss);
+        if (typeof d.tokens === "number" && typeof d.elapsed_s === "number") s.rate.push([d.step, d.tokens, d.elapsed_s]);
+      }
+      // a validation is its own event (older servers put valid_loss in the step's metrics event)
+      if (typeof d.valid_loss === "number" && typeof d.step === "number") s.valid.set(d.step, d.valid_loss);
     }
     if (!page.has_more) break;
   }
   s.complete = finished;
 }
 
+function sorted(map) { return [...map.entries()].sort((a, b) => a[0] - b[0]); }
+function last(map) { return map.size ? map.get(Math.max(...map.keys())) : undefined; }
 function fmtLoss(x) { return x === undefined ? "-" : x.toFixed(4); }
+function fmtTime(t) { return t ? new Date(t * 1000).toLocaleString() : "-"; }
+function jobLabel(job) { return job.id + (job.user_provided_suffix ? " (" + job.user_provided_suffix + ")" : ""); }
 
-function lastLoss(jobId) {
-  const s = state.series.get(jobId);
-  if (!s || s.loss.size === 0) return undefined;
-  return s.loss.get(Math.max(...s.loss.keys()));
+// Training throughput over the job's latest steps of one run (a resumed run restarts its clock).
+function tokensPerSecond(jobId) {
+  const r = series(jobId).rate.slice().sort((a, b) => a[0] - b[0]);
+  if (r.length === 0) return undefined;
+  let i = r.length - 1;
+  while (i > 0 && r.length - i < 20 && r[i - 1][2] <= r[i][2]) i--;
+  const end = r[r.length - 1];
+  if (i === r.length - 1) return end[2] > 0 ? end[1] / end[2] : undefined;
+  const tokens = r.slice(i + 1).reduce((a, p) => a + p[1], 0);
+  const dt = end[2] - r[i][2];
+  return dt > 0 ? tokens / dt : undefined;
 }
+function fmtRate(x) { return x === undefined ? "-" : Math.round(x).toLocaleString("en-US"); }
+
+function swatch(jobId) { return el("span", { class: "swatch", style: "background:" + colors.of(jobId) }); }
 
 async function download(job) {
   try {
@@ -76,94 +98,178 @@ async function download(job) {
 
 async function cancel(job) {
   try {
-    await fetch("/v1/fine_tuning/jobs/" + job.id + "/cancel", { method: "POST", headers: { Authorization: "Bearer " + state.token } });
+    await api("/v1/fine_tuning/jobs/" + job.id + "/cancel", { method: "POST" });
     refresh();
   } catch (e) { showMessage(e.message, true); }
+}
+
+function adapterCell(row, job) {
+  const ad = cell(row, undefined);
+  if (job.fine_tuned_model) {
+    const b = el("button", { type: "button", class: "download" }, "download " + job.fine_tuned_model);
+    b.addEventListener("click", () => download(job)); ad.appendChild(b);
+  } else if (job.error) {
+    ad.appendChild(el("span", { class: "error", title: job.error.message }, job.error.message.slice(0, 60)));
+  } else ad.appendChild(el("span", { class: "muted" }, "-"));
+}
+
+function actionCell(row, job) {
+  const act = cell(row, undefined);
+  if (CANCELLABLE.includes(job.status)) {
+    const b = el("button", { type: "button", class: "cancel" }, "cancel");
+    b.addEventListener("click", () => cancel(job)); act.appendChild(b);
+  }
+}
+
+function progress(job) {
+  return job.lorafleet.step + " / " + (job.lorafleet.total_steps === null ? "?" : job.lorafleet.total_steps);
 }
 
 function renderTable() {
   const body = document.querySelector("#jobs tbody");
   body.replaceChildren();
   for (const job of state.jobs) {
+    const s = series(job.id);
     const tr = el("tr", { class: "job-row", "data-job": job.id, "data-status": job.status });
-    const sw = el("td"); sw.appendChild(el("span", { class: "swatch", style: "background:" + colorOf(job.id) }));
-    tr.appendChild(sw);
-    tr.appendChild(el("td", {}, job.id + (job.user_provided_suffix ? " (" + job.user_provided_suffix + ")" : "")));
-    const st = el("td"); st.appendChild(el("span", { class: "status " + job.status }, job.status)); tr.appendChild(st);
-    tr.appendChild(el("td", { class: "num" }, job.lorafleet.step + " / " + (job.lorafleet.total_steps === null ? "?" : job.lorafleet.total_steps)));
-    tr.appendChild(el("td", { class: "num" }, fmtLoss(lastLoss(job.id))));
-    const ad = el("td");
-    if (job.fine_tuned_model) {
-      const b = el("button", { type: "button" }, "download " + job.fine_tuned_model);
-      b.addEventListener("click", () => download(job)); ad.appendChild(b);
-    } else if (job.error) {
-      ad.appendChild(el("span", { class: "error", title: job.error.message }, job.error.message.slice(0, 60)));
-    } else ad.appendChild(el("span", { class: "muted" }, "-"));
-    tr.appendChild(ad);
-    tr.appendChild(el("td", {}, new Date(job.created_at * 1000).toLocaleString()));
-    const act = el("td");
-    if (["validating_files", "queued", "running", "paused"].includes(job.status)) {
-      const b = el("button", { type: "button" }, "cancel"); b.addEventListener("click", () => cancel(job)); act.appendChild(b);
-    }
-    tr.appendChild(act);
+    cell(tr, undefined).appendChild(swatch(job.id));
+    cell(tr, undefined).appendChild(el("a", { href: "#job=" + job.id, class: "job-link" }, jobLabel(job)));
+    cell(tr, undefined).appendChild(el("span", { class: "status " + job.status }, job.status));
+    cell(tr, progress(job), { class: "num" });
+    cell(tr, fmtLoss(last(s.train)), { class: "num" });
+    cell(tr, fmtLoss(last(s.valid)), { class: "num valid-loss" });
+    cell(tr, fmtRate(tokensPerSecond(job.id)), { class: "num opt" });
+    adapterCell(tr, job);
+    cell(tr, fmtTime(job.created_at), { class: "opt" });
+    actionCell(tr, job);
     body.appendChild(tr);
   }
 }
 
-function niceTicks(lo, hi, n) {
-  const span = hi - lo || 1;
-  const step = Math.pow(10, Math.floor(Math.log10(span / n)));
-  const mult = [1, 2, 5, 10].find((m) => span / (m * step) <= n) || 10;
-  const d = mult * step;
-  const out = [];
-  for (let v = Math.ceil(lo / d) * d; v <= hi + 1e-12; v += d) out.push(+v.toPrecision(12));
+function lineOf(job) {
+  const s = series(job.id);
+  return { id: job.id, label: jobLabel(job), color: colors.of(job.id), train: sorted(s.train), valid: sorted(s.valid) };
+}
+
+function renderLegend(box, lines) {
+  box.replaceChildren();
+  for (const l of lines) {
+    if (!l.train.length && !l.valid.length) continue;
+    const item = el("span", { class: "legend-item", "data-job": l.id });
+    item.appendChild(swatch(l.id));
+    item.appendChild(document.createTextNode(" " + l.label));
+    box.appendChild(item);
+  }
+}
+
+function renderWorkers() {
+  const body = document.querySelector("#workers tbody");
+  body.replaceChildren();
+  for (const w of state.workers) {
+    const tr = el("tr", { class: "worker-row", "data-worker": w.id, "data-alive": String(w.alive) });
+    cell(tr, w.id);
+    cell(tr, w.host + " (pid " + w.pid + ")", { class: "opt" });
+    cell(tr, w.base_model, { class: "opt wrap" });
+    cell(tr, undefined).appendChild(el("span", { class: "status " + (w.alive ? "alive" : "dead") }, w.alive ? w.state : "not alive (" + w.state + ")"));
+    cell(tr, w.active_jobs + " / " + w.max_concurrent_tasks, { class: "num" });
+    cell(tr, w.heartbeat_age_s.toFixed(1) + " s ago", { class: "num heartbeat" });
+    cell(tr, w.message || "", { class: "opt wrap" });
+    body.appendChild(tr);
+  }
+  if (!state.workers.length) {
+    const tr = el("tr"); cell(tr, "no worker has announced itself yet", { colspan: "7", class: "muted" }); body.appendChild(tr);
+  }
+}
+
+// -- the job page ---------------------------------------------------------------------------------------
+
+function flatten(obj, prefix, out) {
+  for (const [k, v] of Object.entries(obj || {})) {
+    const key = prefix ? prefix + "." + k : k;
+    if (v !== null && typeof v === "object" && !Array.isArray(v)) flatten(v, key, out);
+    else out.push([key, Array.isArray(v) ? v.join(", ") : String(v)]);
+  }
   return out;
 }
 
-function renderChart() {
-  const chart = document.getElementById("chart");
-  const W = 860, H = 320, L = 56, R = 16, T = 12, B = 36;
-  chart.replaceChildren();
-  const lines = [];
-  for (const job of state.jobs) {
-    const s = state.series.get(job.id);
-    if (!s || s.loss.size === 0) continue;
-    lines.push({ job, pts: [...s.loss.entries()].sort((a, b) => a[0] - b[0]) });
+function kvRows(tbody, rows) {
+  tbody.replaceChildren();
+  for (const [k, v] of rows) { const tr = el("tr"); cell(tr, k, { class: "key" }); cell(tr, v, { class: "wrap" }); tbody.appendChild(tr); }
+}
+
+async function renderJobPage(jobId) {
+  const job = state.jobs.find((j) => j.id === jobId);
+  const title = document.getElementById("job-title");
+  if (!job) { title.textContent = "job " + jobId + " is not among your 100 newest jobs"; return; }
+  const s = series(job.id);
+  title.replaceChildren(swatch(job.id), document.createTextNode(" " + jobLabel(job) + " "), el("span", { class: "status " + job.status }, job.status));
+  const act = document.getElementById("job-actions");
+  act.replaceChildren();
+  if (CANCELLABLE.includes(job.status)) {
+    const b = el("button", { type: "button", class: "cancel" }, "cancel job");
+    b.addEventListener("click", () => cancel(job)); act.appendChild(b);
   }
-  const legend = document.getElementById("legend");
-  legend.replaceChildren();
-  if (lines.length === 0) {
-    chart.appendChild(svg("text", { x: W / 2, y: H / 2, "text-anchor": "middle" }, "no training steps yet"));
-    return;
+  if (job.fine_tuned_model) {
+    const b = el("button", { type: "button", class: "download" }, "download " + job.fine_tuned_model);
+    b.addEventListener("click", () => download(job)); act.appendChild(b);
   }
-  const all = lines.flatMap((l) => l.pts);
-  const xMax = Math.max(1, ...all.map((p) => p[0]));
-  let yMin = Math.min(...all.map((p) => p[1])), yMax = Math.max(...all.map((p) => p[1]));
-  if (yMax - yMin < 1e-9) { yMin -= 0.5; yMax += 0.5; }
-  const pad = 0.05 * (yMax - yMin); yMin -= pad; yMax += pad;
-  const x = (v) => L + (v / xMax) * (W - L - R);
-  const y = (v) => T + (1 - (v - yMin) / (yMax - yMin)) * (H - T - B);
-  for (const t of niceTicks(yMin, yMax, 5)) {
-    chart.appendChild(svg("line", { class: "grid", x1: L, x2: W - R, y1: y(t), y2: y(t) }));
-    chart.appendChild(svg("text", { x: L - 6, y: y(t) + 4, "text-anchor": "end" }, String(t)));
+  kvRows(document.querySelector("#job-summary tbody"), [
+    ["status", job.status + (job.error ? ": " + job.error.message : "")], ["progress", progress(job) + " steps"],
+    ["training loss", fmtLoss(last(s.train))], ["validation loss", fmtLoss(last(s.valid))],
+    ["tokens/s", fmtRate(tokensPerSecond(job.id))], ["trained tokens", String(job.trained_tokens ?? s.rate.reduce((a, p) => a + p[1], 0))],
+    ["base model", job.model], ["adapter", job.lorafleet.adapter_id], ["training file", job.training_file],
+    ["validation file", job.validation_file || "-"], ["created", fmtTime(job.created_at)],
+    ["started", fmtTime(job.started_at)], ["finished", fmtTime(job.finished_at)],
+  ]);
+  const { adapter_id, step, total_steps, ...settings } = job.lorafleet;
+  kvRows(document.querySelector("#job-params tbody"), [
+    ["method", job.method.type], ["seed", String(job.seed)],
+    ...flatten(job.hyperparameters, "", []), ...flatten(settings, "", []),
+  ].filter(([, v]) => v !== "null"));
+  const line = lineOf(job);
+  drawChart(document.getElementById("job-chart"), [line]);
+  try {
+    const page = await (await api("/v1/fine_tuning/jobs/" + job.id + "/checkpoints?limit=100")).json();
+    state.checkpoints.set(job.id, page.data);
+  } catch (e) { showMessage(e.message, true); }
+  const cb = document.querySelector("#job-checkpoints tbody");
+  cb.replaceChildren();
+  for (const c of state.checkpoints.get(job.id) || []) {
+    const tr = el("tr", { class: "checkpoint-row" });
+    cell(tr, String(c.step_number), { class: "num" });
+    cell(tr, fmtLoss(c.metrics.train_loss), { class: "num" });
+    cell(tr, c.fine_tuned_model_checkpoint, { class: "wrap" });
+    cell(tr, fmtTime(c.created_at), { class: "opt" });
+    cb.appendChild(tr);
   }
-  for (const t of niceTicks(0, xMax, 8)) {
-    chart.appendChild(svg("text", { x: x(t), y: H - B + 16, "text-anchor": "middle" }, String(t)));
+  const eb = document.querySelector("#job-events tbody");
+  eb.replaceChildren();
+  // the newest MAX_EVENTS_SHOWN (the API pages through all of them: lorafleet jobs show --events N)
+  for (const ev of s.events.slice(-MAX_EVENTS_SHOWN).reverse()) {
+    const tr = el("tr", { class: "event-row " + ev.level, "data-type": ev.type, "data-id": ev.id });
+    cell(tr, new Date(ev.created_at * 1000).toLocaleTimeString(), { class: "num" });
+    cell(tr, ev.type + (ev.level !== "info" ? " (" + ev.level + ")" : ""), { class: "opt" });
+    cell(tr, ev.message, { class: "wrap" });
+    eb.appendChild(tr);
   }
-  chart.appendChild(svg("line", { class: "axis", x1: L, x2: W - R, y1: H - B, y2: H - B }));
-  chart.appendChild(svg("line", { class: "axis", x1: L, x2: L, y1: T, y2: H - B }));
-  chart.appendChild(svg("text", { x: (L + W - R) / 2, y: H - 4, "text-anchor": "middle" }, "optimizer step"));
-  chart.appendChild(svg("text", { x: 12, y: T + (H - T - B) / 2, transform: "rotate(-90 12 " + (T + (H - T - B) / 2) + ")", "text-anchor": "middle" }, "loss"));
-  for (const { job, pts } of lines) {
-    const color = colorOf(job.id);
-    const points = pts.map((p) => x(p[0]).toFixed(1) + "," + y(p[1]).toFixed(1)).join(" ");
-    chart.appendChild(svg("polyline", { class: "curve", "data-job": job.id, "data-points": pts.length, points, stroke: color }));
-    if (pts.length === 1) chart.appendChild(svg("circle", { cx: x(pts[0][0]), cy: y(pts[0][1]), r: 3, fill: color }));
-    const item = el("span");
-    item.appendChild(el("span", { class: "swatch", style: "background:" + color }));
-    item.appendChild(document.createTextNode(" " + job.id + (job.user_provided_suffix ? " (" + job.user_provided_suffix + ")" : "")));
-    legend.appendChild(item);
-  }
+}
+
+// -- refresh and routing --------------------------------------------------------------------------------
+
+function currentJob() {
+  const m = /^#job=([A-Za-z0-9_-]+)$/.exec(location.hash);
+  return m ? m[1] : null;
+}
+
+function render() {
+  const jobId = currentJob();
+  document.getElementById("overview").hidden = jobId !== null;
+  document.getElementById("job-view").hidden = jobId === null;
+  if (jobId !== null) return renderJobPage(jobId);
+  renderTable();
+  const lines = state.jobs.map(lineOf);
+  drawChart(document.getElementById("chart"), lines);
+  renderLegend(document.getElementById("legend"), lines);
+  renderWorkers();
 }
 
 function showMessage(text, isError) {
@@ -173,26 +279,24 @@ function showMessage(text, isError) {
 }
 
 async function refresh() {
+  try {
+    const h = await (await fetch("/healthz")).json();
+    state.workers = h.workers || [];
+    const alive = state.workers.filter((w) => w.alive).length;
+    document.getElementById("health").textContent = "model " + h.model + " | " + alive + " of " + state.workers.length + " worker(s) alive";
+  } catch (e) { /* health is informational */ }
   if (!state.token) return;
   try {
     const page = await (await api("/v1/fine_tuning/jobs?limit=100")).json();
     state.jobs = page.data;
+    colors.assign(state.jobs);
     await Promise.all(state.jobs.map(fetchEvents));
-    renderTable();
-    renderChart();
+    await render();
     showMessage(state.jobs.length + " job(s); updated " + new Date().toLocaleTimeString(), false);
-    document.body.setAttribute("data-loaded", "1");
+    document.body.setAttribute("data-loaded", String(Date.now()));
   } catch (e) {
     showMessage(e.message, true);
   }
-  try {
-    const h = await (await fetch("/healthz")).json();
-    const workers = (h.workers || []).map((w) =>
-      w.id + "@" + w.host + " " + w.base_model + " " + (w.alive ? w.state : "not alive") + ", " + w.active_jobs +
-      " jobs, beat " + w.heartbeat_age_s.toFixed(1) + " s ago");
-    document.getElementById("health").textContent =
-      "model " + h.model + " | " + (workers.length ? "workers: " + workers.join("; ") : "no worker yet");
-  } catch (e) { /* health is informational */ }
 }
 
 function start(token) {
@@ -209,6 +313,12 @@ document.getElementById("token-form").addEventListener("submit", (ev) => {
   const t = document.getElementById("token").value.trim();
   if (t) start(t);
 });
+window.addEventListener("hashchange", () => { if (state.token) render(); });
+let resizeTimer = null;
+window.addEventListener("resize", () => {
+  clearTimeout(resizeTimer);
+  resizeTimer = setTimeout(() => { if (state.token) render(); }, 100);
+});
 
 (function init() {
   const m = /(?:^|[#&])token=([^&]+)/.exec(location.hash);
@@ -217,5 +327,5 @@ document.getElementById("token-form").addEventListener("submit", (ev) => {
     start(decodeURIComponent(m[1]));
   } else if (localStorage.getItem("lorafleet-token")) {
     start(localStorage.getItem("lorafleet-token"));
-  }
+  } else refresh();
 })();

@@ -292,11 +292,14 @@ class SQLStore(LeaseSQL, TenantSQL, Store, abc.ABC):
                 if any(e.job_id != lease.job_id for e in events):
                     raise ValueError("events under a lease must all be for the lease's job")
             for e in events:
-                if e.type == "metrics":
-                    tx.execute(
-                        "DELETE FROM events WHERE job_id = ? AND type = 'metrics' AND step = ?",
-                        (e.job_id, e.step),
-                    )
+                # a step trained again after a resume updates its metrics event in place: the same id, the
+                # same place in the list, so a reader following the list never sees an event move or vanish
+                if e.type == "metrics" and tx.execute(
+                    "UPDATE events SET level = ?, message = ?, data = ?, lease_token = ? "
+                    "WHERE job_id = ? AND type = 'metrics' AND step = ?",
+                    (e.level, e.message, json.dumps(e.data), token, e.job_id, e.step),
+                ):
+                    continue
                 tx.execute(
                     "INSERT INTO events (job_id, type, level, message, step, data, created_at, lease_token) "
                     f"VALUES ({marks(8)})",

@@ -326,9 +326,11 @@ class Store(abc.ABC):
     # events and checkpoints
     @abc.abstractmethod
     def add_events(self, events: list[EventRecord], lease: Lease | None = None) -> None:
-        """Append events; a ``metrics`` event replaces an earlier one for the same job and step (a job
-        resumed from a checkpoint trains those steps again). With ``lease``: every event is for its job,
-        written with its token, or ``LeaseLost``."""
+        """Append events, each under a new id larger than every earlier one of the job: the list is
+        append-only, an event keeps its id and its place. The one update: a ``metrics`` event for a job and
+        step that already has one (a job resumed from a checkpoint trains those steps again) rewrites that
+        event's message, data and lease token in place (same id, same place), so each step has exactly one.
+        With ``lease``: every event is for its job, written with its token, or ``LeaseLost``."""
 
     @abc.abstractmethod
     def list_events(
