@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Make Debian's `chromium` available for the dashboard test (tests/test_service_dashboard.py).
+# Make Debian's `chromium` available for the dashboard's browser test (tests/service/test_dashboard_browser.py;
+# .ci/run calls this first).
 #   bash scripts/ensure_chromium.sh      # prints the chromium path; exit 0 when it is usable
-# Exit codes: 0 chromium is usable, 3 apt-get is not available here (the test skips), other: install failed.
+# Exit codes: 0 chromium is usable, 3 apt-get (or root) is not available here: install it by hand, other: install failed.
 set -euo pipefail
 
 find_chromium() {

@@ -96,19 +96,20 @@ def _wait_for(cond, what: str, timeout: float = 90.0):
 
 @pytest.fixture()
 def server(tmp_path, tiny_llama_dir):
+    """(chromium path, the running server, alice's token); skipped before the server starts without a browser."""
+    chromium = _chromium()
     data = tmp_path / "data"
     store = SQLiteStore(DataDir(data).create().db)
     token = auth.create_token(store, "alice")[1]
     srv = Server(tiny_llama_dir, data).start()
-    yield srv, token
+    yield chromium, srv, token
     srv.stop()
 
 
 def test_dashboard_in_chromium(server, tmp_path):
-    chromium = _chromium()
     from playwright.sync_api import sync_playwright
 
-    srv, token = server
+    chromium, srv, token = server
     art = _artifacts(tmp_path)
     api = httpx.Client(base_url=srv.url, headers={"Authorization": f"Bearer {token}"}, timeout=60)
     up = lambda name, rows: api.post(  # noqa: E731

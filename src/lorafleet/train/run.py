@@ -60,23 +60,60 @@ def _stop_on_signals(engine) -> dict:
     return {s: signal.signal(s, handler) for s in _STOP_SIGNALS}
 
 
+def _already_finished(st) -> bool:
+    """The task had finished in an earlier run: this one resumed it from its last step and trained nothing."""
+    return st.status == "succeeded" and st.resumed_from is not None and st.resumed_from == st.step
+
+
 def print_summary(states: dict, output_dir: Path) -> None:
-    """A table of task, status, steps, final loss and tokens/s; where the outputs are."""
+    """A table of task, status, steps, final loss and tokens/s; where the outputs are.
+
+    A task that had already finished in an earlier run (resumed from its final checkpoint, nothing left to
+    train) is marked so, with its last figures from ``metrics.jsonl`` (loss, tokens/s of the run that
+    trained it), and a line says that nothing was trained.
+    """
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
+    from ..metrics import read_metrics, summary_rows
+
+    done = [name for name, st in states.items() if _already_finished(st)]
+    earlier = {r["task"]: r for r in summary_rows(read_metrics(output_dir / "metrics.jsonl"))} if done else {}
     table = Table(title="lorafleet summary")
     for col in ("task", "status", "steps", "final loss", "tokens", "tokens/s"):
         table.add_column(col, justify="left" if col in ("task", "status") else "right")
     for name, st in states.items():
-        loss = f"{st.last_loss:.4f}" if st.last_loss is not None else "-"
-        tps = f"{st.tokens / st.busy_s:,.0f}" if st.busy_s > 0 else "-"
-        table.add_row(name, st.status, f"{st.step}/{st.total_steps}", loss, f"{st.tokens:,}", tps)
+        loss = st.last_loss
+        tps = st.tokens / st.busy_s if st.busy_s > 0 else None
+        status = st.status
+        if name in done:
+            status = "done earlier"
+            rec = earlier.get(name, {})
+            # checkpoints from before last_loss / busy_s were kept: the figures of metrics.jsonl
+            loss = loss if loss is not None else rec.get("final_loss")
+            tps = tps or rec.get("tokens_per_s") or None
+        loss_s = f"{loss:.4f}" if loss is not None else "-"
+        tps_s = f"{tps:,.0f}" if tps else "-"
+        table.add_row(name, status, f"{st.step}/{st.total_steps}", loss_s, f"{st.tokens:,}", tps_s)
     console = Console()
     console.print(table)
     for name, st in states.items():
         if st.error:
             console.print(f"[red]{name} failed:[/red] {st.error}")
+    if done:
+        where = escape(str(output_dir / "checkpoints"))
+        if len(done) == len(states):
+            console.print(
+                f"Nothing left to train: every task had already finished in an earlier run; this run resumed "
+                f"each from its final checkpoint in {where} and trained no step. The figures are that run's. "
+                f"To train again, delete {where} or set another output_dir."
+            )
+        else:
+            console.print(
+                f"Already finished in an earlier run (resumed from the final checkpoint, nothing left to "
+                f"train): {escape(', '.join(done))}."
+            )
     console.print(
         f"adapters: {output_dir / 'adapters'}  metrics: {output_dir / 'metrics.jsonl'}  plot: {output_dir / 'loss.png'}"
     )

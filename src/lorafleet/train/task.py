@@ -102,6 +102,7 @@ class TaskState:
     last_loss: float | None = None
     tokens: int = 0
     busy_s: float = 0.0  # wall time of the micro-batches this task took part in
+    resumed_from: int | None = None  # the checkpoint step this run resumed from (None: from scratch)
 
 
 class Task:
@@ -365,6 +366,7 @@ class Task:
             "status": self.state.status,
             "tokens": self.state.tokens,
             "last_loss": self.state.last_loss,
+            "busy_s": self.state.busy_s,  # so tokens/s after a resume counts the earlier run's time too
         }
         if self.evaluation is not None:
             state["early_stopping"] = self.evaluation.early.state_dict()
@@ -417,6 +419,7 @@ class Task:
         self.optimizer.load_state_dict(optim["optimizer"])
         self.scheduler.load_state_dict(optim["scheduler"])
         self.state.step, self.state.tokens = state["step"], state.get("tokens", 0)
+        self.state.resumed_from, self.state.busy_s = state["step"], state.get("busy_s", 0.0)
         self.state.last_loss = state.get("last_loss")
         ev = self.evaluation
         if ev is not None and "early_stopping" in state:
