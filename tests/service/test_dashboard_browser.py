@@ -1,8 +1,9 @@
 """The dashboard in a real headless browser (Playwright driving the system's Chromium) against a real
 ``lorafleet serve``: a job appears, its training curve grows and its validation loss is drawn; a job that
 arrives later gets its own colour while the first keeps its own; the job page shows its events, checkpoints,
-hyper-parameters and tokens/s; the workers table shows the worker's heartbeat; a cancel from the page cancels
-the job; the page has no horizontal overflow at 1400 px and 400 px and the chart is whole at 400 px; /docs
+hyper-parameters and tokens/s; the workers table shows both workers of a fleet of two (the server's and a
+``lorafleet worker`` on the same store) with their heartbeat, and the second as not alive once stopped; a
+cancel from the page cancels the job; the page has no horizontal overflow at 1400 px and 400 px and the chart is whole at 400 px; /docs
 and /redoc render with every request to other hosts blocked. Screenshots go to ``$LORAFLEET_TEST_ARTIFACTS``
 (default: the test's tmp folder) and are printed.
 
@@ -19,12 +20,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
+from helpers import REPO
 from helpers.serve import Server
 from lorafleet.service import auth
 from lorafleet.service.files import DataDir
@@ -102,14 +106,27 @@ def server(tmp_path, tiny_llama_dir):
     store = SQLiteStore(DataDir(data).create().db)
     token = auth.create_token(store, "alice")[1]
     srv = Server(tiny_llama_dir, data).start()
-    yield chromium, srv, token
-    srv.stop()
+    # a second worker on the same store: a fleet of two (its log beside the server's)
+    with open(tmp_path / "worker-2.log", "ab") as log:
+        second = subprocess.Popen(
+            [sys.executable, "-m", "lorafleet", "worker", "--data-dir", str(data), "--base-model", str(tiny_llama_dir),
+             "--worker-id", "second-worker", "--device", "cpu", "--num-threads", "1", "--poll-interval", "0.1",
+             "--no-inference"],
+            stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+        )  # fmt: skip
+    try:
+        yield chromium, srv, token, second
+    finally:
+        if second.poll() is None:
+            second.kill()
+            second.wait()
+        srv.stop()
 
 
 def test_dashboard_in_chromium(server, tmp_path):
     from playwright.sync_api import sync_playwright
 
-    chromium, srv, token = server
+    chromium, srv, token, second = server
     art = _artifacts(tmp_path)
     api = httpx.Client(base_url=srv.url, headers={"Authorization": f"Bearer {token}"}, timeout=60)
     up = lambda name, rows: api.post(  # noqa: E731
@@ -169,9 +186,20 @@ def test_dashboard_in_chromium(server, tmp_path):
                 long_job,
             ]
 
-            # the workers with their heartbeat
-            worker = page.locator('tr.worker-row[data-alive="true"]')
-            assert worker.count() == 1 and worker.locator("td.heartbeat").inner_text().endswith(" s ago")
+            # every worker of the fleet with its heartbeat; one that stops shows as not alive
+            alive = page.locator('tr.worker-row[data-alive="true"]')
+            _wait_for(lambda: alive.count() == 2, "two live workers")
+            ids = {w["id"] for w in httpx.get(f"{srv.url}/healthz").json()["workers"]}
+            assert {
+                alive.nth(i).get_attribute("data-worker") for i in range(2)
+            } == ids and "second-worker" in ids
+            assert all(t.endswith(" s ago") for t in alive.locator("td.heartbeat").all_inner_texts())
+            second.terminate()
+            second.wait(60)
+            page.locator('tr.worker-row[data-worker="second-worker"][data-alive="false"]').wait_for(
+                timeout=30_000
+            )
+            assert "not alive" in page.locator('tr.worker-row[data-worker="second-worker"]').inner_text()
             _no_overflow(page, 1400)
             page.screenshot(path=str(art / "dashboard-1400.png"), full_page=True)
             shots.append(art / "dashboard-1400.png")
