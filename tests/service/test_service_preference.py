@@ -71,7 +71,8 @@ def _wait(client, job_id, timeout=300):
 
 def _losses(client, job_id, key: str = "train_loss") -> list[float]:
     events = client.fine_tuning.jobs.list_events(job_id, limit=1000, extra_query={"order": "asc"})
-    return [e.data[key] for e in events if e.type == "metrics" and key in e.data]
+    # train_loss is in the step's metrics event, valid_loss in the evaluation's own event after it
+    return [e.data[key] for e in events if key in (e.data or {})]
 
 
 def _download(live, tenant: str, adapter_id: str, dest: Path) -> Path:
