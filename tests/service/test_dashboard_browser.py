@@ -224,6 +224,13 @@ def test_dashboard_in_chromium(server, tmp_path):
             assert int(summary["tokens/s"].replace(",", "")) > 0, summary
             params = dict(r.split("\t", 1) for r in page.locator("#job-params tr").all_inner_texts())
             assert params["batch_size"] == "2" and params["training.eval_every_steps"] == "10", params
+            shown_ids = [
+                int(i.removeprefix("ftevent-"))
+                for i in page.eval_on_selector_all(
+                    "#job-events tr.event-row", "rs => rs.map(r => r.dataset.id)"
+                )
+            ]
+            assert shown_ids == sorted(set(shown_ids), reverse=True)  # each event once, newest first
             events = page.locator("#job-events tr.event-row td:last-child").all_inner_texts()
             assert any("validation loss=" in e for e in events) and events[-1] == "Created fine-tuning job"
             assert page.locator("#job-chart polyline.valid").count() == 1

@@ -10,7 +10,7 @@ const MAX_EVENTS_SHOWN = 500;
 const FINISHED = ["succeeded", "failed", "cancelled"];
 const CANCELLABLE = ["validating_files", "queued", "running", "paused"];
 const { colors, drawChart } = window.lfChart;
-const state = { token: null, jobs: [], series: new Map(), checkpoints: new Map(), workers: [], timer: null };
+const state = { token: null, jobs: [], series: new Map(), checkpoints: new Map(), workers: [], timer: null, refreshing: false };
 
 function el(tag, attrs, text) {
   const e = document.createElement(tag);
@@ -279,6 +279,13 @@ function showMessage(text, isError) {
 }
 
 async function refresh() {
+  // one refresh at a time: two would read the same events twice (a slow server takes longer than POLL_MS)
+  if (state.refreshing) return;
+  state.refreshing = true;
+  try { await refreshOnce(); } finally { state.refreshing = false; }
+}
+
+async function refreshOnce() {
   try {
     const h = await (await fetch("/healthz")).json();
     state.workers = h.workers || [];
