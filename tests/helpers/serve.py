@@ -3,7 +3,6 @@ end-to-end service tests and the dashboard's browser test."""
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -12,14 +11,9 @@ from pathlib import Path
 import httpx
 
 from . import REPO
+from .fleet import free_port
 
-__all__ = ["Server", "free_port"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["Server"]
 
 
 class Server:

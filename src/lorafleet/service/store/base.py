@@ -329,7 +329,9 @@ class Store(abc.ABC):
         """Append events, each under a new id larger than every earlier one of the job: the list is
         append-only, an event keeps its id and its place. The one update: a ``metrics`` event for a job and
         step that already has one (a job resumed from a checkpoint trains those steps again) rewrites that
-        event's message, data and lease token in place (same id, same place), so each step has exactly one.
+        event's message, data and lease token in place (same id, same place), so each step has exactly one;
+        the other events of the run that was cut short stay (a step evaluated again gets a new validation
+        event after the old one).
         With ``lease``: every event is for its job, written with its token, or ``LeaseLost``."""
 
     @abc.abstractmethod
