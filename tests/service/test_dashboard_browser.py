@@ -215,9 +215,12 @@ def test_dashboard_in_chromium(server, tmp_path):
             page.locator("#job-view").wait_for(state="visible")
             page.locator("#job-checkpoints tr.checkpoint-row").first.wait_for(timeout=60_000)
             page.wait_for_timeout(2500)  # one more refresh: every list is current
-            ckpts = api.get(f"/v1/fine_tuning/jobs/{long_job}/checkpoints?limit=100").json()["data"]
-            shown = page.locator("#job-checkpoints tr.checkpoint-row td:first-child").all_inner_texts()
-            assert shown and set(shown) <= {str(c["step_number"]) for c in ckpts}
+            # while it trains: checkpoints every 10 steps, newest first (checked against the API after the cancel)
+            shown = [
+                int(t)
+                for t in page.locator("#job-checkpoints tr.checkpoint-row td:first-child").all_inner_texts()
+            ]
+            assert shown and shown == sorted(shown, reverse=True) and all(t % 10 == 0 for t in shown), shown
             summary = dict(
                 r.split("\t", 1) for r in page.locator("#job-summary tr").all_inner_texts() if "\t" in r
             )
@@ -248,6 +251,10 @@ def test_dashboard_in_chromium(server, tmp_path):
             page.locator('#job-events tr.event-row td:text-is("Job cancelled by the user")').wait_for(
                 timeout=30_000
             )
+            page.wait_for_timeout(2500)  # a refresh after the cancel: the checkpoint list no longer changes
+            ckpts = api.get(f"/v1/fine_tuning/jobs/{long_job}/checkpoints?limit=100").json()["data"]
+            shown = page.locator("#job-checkpoints tr.checkpoint-row td:first-child").all_inner_texts()
+            assert shown == [str(c["step_number"]) for c in ckpts], (shown, ckpts)
             page.goto(f"{srv.url}/")
             page.locator(f'tr.job-row[data-job="{long_job}"][data-status="cancelled"]').wait_for(
                 timeout=30_000
