@@ -3,6 +3,7 @@
 torchrun --nproc-per-node 2 -m lorafleet train CONFIG.yaml     # or: lorafleet train CONFIG.yaml --nproc 2
 """
 
+from .coordinator import PipelineTrainer
 from .partition import StageCosts, balance, edges_from_boundaries, estimate_costs, stage_cost
 from .pipeline import PipelineError, PipelineResult, run_pipeline, trace_summary
 from .topology import Links, Topology
@@ -11,6 +12,7 @@ __all__ = [
     "Links",
     "PipelineError",
     "PipelineResult",
+    "PipelineTrainer",
     "StageCosts",
     "Topology",
     "balance",

@@ -8,14 +8,17 @@
 Legend: T tokens of a micro-batch, E hidden size.
 
 Every rank runs one stage: the layers ``[a, b)`` that ``Topology`` gives it (loaded for that range only),
-its slice of every adapter with that slice's optimizer and schedule, and the loop below. The model code is
+its slice of every adapter with that slice's optimizer and schedule, and the loop below. Stage 0
+coordinates (``PipelineTrainer``, ``coordinator.py``): tasks are added to it, as to the engine, and it
+announces each one to the other stages; a ``lorafleet train`` run adds the config's tasks and runs until
+they are done, a service worker (``--nproc P``) adds and cancels jobs while others train. The model code is
 unchanged: a stage is ``Decoder.forward_packed`` over its range plus a send and a receive. With
 ``WORLD_SIZE = R x P`` there are R independent pipelines, each training every R-th task of the config:
 tasks share no parameter, so replicas exchange nothing until the final summary.
 
 Schedule (per stage, never a global flush):
 
-- The first stage runs the dispatcher (``train/dispatcher.py``, as the single-process engine does) over the
+- The first stage (the coordinator) runs the dispatcher (``train/dispatcher.py``, as the single-process engine does) over the
   tasks whose current step still has examples to run, packs the micro-batch and sends its activations with
   the metadata the other stages need: the ``FusedBatch`` (tokens, positions, sequence boundaries, adapter
   segments, labels, sequence roles), each task's step denominators and which tasks end their step with it.
@@ -42,7 +45,7 @@ every layer of the stage keeps only its input and reruns its forward in the back
 
 Outputs: per-stage checkpoints (``checkpoints/<task>/stage-<s>-of-<P>/step-N``), one PEFT folder per
 adapter written by the first stage from every stage's slice (the slices travel back with the gradients),
-``metrics.jsonl`` from the last stage, and ``trace.json``: every stage's forward, backward and optimizer
+``metrics.jsonl`` from the coordinator (each step's loss travels back from the last stage with the gradient), and ``trace.json``: every stage's forward, backward and optimizer
 spans as a Chrome / Perfetto trace (open it at https://ui.perfetto.dev), where idle gaps are the bubbles.
 
 Faults: a stage that raises sends ``abort`` to its neighbours, which pass it on and stop; a stage that dies
@@ -50,8 +53,10 @@ closes its sockets, so its neighbours' receiving threads wake at once and they a
 stage exits with a ``PipelineError`` naming the stage and rank that failed. Rerunning the same command
 resumes every task from the newest step that every stage has checkpointed.
 
-Layout: ``transport`` (messages between neighbours), ``stage`` (one stage's loop), ``trace`` (spans and
-their summary), this module (the run).
+Layout: ``messages`` (the typed messages, versioned), ``transport`` (sending them between neighbours),
+``stage`` (one stage's messages, forward, backward and evaluation), ``stage_tasks`` (its tasks: adds, steps,
+checkpoints, failures, exports), ``coordinator`` (``PipelineTrainer``, the ``Trainer`` on stage 0),
+``trace`` (spans and their summary), this module (a ``lorafleet train`` run).
 """
 
 from __future__ import annotations
@@ -59,18 +64,15 @@ from __future__ import annotations
 import json
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.distributed as dist
 
 from ..config import RunConfig
-from ..devices import resolve_device
-from ..models import Decoder, load_model, read_model_config
 from ..train.task import TaskState
-from .stage import Stage
+from .coordinator import PipelineTrainer
 from .topology import Topology
 from .trace import chrome_trace, trace_summary
 from .transport import PipelineError
@@ -89,51 +91,39 @@ class PipelineResult:
     wall_s: float  # this rank's loop, from the first plan to the end of the run
 
 
-# -- the run -------------------------------------------------------------------------------------------------
-
-
 def run_pipeline(cfg: RunConfig, progress: bool = False, timeout_s: float = 1800.0) -> PipelineResult:
     """Run this process's stage of ``cfg`` under torchrun (RANK, WORLD_SIZE, ... in the environment).
 
-    Every rank returns when the whole pipeline is done; rank 0's result holds every task's final state
-    and the merged trace (also written to ``OUTPUT_DIR/trace.json``). A failed or dead stage makes every
-    other stage raise ``PipelineError`` naming it. ``timeout_s`` bounds any single wait on a live peer.
+    Each replica's coordinator adds its share of the config's tasks (task i goes to replica i % R) and
+    trains them to the end. Every rank returns when the whole pipeline is done; rank 0's result holds every
+    task's final state and the merged trace (also written to ``OUTPUT_DIR/trace.json``). A failed or dead
+    stage makes every other stage raise ``PipelineError`` naming it. ``timeout_s`` bounds any single wait.
     """
     from ..metrics import plot_curves, read_metrics
-    from ..models.tokenizer import load_tokenizer
 
-    device = resolve_device(cfg.base_model.device)
-    model_cfg = read_model_config(cfg.base_model.path)
-    topo = Topology.from_env(model_cfg, cfg.pipeline, device=device.type)
+    trainer = PipelineTrainer(cfg, progress=progress, timeout_s=timeout_s)
+    topo, stage = trainer.topology, trainer.stage
     if topo.num_replicas > len(cfg.tasks):
         raise ValueError(
             f"{topo.num_replicas} pipeline replicas (WORLD_SIZE {topo.world_size} / pipeline.stages "
             f"{topo.num_stages}) but only {len(cfg.tasks)} tasks: each replica trains whole tasks, so run at most "
             f"{len(cfg.tasks)} x {topo.num_stages} = {len(cfg.tasks) * topo.num_stages} processes"
         )
-    if device.type == "cuda":
-        torch.cuda.set_device(topo.local_rank)
-    links = topo.connect(timeout_s)
-    if topo.rank == 0:
-        print(topo.describe(model_cfg), flush=True)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.base_model.dtype]
-    first, last = topo.layers
-    model = load_model(cfg.base_model.path, dtype, topo.torch_device, first, last)
-    if cfg.base_model.quantize is not None:  # as the engine does: the stage's projections, before adapters
-        from ..models.quant import quantize_model
-
-        quantize_model(model, cfg.base_model.quantize)
-    model.train()  # as the engine: adapter dropout is active in training mode only
-    if cfg.recompute:  # per-layer activation checkpointing; parameter names (PEFT keys) unchanged
-        from ..models.recompute import apply_recompute
-
-        apply_recompute(model)
-    base_params = _param_count(model)
-    stage = Stage(cfg, topo, links, model, load_tokenizer(cfg.base_model.path), progress)
-    print(_memory_line(topo, model_cfg, dtype, base_params, _param_count(model) - base_params), flush=True)
+    print(trainer.memory_line(), flush=True)
     tic = time.time()
     try:
-        stage.run()
+        if trainer.is_coordinator:
+            datasets = {d.name: d for d in cfg.datasets}
+            adapters = {a.name: a for a in cfg.adapters}
+            for i, task in enumerate(cfg.tasks):
+                if topo.replica_of_task(i) == topo.replica:
+                    ev = datasets[task.eval_dataset] if task.eval_dataset else None
+                    trainer.add_task(datasets[task.dataset], adapters[task.adapter], task, ev)
+            while trainer.run_once():
+                pass
+            trainer.close()
+        else:
+            trainer.follow()
     except PipelineError:
         raise
     except Exception as e:
@@ -143,26 +133,20 @@ def run_pipeline(cfg: RunConfig, progress: bool = False, timeout_s: float = 1800
         except PipelineError as pe:
             raise pe from e
     wall = time.time() - tic
-    if stage.metrics is not None:
-        stage.metrics.close()
     finish = {n: t.finished_at - stage.t_start for n, t in stage.tasks.items() if t.finished_at is not None}
-    mine = (
-        topo.replica,
-        topo.stage,
-        {n: asdict(t.core.state) for n, t in stage.tasks.items()},
-        stage.trace,
-        finish,
-    )
+    states = trainer.states if trainer.is_coordinator else {}
+    mine = (topo.replica, topo.stage, states, list(stage.trace), finish)
     gathered: list[Any] = [None] * topo.world_size if topo.rank == 0 else []
     dist.gather_object(mine, gathered if topo.rank == 0 else None, dst=0)
-    states: dict[str, TaskState] = {}
+    merged: dict[str, TaskState] = {}
     events: list[dict[str, Any]] = []
     finish_s: dict[str, float] = {}
     if topo.rank == 0:
-        states = _merge_states(gathered, topo.num_stages, [t.name for t in cfg.tasks])
-        for replica, s, _, trace, finished in gathered:
+        for replica, s, their_states, trace, finished in gathered:
             events.extend({**e, "replica": replica} for e in trace)
             finish_s.update(finished if s == 0 else {})
+            merged.update(their_states)
+        merged = {t.name: merged[t.name] for t in cfg.tasks}
         out = Path(cfg.output_dir)
         (out / "trace.json").write_text(json.dumps(chrome_trace(events, topo)))
         records = read_metrics(out / "metrics.jsonl")
@@ -170,32 +154,4 @@ def run_pipeline(cfg: RunConfig, progress: bool = False, timeout_s: float = 1800
             plot_curves(records, out / "loss.png")
     dist.barrier()
     dist.destroy_process_group()
-    return PipelineResult(states=states, trace=events, finish_s=finish_s, topology=topo, wall_s=wall)
-
-
-def _param_count(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def _memory_line(topo: Topology, model_cfg, dtype: torch.dtype, base: int, adapters: int) -> str:
-    """This stage's resident parameters against the whole model's (counted on the meta device, no memory)."""
-    whole = _param_count(Decoder(model_cfg, dtype=dtype, device="meta"))
-    a, b = topo.layers
-    nbytes = base * torch.finfo(dtype).bits // 8
-    return (
-        f"stage {topo.stage} (rank {topo.rank}): layers [{a}, {b}) hold {base:,} base parameters "
-        f"({nbytes / 2**20:.1f} MiB) = {100 * base / whole:.1f}% of the model's {whole:,} "
-        f"(1/{topo.num_stages} = {100 / topo.num_stages:.1f}%), plus {adapters:,} adapter parameters"
-    )
-
-
-def _merge_states(gathered: list[Any], num_stages: int, order: list[str]) -> dict[str, TaskState]:
-    """Each task's state: status and steps from its first stage, loss and tokens from its last."""
-    first = {n: st for _, s, states, *_ in gathered if s == 0 for n, st in states.items()}
-    last = {n: st for _, s, states, *_ in gathered if s == num_stages - 1 for n, st in states.items()}
-    out = {}
-    for name in order:
-        st = TaskState(**first[name])
-        st.last_loss, st.tokens = last[name]["last_loss"], last[name]["tokens"]
-        out[name] = st
-    return out
+    return PipelineResult(states=merged, trace=events, finish_s=finish_s, topology=topo, wall_s=wall)

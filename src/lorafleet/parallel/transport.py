@@ -1,7 +1,7 @@
 """Point-to-point messages between neighbouring pipeline stages (see ``parallel/pipeline.py``).
 
-A message is a kind, a small pickled meta dict and an optional tensor; ``batch_meta`` / ``batch_from_meta``
-carry a ``FusedBatch`` in the meta. ``PipelineError`` is what every stage raises when one fails.
+A message is one of the typed messages of ``parallel/messages.py`` plus an optional tensor (activations or
+a gradient). ``PipelineError`` is what every stage raises when one fails.
 """
 
 from __future__ import annotations
@@ -17,36 +17,27 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..batch import FusedBatch, Segment, SequenceInfo
+from .messages import VERSION, Abort, Lost, Stop, StopAck
 from .topology import Links, Topology
 
-__all__ = ["Message", "PipelineError", "Transport", "batch_from_meta", "batch_meta"]
+__all__ = ["Envelope", "PipelineError", "Transport"]
 
 
 class PipelineError(RuntimeError):
     """A stage failed or stopped answering; the message names the stage and its rank."""
 
 
-# --------------------------------------------------------------------
-
-_KINDS = ("fwd", "bwd", "evr", "stop", "stop_ack", "abort")
-_END_OF_STREAM = ("stop", "stop_ack", "abort")
+_END_OF_STREAM = (Stop, StopAck, Abort)
 
 
 @dataclass
-class Message:
-    """One message between neighbouring stages.
+class Envelope:
+    """A received message: its ``body`` (a dataclass of ``messages``), the neighbour it came from
+    (``origin``: "prev" or "next") and its tensor (on CUDA fetched from the data link by ``fetch``)."""
 
-    ``kind``: fwd (a micro-batch's activations, towards the last stage), bwd (their gradient, back), stop and
-    stop_ack (the end of the run, down the pipeline and back up), abort (a stage failed), or lost (made
-    locally: a receiving thread lost its link, the neighbour died). ``meta`` is a small pickled dict;
-    ``tensor`` the activations or gradient (on CUDA fetched from the data link by ``Transport.fetch``).
-    """
-
-    kind: str
-    meta: dict[str, Any]
+    body: Any
+    origin: str
     tensor: torch.Tensor | None = None
-    origin: str = ""  # "prev" or "next": the neighbour that sent it
     shape: tuple[int, ...] | None = None
     dtype: torch.dtype | None = None
 
@@ -54,18 +45,19 @@ class Message:
 class Transport:
     """Ordered messages to and from the two neighbours of a stage.
 
-    Wire format of one message on a link's gloo group: an int64[3] header (kind, meta bytes, tensor
-    elements), the pickled meta as uint8, then the tensor: on the same gloo group on CPU, on the link's NCCL
-    group on CUDA (the receiver posts that receive when it handles the message, so in order).
+    Wire format of one message on a link's gloo group: an int64[3] header (``VERSION``, body bytes, tensor
+    elements), the pickled ``(body, shape, dtype)`` as uint8, then the tensor: on the same gloo group on CPU,
+    on the link's NCCL group on CUDA (the receiver posts that receive when it handles the message, so in
+    order). A message of another version is refused: the stage stops naming both versions.
 
     One thread per incoming link blocks in ``recv`` and puts every message into one inbox, so the stage
     sleeps until either neighbour sends anything, and a neighbour that dies (its socket closes) wakes it at
-    once with a ``lost`` message. Sends are asynchronous, at most one message per direction outstanding.
+    once with a ``Lost`` message. Sends are asynchronous, at most one message per direction outstanding.
     """
 
     def __init__(self, topo: Topology, links: Links) -> None:
         self.topo, self.links = topo, links
-        self.inbox: queue.Queue[Message] = queue.Queue()
+        self.inbox: queue.Queue[Envelope] = queue.Queue()
         self._outstanding: dict[str, list] = {"next": [], "prev": []}
         for origin, group, peer in (
             ("prev", links.from_prev, topo.prev_rank),
@@ -85,49 +77,61 @@ class Transport:
             while True:
                 header = torch.empty(3, dtype=torch.int64)
                 dist.recv(header, src=peer, group=group)
-                kind, meta_bytes, numel = header.tolist()
-                raw = torch.empty(meta_bytes, dtype=torch.uint8)
+                version, body_bytes, numel = header.tolist()
+                if version != VERSION:
+                    self.inbox.put(
+                        Envelope(
+                            Lost(f"it sends messages of version {version}, this stage speaks {VERSION}: "
+                                 "run the same lorafleet on every stage"),
+                            origin,
+                        )
+                    )  # fmt: skip
+                    return
+                raw = torch.empty(body_bytes, dtype=torch.uint8)
                 dist.recv(raw, src=peer, group=group)
-                meta = pickle.loads(raw.numpy().tobytes())
-                shape, dtype = meta.pop("_shape", None), meta.pop("_dtype", None)
-                msg = Message(_KINDS[kind], meta, None, origin, shape, dtype)
+                body, shape, dtype = pickle.loads(raw.numpy().tobytes())
+                env = Envelope(body, origin, None, shape, dtype)
                 if numel and data_group is None:
                     flat = torch.empty(numel, dtype=dtype)
                     dist.recv(flat, src=peer, group=group)
-                    msg.tensor = flat.view(shape)
-                self.inbox.put(msg)
-                if msg.kind in _END_OF_STREAM:
+                    env.tensor = flat.view(shape)
+                self.inbox.put(env)
+                if isinstance(body, _END_OF_STREAM):
                     return
         except Exception as e:  # the neighbour died or the link broke: the stage must stop
-            self.inbox.put(Message("lost", {"error": f"{type(e).__name__}: {e}"}, None, origin))
+            self.inbox.put(Envelope(Lost(f"{type(e).__name__}: {e}"), origin))
 
-    def fetch(self, msg: Message, device: str) -> torch.Tensor | None:
+    def fetch(self, env: Envelope, device: str) -> torch.Tensor | None:
         """The message's tensor on ``device`` (received from the NCCL data link when it travels there)."""
-        if msg.tensor is not None or msg.shape is None:
-            return None if msg.tensor is None else msg.tensor.to(device)
-        group = self.links.from_prev_data if msg.origin == "prev" else self.links.from_next_data
-        peer = self.topo.prev_rank if msg.origin == "prev" else self.topo.next_rank
-        flat = torch.empty(math.prod(msg.shape), dtype=msg.dtype, device=device)
+        if env.tensor is not None or env.shape is None:
+            return None if env.tensor is None else env.tensor.to(device)
+        group = self.links.from_prev_data if env.origin == "prev" else self.links.from_next_data
+        peer = self.topo.prev_rank if env.origin == "prev" else self.topo.next_rank
+        flat = torch.empty(math.prod(env.shape), dtype=env.dtype, device=device)
         dist.recv(flat, src=peer, group=group)
-        msg.tensor = flat.view(msg.shape)
-        return msg.tensor
+        env.tensor = flat.view(env.shape)
+        return env.tensor
 
-    def send(self, to: str, kind: str, meta: dict[str, Any], tensor: torch.Tensor | None = None) -> None:
-        """Send to the ``"next"`` or ``"prev"`` stage; returns before the bytes have left (keeps them alive)."""
+    def _route(self, to: str):
         if to == "next":
-            group, data_group, peer = self.links.to_next, self.links.to_next_data, self.topo.next_rank
-        else:
-            group, data_group, peer = self.links.to_prev, self.links.to_prev_data, self.topo.prev_rank
+            return self.links.to_next, self.links.to_next_data, self.topo.next_rank
+        return self.links.to_prev, self.links.to_prev_data, self.topo.prev_rank
+
+    @staticmethod
+    def _frame(body: Any, tensor: torch.Tensor | None):
+        flat = None if tensor is None else tensor.detach().contiguous().view(-1)
+        shape = None if tensor is None else tuple(tensor.shape)
+        dtype = None if tensor is None else tensor.dtype
+        payload = pickle.dumps((body, shape, dtype), protocol=pickle.HIGHEST_PROTOCOL)
+        raw = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+        header = torch.tensor([VERSION, raw.numel(), 0 if flat is None else flat.numel()])
+        return header, raw, flat
+
+    def send(self, to: str, body: Any, tensor: torch.Tensor | None = None) -> None:
+        """Send to the ``"next"`` or ``"prev"`` stage; returns before the bytes have left (keeps them alive)."""
+        group, data_group, peer = self._route(to)
         self.flush(to)
-        meta = dict(meta)
-        flat = None
-        if tensor is not None:
-            flat = tensor.detach().contiguous().view(-1)
-            meta["_shape"], meta["_dtype"] = tuple(tensor.shape), tensor.dtype
-        raw = torch.frombuffer(
-            bytearray(pickle.dumps(meta, protocol=pickle.HIGHEST_PROTOCOL)), dtype=torch.uint8
-        )
-        header = torch.tensor([_KINDS.index(kind), raw.numel(), 0 if flat is None else flat.numel()])
+        header, raw, flat = self._frame(body, tensor)
         works = [dist.isend(header, dst=peer, group=group), dist.isend(raw, dst=peer, group=group)]
         if flat is not None:
             works.append(dist.isend(flat, dst=peer, group=data_group if data_group is not None else group))
@@ -142,44 +146,16 @@ class Transport:
 
     def send_abort(self, to: str, text: str) -> None:
         """Best effort: tell a neighbour that the run stops (it may be the one that died); a few seconds at most."""
-        group, peer = (
-            (self.links.to_next, self.topo.next_rank)
-            if to == "next"
-            else (self.links.to_prev, self.topo.prev_rank)
-        )
-        raw = torch.frombuffer(bytearray(pickle.dumps({"error": text})), dtype=torch.uint8)
-        header = torch.tensor([_KINDS.index("abort"), raw.numel(), 0])
+        group, _, peer = self._route(to)
+        header, raw, _ = self._frame(Abort(text), None)
         try:
             for w in (dist.isend(header, dst=peer, group=group), dist.isend(raw, dst=peer, group=group)):
                 w.wait(timeout=timedelta(seconds=5))
         except Exception:  # a dead neighbour cannot be told
             pass
 
-    def get(self, block: bool) -> Message | None:
+    def get(self, block: bool) -> Envelope | None:
         try:
             return self.inbox.get(block=block)
         except queue.Empty:
             return None
-
-
-def batch_meta(batch: FusedBatch) -> dict[str, Any]:
-    """What another stage needs to rebuild ``batch`` (small CPU tensors and tuples)."""
-    return {
-        "input_ids": batch.input_ids.cpu(),
-        "positions": batch.positions.cpu(),
-        "cu_seqlens": batch.cu_seqlens.cpu(),
-        "labels": None if batch.labels is None else batch.labels.cpu(),
-        "segments": [(s.adapter, s.start, s.end) for s in batch.segments],
-        "sequences": [(s.task, s.example, s.role, s.key) for s in batch.sequences],
-    }
-
-
-def batch_from_meta(meta: dict[str, Any], device: str) -> FusedBatch:
-    return FusedBatch(
-        input_ids=meta["input_ids"].to(device),
-        positions=meta["positions"].to(device),
-        cu_seqlens=meta["cu_seqlens"].to(device),
-        segments=tuple(Segment(*s) for s in meta["segments"]),
-        labels=None if meta["labels"] is None else meta["labels"].to(device),
-        sequences=tuple(SequenceInfo(*s) for s in meta["sequences"]),
-    )

@@ -45,10 +45,11 @@ from ..models.recompute import apply_recompute, remove_recompute
 from ..models.tokenizer import load_tokenizer
 from .dispatcher import PlanItem, next_waited, plan_next
 from .evaluate import evaluate
-from .events import RECORDED, Event, StatusEvent, StepEvent, StorageFaultEvent
+from .events import Event, StatusEvent, StepEvent, StorageFaultEvent
 from .storage import StorageHolds, StorageRetry
 from .task import STATUSES, Task, TaskState
 from .tasks import order_groups, pack_groups
+from .trainer import deliver
 
 __all__ = ["STATUSES", "Engine", "TaskState", "pack_plan", "plan_micro_batch", "resolve_device"]
 
@@ -86,7 +87,8 @@ def pack_plan(plan: list[PlanItem], tasks: dict[str, Task], device) -> FusedBatc
 
 
 class Engine:
-    """Trains every task of a ``RunConfig`` together on one base model (see the module docstring)."""
+    """Trains every task of a ``RunConfig`` together on one base model (see the module docstring); a
+    ``Trainer`` (``train/trainer.py``)."""
 
     def __init__(
         self,
@@ -273,6 +275,10 @@ class Engine:
             self.close()
         return self.states
 
+    def inference_model(self):
+        """(model, tokenizer): the engine holds every layer, so inference can share them."""
+        return self.model, self.tokenizer
+
     def close(self) -> None:
         from ..metrics import plot_curves, read_metrics
 
@@ -284,10 +290,7 @@ class Engine:
     # -- internals --------------------------------------------------------------------------------------
 
     def _emit(self, event: Event) -> None:
-        if isinstance(event, RECORDED):
-            self.metrics.write(event.record())
-        for cb in self._subscribers:
-            cb(event)
+        deliver(event, self.metrics, self._subscribers)
 
     def _optimizer_step(self, t: Task) -> bool:
         """Step and log the task; False when it failed (then it is finished already)."""
