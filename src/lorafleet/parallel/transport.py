@@ -17,13 +17,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..train.events import TrainerFailed
 from .messages import VERSION, Abort, Lost, Stop, StopAck
 from .topology import Links, Topology
 
 __all__ = ["Envelope", "PipelineError", "Transport"]
 
 
-class PipelineError(RuntimeError):
+class PipelineError(TrainerFailed):
     """A stage failed or stopped answering; the message names the stage and its rank."""
 
 

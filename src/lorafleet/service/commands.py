@@ -47,7 +47,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_concurrent_tasks=args.max_concurrent_tasks, max_tokens_per_micro_batch=args.max_tokens_per_micro_batch,
         poll_interval=args.poll_interval, access_log=args.access_log, worker=not args.api_only,
         num_threads=args.num_threads, store_url=args.store, adapter_cache_mb=args.adapter_cache_mb,
-        max_inference_rows=args.max_inference_rows, inference=not args.no_inference,
+        max_inference_rows=args.max_inference_rows, inference=not args.no_inference, nproc=args.nproc,
     )  # fmt: skip
     return 0
 
@@ -82,6 +82,10 @@ def add_serve_command(sub) -> None:
     )  # fmt: skip
     p.add_argument("--max-inference-rows", type=int, default=64, help="inference requests decoded together")
     p.add_argument("--no-inference", action="store_true", help="no chat/completions: the worker only trains")
+    p.add_argument(
+        "--nproc", type=int, default=1, metavar="P",
+        help="the worker as P pipeline stages on this machine (torchrun; restarted as a group; no inference)",
+    )  # fmt: skip
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")
     p.add_argument(
         "--api-only", action="store_true",

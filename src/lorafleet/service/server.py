@@ -5,7 +5,8 @@
 
 The API process never imports torch; the worker does (``python -m lorafleet.service.worker_process``). If the
 worker exits unexpectedly it is started again (with a growing pause, so a worker that cannot start does not
-spin), and it resumes every unfinished job from its checkpoints. Stopping the server (Ctrl-C, SIGTERM)
+spin), and it resumes every unfinished job from its checkpoints. With ``--nproc P`` the worker is a group of
+P pipeline stages under torchrun: when any rank dies the group ends and the whole group is started again. Stopping the server (Ctrl-C, SIGTERM)
 stops the worker; if the server is killed outright, the worker notices and exits too.
 """
 
@@ -97,6 +98,7 @@ def serve(
     adapter_cache_mb: float = 1024.0,
     max_inference_rows: int = 64,
     inference: bool = True,
+    nproc: int = 1,
 ) -> None:
     """Run the API until interrupted, with a supervised worker unless ``worker`` is False (``--api-only``).
     ``store_url``: the job store (default ``sqlite:///DATA_DIR/lorafleet.db``)."""
@@ -107,7 +109,7 @@ def serve(
         ("--max-upload-mb", max_upload_mb), ("--max-concurrent-tasks", max_concurrent_tasks),
         ("--max-tokens-per-micro-batch", max_tokens_per_micro_batch), ("--poll-interval", poll_interval),
         ("--num-threads", 1 if num_threads is None else num_threads), ("--adapter-cache-mb", adapter_cache_mb),
-        ("--max-inference-rows", max_inference_rows),
+        ("--max-inference-rows", max_inference_rows), ("--nproc", nproc),
     ):  # fmt: skip
         if value <= 0:
             raise ValueError(f"{flag} must be > 0 (got {value})")
@@ -139,6 +141,8 @@ def serve(
         cmd += ["--adapter-cache-mb", str(adapter_cache_mb), "--max-inference-rows", str(max_inference_rows)]
         if not inference:
             cmd.append("--no-inference")
+        if nproc > 1:  # the worker as nproc pipeline stages; a dead rank ends the group, started again below
+            cmd += ["--nproc", str(nproc)]
         supervisor = WorkerSupervisor(cmd)
         supervisor.start()
     try:

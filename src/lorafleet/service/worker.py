@@ -1,8 +1,10 @@
 """The worker: the process that trains. It claims jobs for its base model from the store, feeds them to one
-``Engine`` and writes back what happens. A fleet runs many workers on many machines over one store and one
-shared data folder.
+``Trainer`` (``train/trainer.py``: the single-process ``Engine``, or with ``--nproc P`` a pipeline of P
+stages whose stage 0 is this worker, ``parallel.PipelineTrainer``) and writes back what happens. A fleet
+runs many workers on many machines over one store and one shared data folder.
 
     lorafleet worker --store postgresql://lf@db/lorafleet --data-dir /shared --base-model path/to/model
+    lorafleet worker ... --nproc 2          # the same worker as 2 pipeline stages (torchrun; no inference)
     (``lorafleet serve`` without ``--api-only`` starts one for you, next to the API, and restarts it.)
 
 Loop, top to bottom:
@@ -62,9 +64,9 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..train.events import Event, StorageFaultEvent
+from ..train.events import Event, StorageFaultEvent, TrainerFailed
 from .files import DataDir, StorageUnavailable
 from .jobspec import EngineSettings, job_configs, model_name
 from .leases import HeldLeases
@@ -79,12 +81,28 @@ from .store import (
 )
 from .worker_events import JobRecorder
 
-__all__ = ["Worker"]
+if TYPE_CHECKING:
+    from ..train.trainer import Trainer
+
+__all__ = ["Worker", "open_trainer"]
 
 log = logging.getLogger("lorafleet.worker")
 
 _LEASE_S = 20.0
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_STAGE_DIR = re.compile(r"^stage-\d+-of-\d+$")
+
+
+def open_trainer(cfg) -> Trainer:
+    """The worker's ``Trainer``: the single-process engine, or under torchrun (WORLD_SIZE > 1, ``--nproc``)
+    this rank's pipeline coordinator (stage 0; the other ranks run ``follow_pipeline``)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from ..parallel import PipelineTrainer
+
+        return PipelineTrainer(cfg, tensorboard=False)
+    from ..train.engine import Engine
+
+    return Engine(cfg, tensorboard=False)
 
 
 class Worker(JobRecorder):
@@ -107,7 +125,7 @@ class Worker(JobRecorder):
         self.id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self.model = model_name(settings.base_model)
         self.lease_s = lease_s
-        self.engine: Any = None
+        self.engine: Trainer | None = None  # the ``Trainer``: one process, or a pipeline's coordinator
         self.leases = HeldLeases(lease_s)  # the jobs this worker trains, each under its lease
         self._last_metrics: dict[str, EventRecord] = {}  # each job's latest step event, which its eval joins
         self._saved_step: dict[str, int] = {}  # each held job's step of its newest checkpoint
@@ -142,30 +160,39 @@ class Worker(JobRecorder):
         finally:
             if self.inference is not None:
                 self.inference.close()
-            self.engine.metrics.close()
+            try:
+                self.engine.close()
+            except TrainerFailed as e:  # the other stages are already gone
+                log.warning("could not stop the pipeline's other stages: %s", e)
 
     def _start_inference(self) -> None:
         from .inference import InferenceServer
 
+        held = self.engine.inference_model()
+        if held is None:  # a pipeline: no process holds every layer
+            log.warning("this worker runs a pipeline of stages: it serves no chat/completions")
+            return
+        model, tokenizer = held
         self.inference = InferenceServer(
-            self.engine.model, self.engine.tokenizer, self.dd.inference_socket, self.adapter_cache_bytes,
-            self.max_inference_rows, wake=self._wake,
+            model, tokenizer, self.dd.inference_socket, self.adapter_cache_bytes, self.max_inference_rows,
+            wake=self._wake,
         )  # fmt: skip
         self.inference.start()
 
     def _load_engine(self) -> None:
-        from ..train.engine import Engine
-
         self.state = "loading"
-        cfg = self.settings.run_config(self.dd.engine)
-        self.engine = Engine(cfg, tensorboard=False)
+        self.engine = open_trainer(self.settings.run_config(self.dd.engine))
         self.engine.subscribe(self._on_event)
         self.state = "ready"
-        log.info("engine ready: %s on %s (worker %s)", self.settings.base_model, self.engine.device, self.id)
+        log.info(
+            "trainer ready: %s on %s (worker %s)", self.settings.base_model, self.settings.device, self.id
+        )
 
     def _step(self) -> bool:
         try:
             return self.engine.run_once()
+        except TrainerFailed:  # the trainer is gone (a pipeline stage died): its jobs resume elsewhere
+            raise
         except Exception as e:  # a fault of the engine, not of one job: fail the jobs it was training
             log.exception("engine failed")
             msg = f"the training engine failed: {type(e).__name__}: {e}"
@@ -334,11 +361,14 @@ class Worker(JobRecorder):
             return
         recorded, _ = self.store.list_checkpoints(job_id, None, 1)
         newest = recorded[0].step if recorded else 0
-        for p in root.iterdir():
-            m = _STEP_DIR.match(p.name)
-            if m and int(m.group(1)) > newest:
-                log.warning("removing %s: the store never recorded it", p)
-                shutil.rmtree(p, ignore_errors=True)
+        # a pipeline worker keeps one folder per stage (stage-S-of-P/step-N), each trimmed alike
+        folders = [root, *(p for p in root.iterdir() if _STAGE_DIR.match(p.name) and p.is_dir())]
+        for folder in folders:
+            for p in folder.iterdir():
+                m = _STEP_DIR.match(p.name)
+                if m and int(m.group(1)) > newest:
+                    log.warning("removing %s: the store never recorded it", p)
+                    shutil.rmtree(p, ignore_errors=True)
 
     def _admit(self, job) -> None:
         if job.id in self.engine.states:  # trained here before, then dropped: start it afresh

@@ -101,7 +101,10 @@ def add_worker_arguments(p: argparse.ArgumentParser) -> None:
         "--lease-s", type=float, default=_LEASE_S,
         help="seconds a job's lease lasts without renewal: how soon other workers resume a dead worker's jobs",
     )  # fmt: skip
-    p.add_argument("--nproc", type=int, default=1, help="processes (pipeline stages) of this worker")
+    p.add_argument(
+        "--nproc", type=int, default=1,
+        help="run the worker as P pipeline stages on this machine (torchrun; gloo on CPU, one GPU per stage)",
+    )  # fmt: skip
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto")
     p.add_argument("--max-concurrent-tasks", type=int, default=8, help="jobs this worker trains at once")
@@ -130,13 +133,103 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _pdeathsig() -> None:
+    """In a child, before exec: the kernel kills it when its parent dies (Linux)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+
+def _rank_argv(args: argparse.Namespace) -> list[str]:
+    """The flags again, for the ranks that torchrun starts (each watches torchrun, not ``--parent-pid``)."""
+    out: list[str] = []
+    for action in build_parser()._actions:
+        dest, value = action.dest, getattr(args, action.dest, None)
+        # torchrun would take --nproc for its own --nproc-per-node; the ranks know WORLD_SIZE
+        if dest in ("help", "parent_pid", "nproc") or value is None or value is False:
+            continue
+        flag = action.option_strings[-1]
+        out += [flag] if value is True else [flag, str(value)]
+    return out
+
+
+def _launch_group(args: argparse.Namespace) -> int:
+    """``--nproc P`` outside torchrun: run the worker as P pipeline stages on this machine under torchrun
+    (``--standalone``); stage 0 is the worker, the others its stages. When any rank dies torchrun stops the
+    others and this returns non-zero (``lorafleet serve`` then starts the whole group again)."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}"]
+    cmd += ["-m", "lorafleet.service.worker_process", *_rank_argv(args)]
+    stop = threading.Event()
+    if args.parent_pid is not None:
+        _die_with_parent(args.parent_pid, stop)
+    proc = subprocess.Popen(cmd, preexec_fn=_pdeathsig)
+
+    def forward(signum, _frame):
+        stop.set()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)  # torchrun passes it to every rank
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    while True:
+        try:
+            rc = proc.wait(timeout=1.0)
+            break
+        except subprocess.TimeoutExpired:
+            if stop.is_set() and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+    log.info("worker group exited with code %s", rc)
+    return rc
+
+
+def _follow(args: argparse.Namespace) -> int:
+    """A rank after the first of a ``--nproc`` worker: one pipeline stage, driven by rank 0's worker."""
+    from ..parallel import PipelineError, PipelineTrainer
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
+    _die_with_parent(os.getppid(), threading.Event())  # torchrun's agent
+    if args.num_threads is not None:
+        import torch
+
+        torch.set_num_threads(args.num_threads)
+    dd = DataDir(Path(args.data_dir).expanduser().resolve()).create()
+    trainer = PipelineTrainer(_settings(args).run_config(dd.engine), tensorboard=False)
+    try:
+        trainer.follow()
+    except PipelineError as e:
+        log.error("pipeline stage stopped: %s", e)
+        return 1
+    return 0
+
+
+def _settings(args: argparse.Namespace) -> EngineSettings:
+    return EngineSettings(
+        base_model=args.base_model, dtype=args.dtype, device=args.device,
+        max_concurrent_tasks=args.max_concurrent_tasks, max_tokens_per_micro_batch=args.max_tokens_per_micro_batch,
+    )  # fmt: skip
+
+
 def run_worker(args: argparse.Namespace) -> int:
-    """Run a worker with the flags of ``add_worker_arguments`` until SIGTERM/SIGINT."""
-    if args.nproc != 1:
-        raise ValueError(
-            f"--nproc {args.nproc}: a worker spanning several processes (pipeline stages) is not supported "
-            "yet; run one worker per device with --nproc 1 (the default)"
-        )
+    """Run a worker with the flags of ``add_worker_arguments`` until SIGTERM/SIGINT.
+
+    ``--nproc P`` (P > 1) runs it as P pipeline stages under torchrun (``_launch_group``); under torchrun,
+    rank 0 is the worker (store, leases, a ``PipelineTrainer`` coordinator) and the other ranks its stages.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.nproc < 1:
+        raise ValueError(f"--nproc {args.nproc}: give the number of pipeline stages, at least 1")
+    if "WORLD_SIZE" in os.environ:
+        if args.nproc not in (1, world):
+            raise ValueError(
+                f"--nproc {args.nproc} but torchrun started WORLD_SIZE {world} processes: give --nproc {world}"
+            )
+        args.nproc = world
     for flag in (
         "max_concurrent_tasks", "max_tokens_per_micro_batch", "poll_interval", "lease_s", "adapter_cache_mb",
         "max_inference_rows",
@@ -147,11 +240,31 @@ def run_worker(args: argparse.Namespace) -> int:
         raise ValueError(
             f"--base-model {args.base_model!r} does not exist: give a Hugging Face model folder or a .gguf file"
         )
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
+        return _launch_group(args)
+    if world > 1 and int(os.environ.get("RANK", "0")) > 0:
+        rc = _follow(args)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)  # threads may still block on a broken link
+    rc = _run_coordinator(args, world)
+    if world > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    return rc
+
+
+def _run_coordinator(args: argparse.Namespace, world: int) -> int:
+    """The worker itself (one process, or rank 0 of a ``--nproc`` group)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    if args.parent_pid is not None:
+    if world > 1:
+        _die_with_parent(os.getppid(), stop)  # torchrun's agent
+    elif args.parent_pid is not None:
         _die_with_parent(args.parent_pid, stop)
     if args.num_threads is not None:
         import torch
@@ -159,10 +272,7 @@ def run_worker(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.num_threads)
     dd = DataDir(Path(args.data_dir).expanduser().resolve()).create()
     store = open_store(args.store or default_store_url(dd.root))
-    settings = EngineSettings(
-        base_model=args.base_model, dtype=args.dtype, device=args.device,
-        max_concurrent_tasks=args.max_concurrent_tasks, max_tokens_per_micro_batch=args.max_tokens_per_micro_batch,
-    )  # fmt: skip
+    settings = _settings(args)
     worker = Worker(
         store, dd, settings, args.poll_interval, args.worker_id, args.lease_s, serve_inference=not args.no_inference,
         adapter_cache_bytes=int(args.adapter_cache_mb * 1024 * 1024), max_inference_rows=args.max_inference_rows,

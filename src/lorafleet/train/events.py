@@ -18,7 +18,13 @@ __all__ = [
     "StatusEvent",
     "StepEvent",
     "StorageFaultEvent",
+    "TrainerFailed",
 ]
+
+
+class TrainerFailed(RuntimeError):
+    """The trainer itself cannot go on (e.g. a pipeline stage died): no fault of its tasks, which resume
+    from their checkpoints when a new trainer takes them (``parallel.PipelineError`` is one)."""
 
 
 @dataclass(frozen=True)
