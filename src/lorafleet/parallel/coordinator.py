@@ -22,6 +22,7 @@ that lets every stage finish what the last announcements asked for; False when a
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from .messages import Added, AddTask
 from .stage import Stage
 from .stage_tasks import live
 from .topology import Topology
+from .trace import chrome_trace
 
 __all__ = ["PipelineTrainer"]
 
@@ -46,12 +48,14 @@ class PipelineTrainer:
     """One rank of a pipeline; a ``Trainer`` on the coordinator (see the module docstring).
 
     ``tensorboard``: mirror the metrics into TensorBoard (the coordinator writes ``metrics.jsonl``).
-    ``timeout_s`` bounds any single wait on a live peer.
+    ``trace``: ``close`` collects every stage's spans (the newest 50,000 of each) and writes
+    ``OUTPUT_DIR/trace.json`` (see ``parallel/trace.py``). ``timeout_s`` bounds any single wait on a live peer.
     """
 
     def __init__(
-        self, cfg: RunConfig, progress: bool = False, tensorboard: bool = True, timeout_s: float = 1800.0
-    ) -> None:
+        self, cfg: RunConfig, progress: bool = False, tensorboard: bool = True, timeout_s: float = 1800.0,
+        trace: bool = False,
+    ) -> None:  # fmt: skip
         from ..models.tokenizer import load_tokenizer
 
         self.cfg = cfg
@@ -84,6 +88,7 @@ class PipelineTrainer:
         self._subscribers: list[Callable[[Event], None]] = []
         self._arrivals = 0
         self._dirty = False  # something ran since the last round trip
+        self._write_trace = trace
         self.stage = Stage(cfg, topo, links, model, load_tokenizer(cfg.base_model.path), progress, self._emit)
 
     # -- where this rank sits -------------------------------------------------------------------------------
@@ -211,5 +216,8 @@ class PipelineTrainer:
         """Coordinator: stop the other stages (they return from ``follow``) and close the metrics."""
         if not self.is_coordinator or self.stage.stopped:
             return
-        self.stage.stop()
+        spans = self.stage.stop(spans=self._write_trace)
         self.metrics.close()
+        if self._write_trace:
+            events = [{**e, "replica": self.topology.replica} for e in spans]
+            (self.output_dir / "trace.json").write_text(json.dumps(chrome_trace(events, self.topology)))

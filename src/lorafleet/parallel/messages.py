@@ -211,14 +211,18 @@ class SyncAck:
 
 @dataclass
 class Stop:
-    """The end of the run (the last control before it)."""
+    """The end of the run (the last control before it); ``spans``: send the trace back with the ack."""
 
     control: Control
+    spans: bool = False
 
 
 @dataclass
 class StopAck:
+    """The later stages stopped: what they had to tell, and (when asked) their trace spans."""
+
     relay: Relay
+    spans: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass

@@ -46,7 +46,7 @@ from .transport import Envelope, PipelineError, Transport
 
 __all__ = ["Stage", "StageTask"]
 
-_TRACE_SPANS = 200_000  # the newest spans kept (a long-lived service worker must not grow)
+_TRACE_SPANS = 50_000  # the newest spans kept (a long-lived service worker must not grow)
 
 
 @dataclass
@@ -358,26 +358,31 @@ class Stage(TaskBook):
             if not self.work_once():
                 self.drain(block=True)
 
-    def stop(self) -> None:
-        """Coordinator: tell the others that the run ends and collect what they still hold."""
+    def stop(self, spans: bool = False) -> list[dict[str, Any]]:
+        """Coordinator: tell the others that the run ends and collect what they still hold; with ``spans``
+        every stage's trace spans come back too (returned, this stage's first)."""
+        out = list(self.trace) if spans else []
         if not self.topo.is_last:
-            self.send("next", Stop(self.take_control()))
-            self._await_stop_ack()
+            self.send("next", Stop(self.take_control(), spans))
+            out += self._await_stop_ack()
         self.stopped = True
+        return out
 
     def _on_stop(self, msg: Stop) -> None:
+        later = []
         if not self.topo.is_last:
             self.send("next", msg)
-            self._await_stop_ack()
+            later = self._await_stop_ack()
         self.remove_retired()
-        self.send("prev", StopAck(self.take_relay()))
+        self.send("prev", StopAck(self.take_relay(), (list(self.trace) + later) if msg.spans else []))
         self.transport.flush()
         self.stopped = True
 
-    def _await_stop_ack(self) -> None:
+    def _await_stop_ack(self) -> list[dict[str, Any]]:
         while not self._stop_ack:
             self.drain(block=True)
         self.absorb(self._stop_ack[0].relay)
+        return self._stop_ack[0].spans
 
     def _fail_from_neighbour(self, env: Envelope) -> None:
         side = env.origin

@@ -99,7 +99,7 @@ def open_trainer(cfg) -> Trainer:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from ..parallel import PipelineTrainer
 
-        return PipelineTrainer(cfg, tensorboard=False)
+        return PipelineTrainer(cfg, tensorboard=False, trace=True)  # trace.json when the worker stops
     from ..train.engine import Engine
 
     return Engine(cfg, tensorboard=False)
