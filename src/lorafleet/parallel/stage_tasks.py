@@ -188,7 +188,7 @@ class TaskBook:
             self.relay.saved.append((name, stage, step))
             return
         t = self.tasks.get(name)
-        if t is None:
+        if t is None or t.core.state.status not in ("queued", "running"):
             return
         got = self.confirmed.setdefault((name, step), set())
         got.add(stage)
@@ -236,9 +236,9 @@ class TaskBook:
             self.control.retired[name] = (status, error)
         if t.core.started_at is not None:  # its wall time in the pipeline: tokens/s in the summary
             t.core.state.busy_s = time.perf_counter() - t.core.started_at
-        for key in [k for k in self.confirmed if k[0] == name]:
-            del self.confirmed[key]
-        if status != "succeeded":
+        if status != "succeeded":  # a finished one still collects its last checkpoint and slices
+            for key in [k for k in self.confirmed if k[0] == name]:
+                del self.confirmed[key]
             t.core.state.status, t.core.state.error = status, error
             self.collected.pop(name, None)
             self.emit(StatusEvent(name, status, error))
