@@ -4,7 +4,8 @@ worker (``--nproc 1``), on the same 4 concurrent jobs.
     .venv/bin/python benchmarks/service_pipeline.py                  # SmolLM2-135M, 4 jobs x 4 steps, CPU
     .venv/bin/python benchmarks/service_pipeline.py --model tiny --steps 20   # seconds: a smoke run
 
-Each contender is a real ``lorafleet serve`` on a fresh data folder: 4 tenants-worth of jobs (real
+Each contender is a real service on a fresh data folder (``lorafleet serve --api-only`` and ``lorafleet
+worker --nproc P``): 4 tenants-worth of jobs (real
 chatterbot text, rank 16 on q/k/v/o, batch 8 in micro-batches of 4, fixed seeds) are created at once
 through the API, and the script waits until all succeeded. Reported: trained tokens per second from the
 first job's start to the last one's end (the store's ``started_at`` / ``finished_at``), the stages' steady
@@ -51,12 +52,18 @@ def _run(model: Path, files: list[Path], nproc: int, args, work: Path) -> dict:
     dd = DataDir(data).create()
     token = auth.create_token(SQLiteStore(dd.db), "bench")[1]
     port = _free_port()
-    cmd = [sys.executable, "-m", "lorafleet", "serve", "--base-model", str(model), "--data-dir", str(data),
-           "--port", str(port), "--device", "cpu", "--num-threads", "1", "--no-inference", "--poll-interval", "0.1",
-           "--max-tokens-per-micro-batch", str(args.max_tokens), "--nproc", str(nproc)]  # fmt: skip
+    # the API alone and the worker as its own process, so that the worker can be stopped cleanly (SIGTERM:
+    # a --nproc worker's rank 0 then stops the pipeline and writes trace.json)
+    api = [sys.executable, "-m", "lorafleet", "serve", "--api-only", "--base-model", str(model), "--data-dir",
+           str(data), "--port", str(port), "--max-tokens-per-micro-batch", str(args.max_tokens)]  # fmt: skip
+    worker = [sys.executable, "-m", "lorafleet", "worker", "--base-model", str(model), "--data-dir", str(data),
+              "--device", "cpu", "--num-threads", "1", "--no-inference", "--poll-interval", "0.1",
+              "--max-tokens-per-micro-batch", str(args.max_tokens), "--nproc", str(nproc)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     log = open(work / f"serve-{nproc}.log", "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+    procs = [
+        subprocess.Popen(c, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env) for c in (api, worker)
+    ]
     url = f"http://127.0.0.1:{port}"
     client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60)
     try:
@@ -91,8 +98,9 @@ def _run(model: Path, files: list[Path], nproc: int, args, work: Path) -> dict:
             assert job["status"] == "succeeded", job
             jobs.append(job)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(120)
+        for proc in reversed(procs):  # the worker first
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(120)
         log.close()
     store = SQLiteStore(dd.db)
     recs = [store.get_job_any(j["id"]) for j in jobs]
@@ -106,6 +114,10 @@ def _run(model: Path, files: list[Path], nproc: int, args, work: Path) -> dict:
     }
     trace = dd.engine / "trace.json"
     if nproc > 1:
+        if not trace.is_file():
+            raise SystemExit(
+                f"no {trace}: the pipeline worker did not stop cleanly\n{(work / 'serve-2.log').read_text()[-3000:]}"
+            )
         summary = trace_summary([e for e in _spans(trace)])
         out["steady_idle"] = {k: v["steady_idle_fraction"] for k, v in summary.items()}
     out["adapters"] = [str(dd.adapter_dir(j["fine_tuned_model"])) for j in jobs]
@@ -141,12 +153,16 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=160, help="the worker's fused micro-batch token budget")
     p.add_argument("--examples", type=int, default=32, help="examples per job")
     p.add_argument("--out", default="service_pipeline")
+    p.add_argument(
+        "--work-dir", default=None, help="where the temporary data folders go (default: the system's)"
+    )
     args = p.parse_args()
     import tempfile
 
     model = prepare_model(args.model)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=args.work_dir) as tmp:
         work = Path(tmp)
+        print(f"working in {work} (serve logs: serve-1.log, serve-2.log)", flush=True)
         files = prepare_workload(work / "data", 4, args.examples)
         single = _run(model, files, 1, args, work)
         pipe = _run(model, files, 2, args, work)

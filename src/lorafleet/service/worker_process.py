@@ -169,20 +169,22 @@ def _launch_group(args: argparse.Namespace) -> int:
     if args.parent_pid is not None:
         _die_with_parent(args.parent_pid, stop)
     proc = subprocess.Popen(cmd, preexec_fn=_pdeathsig)
+    signalled = threading.Event()
 
     def forward(signum, _frame):
         stop.set()
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)  # torchrun passes it to every rank
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     while True:
         try:
-            rc = proc.wait(timeout=1.0)
+            rc = proc.wait(timeout=0.5)
             break
         except subprocess.TimeoutExpired:
-            if stop.is_set() and proc.poll() is None:
+            # once: torchrun passes it to every rank, and rank 0 stops the pipeline (a second SIGTERM would
+            # make torchrun kill the ranks before rank 0 is done)
+            if stop.is_set() and not signalled.is_set():
+                signalled.set()
                 proc.send_signal(signal.SIGTERM)
     log.info("worker group exited with code %s", rc)
     return rc
@@ -193,6 +195,10 @@ def _follow(args: argparse.Namespace) -> int:
     from ..parallel import PipelineError, PipelineTrainer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
+    # SIGTERM (torchrun passes it to every rank) is rank 0's to act on: it finishes its micro-batch and stops
+    # this stage through the pipeline; a dead rank 0 or torchrun ends this one anyway (lost link, parent death)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent(os.getppid(), threading.Event())  # torchrun's agent
     if args.num_threads is not None:
         import torch
