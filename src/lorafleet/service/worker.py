@@ -429,3 +429,11 @@ def _public(message: str, dd: DataDir) -> str:
 
 # an absolute path (not a URL's): /a/b/name, with its last part as group 2
 _ABSOLUTE_PATH = re.compile(r"(?<![\w:/.~-])(/(?:[^\s'\"/:]+/)+)([^\s'\"/:]*)")
+
+
+if (
+    __name__ == "__main__"
+):  # python -m lorafleet.service.worker [--nproc P] ... (the flags of lorafleet worker)
+    from .worker_process import main
+
+    raise SystemExit(main())

@@ -313,7 +313,11 @@ def _run_coordinator(args: argparse.Namespace, world: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_worker(build_parser().parse_args(argv))
+    try:
+        return run_worker(build_parser().parse_args(argv))
+    except ValueError as e:  # a mistake in the flags: one line, as `lorafleet worker` prints it
+        print(f"lorafleet worker: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
