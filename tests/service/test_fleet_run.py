@@ -1,5 +1,6 @@
 """The fleet run of issue 14, on a real PostgreSQL server on loopback: 2 API processes
-(``lorafleet serve --api-only``) and 3 workers (``lorafleet worker``) over one store and one data folder;
+(``lorafleet serve --api-only``) and 3 workers (``lorafleet worker``; the third a 2-stage pipeline,
+``--nproc 2``) over one store and one data folder;
 3 tenants each submit 20 jobs through both API processes with the official ``openai`` SDK.
 
 Checked: every job succeeds (as the SDK lists it, through either API); the store's invariants
@@ -83,11 +84,12 @@ def _alone(store, dd, job, settings, out) -> dict:
 
 
 def _sample(jobs: list, holders: dict[str, list[str]], n: int) -> list:
-    """``n`` jobs spread round-robin over (tenant, worker, adapter rank) groups."""
+    """``n`` jobs spread round-robin over (tenant, worker, adapter rank) groups, every worker among the first."""
     groups: dict[tuple[str, str, int], list] = {}
     for j in jobs:
         groups.setdefault((j.tenant, holders[j.id][-1], j.spec["lorafleet"]["adapter"]["rank"]), []).append(j)
-    out, queues = [], list(groups.values())
+    # worker varies fastest, then tenant: every worker (the pipeline one too) and tenant is in the sample
+    out, queues = [], [groups[k] for k in sorted(groups, key=lambda k: (k[2], k[0], k[1]))]
     while len(out) < n and any(queues):
         for q in queues:
             if q and len(out) < n:
@@ -125,7 +127,8 @@ def test_two_apis_three_workers_three_tenants_sixty_jobs_each_equal_to_it_alone(
         apis = [fleet.api(), fleet.api()]
         fleet.worker("w1", "--max-concurrent-tasks", "4", lease_s=20.0)
         fleet.worker("w2", "--max-concurrent-tasks", "4", "--no-inference", lease_s=20.0)
-        fleet.worker("w3", "--max-concurrent-tasks", "4", "--no-inference", lease_s=20.0)
+        # the third worker is a 2-stage pipeline (torchrun, gloo): the same jobs, the same results
+        fleet.worker("w3", "--max-concurrent-tasks", "4", "--no-inference", "--nproc", "2", lease_s=20.0)
         secrets = {t: fleet.token(t) for t in TENANTS}
         fleet.wait_ready(3)
         t_ready = time.monotonic()
@@ -206,7 +209,7 @@ def test_two_apis_three_workers_three_tenants_sixty_jobs_each_equal_to_it_alone(
             seen[shape] = alone
         t_end = time.monotonic()
         print(
-            f"fleet run: {len(ids)} jobs ({len(TENANTS)} tenants x {JOBS_PER_TENANT}, 2 APIs, 3 workers) all "
+            f"fleet run: {len(ids)} jobs ({len(TENANTS)} tenants x {JOBS_PER_TENANT}, 2 APIs, 3 workers, w3 over 2 stages) all "
             f"succeeded; jobs per worker {per_worker}, most side by side {side}; "
             f"{sum(len(h) for h in holders.values())} lease grants; {len(checked)} adapters equal to their "
             f"alone-run (worst rel diff {worst:.2e}, lora_B {worst_b:.2e}); fleet up in {t_ready - t0:.0f} s, "
