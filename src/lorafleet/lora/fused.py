@@ -94,6 +94,15 @@ def _dora_scale(magnitude_O: torch.Tensor, norm_O: torch.Tensor, dtype: torch.dt
     return (magnitude_O.detach().to(ct) / norm_O.to(ct)).to(dtype)
 
 
+def _fold_keep(dtype: torch.dtype) -> bool:
+    """Whether a LoRA segment's 1 / (1 - p) goes on its small factors instead of its [S, I] rows.
+
+    In float32 and wider the two orders round alike; in 16-bit types the reference's order (the rows
+    scaled, then the matmul) is kept, so the fast path stays within the oracle's rounding.
+    """
+    return dtype.itemsize >= 4
+
+
 def _gaps(plan: _Plan, num_rows: int, lora_only: bool) -> list[tuple[int, int]]:
     """Row ranges outside the segments (outside the plain-LoRA segments when ``lora_only``)."""
     gaps, cursor = [], 0
@@ -133,14 +142,19 @@ def _fused_forward(
     dora_inputs: dict[int, torch.Tensor] = {}  # DoRA segments with dropout: their dropped x, this call only
     for i, (start, end, k) in enumerate(plan.segments):
         slot = plan.slots[k]
-        as_RI = params[slot.first].to(dt) * slot.scaling
         xd_SI = x_TI[start:end]
         mask_SI = plan.keep(i, x_TI.shape[1])
+        factor = slot.scaling
         if mask_SI is not None:
-            xd_SI = xd_SI.mul(mask_SI).mul_(1.0 / (1.0 - slot.dropout))
-            if slot.kind == "dora":
-                dora_inputs[i] = xd_SI
-        hs_SR = xd_SI @ as_RI.t()  # scaling * h
+            xd_SI = xd_SI.mul(mask_SI)
+            if slot.kind == "lora" and _fold_keep(dt):
+                # 1 / (1 - p) goes on the [R, I] factor: one pass less over the [S, I] rows
+                factor = slot.scaling / (1.0 - slot.dropout)
+            else:
+                xd_SI.mul_(1.0 / (1.0 - slot.dropout))
+                if slot.kind == "dora":  # the base term needs the dropped-out x itself
+                    dora_inputs[i] = xd_SI
+        hs_SR = xd_SI @ (params[slot.first] * factor).to(dt).t()  # scaling * h
         if slot.kind == "lora":
             b_OR = params[slot.first + 1].to(dt)
             if bias_O is None:
@@ -221,12 +235,20 @@ class _FusedLoRAFunction(torch.autograd.Function):
             a_RI, b_OR = params[slot.first].to(dt), params[slot.first + 1].to(dt)
             g_SO = g_TO[start:end]
             bc_OR = b_OR if c_O is None else b_OR * c_O[:, None]
-            us_SR = (g_SO @ bc_OR).mul_(s)  # scaling * (g c) B: the gradient of h
+            # scaling * (g c) B, the gradient of h; for LoRA with dropout also times 1 / (1 - p), so that
+            # neither dA = us^T (x * mask) nor dx = (us A) * mask takes a pass over [S, I] for it.
+            lora_drop = c_O is None and mask_SI is not None and _fold_keep(dt)
+            us_SR = (g_SO @ bc_OR).mul_(s * keep if lora_drop else s)
             needs = ctx.needs_input_grad[4 + slot.first : 4 + slot.first + (3 if c_O is not None else 2)]
             xd_SI = None
             if any(needs):
                 x_SI = x_TI[start:end]
-                xd_SI = x_SI if mask_SI is None else x_SI.mul(mask_SI).mul_(keep)
+                if mask_SI is None:
+                    xd_SI = x_SI
+                elif lora_drop:
+                    xd_SI = x_SI.mul(mask_SI)
+                else:
+                    xd_SI = x_SI.mul(mask_SI).mul_(keep)
                 ps_OR = (hs_SR.t() @ g_SO).t()  # scaling * g^T h
                 new = [us_SR.t() @ xd_SI, ps_OR if c_O is None else ps_OR * c_O[:, None]]
                 if c_O is not None:
@@ -248,7 +270,7 @@ class _FusedLoRAFunction(torch.autograd.Function):
             if mask_SI is None:
                 torch.mm(us_SR, a_RI, out=dx_SI)
             elif c_O is None:  # 1 / (1 - p) on the [S, R] factor: one pass less over dx
-                torch.mm(us_SR.mul_(keep), a_RI, out=dx_SI)
+                torch.mm(us_SR if lora_drop else us_SR.mul_(keep), a_RI, out=dx_SI)
                 dx_SI.mul_(mask_SI)
             else:
                 torch.mm(g_SO * (c_O - 1), weight_OI, out=dx_SI)
