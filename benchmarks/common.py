@@ -108,7 +108,16 @@ TINY_SHAPE = {
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
 }
-MODELS = ("synthetic", "smollm2", "tiny")
+# The "realistic lengths" model (benchmarks/realistic.py): hidden 512 x 8 layers.
+MEDIUM_SHAPE = {
+    **SYNTHETIC_SHAPE,
+    "hidden_size": 512,
+    "intermediate_size": 1408,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 8,
+}
+MODELS = ("synthetic", "smollm2", "tiny", "medium")
+_SHAPES = {"synthetic": SYNTHETIC_SHAPE, "tiny": TINY_SHAPE, "medium": MEDIUM_SHAPE}
 
 
 @dataclass(frozen=True)
@@ -233,11 +242,9 @@ def prepare_model(name: str, cache: Path = CACHE_DIR) -> Path:
     import transformers as tf
 
     tmp = cache / f"{name}.building"
-    if name in ("synthetic", "tiny"):
+    if name in _SHAPES:
         torch.manual_seed(0)
-        model = tf.LlamaForCausalLM(
-            tf.LlamaConfig(**(SYNTHETIC_SHAPE if name == "synthetic" else TINY_SHAPE))
-        )
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(**_SHAPES[name]))
     else:
         from lorafleet.models.loading import resolve_model_path
 

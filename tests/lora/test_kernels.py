@@ -33,7 +33,7 @@ pytest.importorskip("triton")
 from helpers import REPO
 from helpers.batches import keyed_batch
 from lorafleet.batch import FusedBatch, Segment
-from lorafleet.lora import AdapterSpec, FusedLoRALinear, add_adapter, reference_fused_lora
+from lorafleet.lora import AdapterSpec, FusedLoRALinear, LoraBackend, add_adapter, reference_fused_lora
 from lorafleet.lora.kernels import (
     reference_segmented_expand,
     reference_segmented_outer,
@@ -41,7 +41,6 @@ from lorafleet.lora.kernels import (
     segmented_expand,
     segmented_outer,
     segmented_shrink,
-    set_lora_backend,
     triton_unsupported,
 )
 from lorafleet.lora.kernels._triton import Tiles, interpreting
@@ -207,7 +206,7 @@ def _run(layer: FusedLoRALinear, x: torch.Tensor, batch, grad: torch.Tensor, use
 def test_triton_layer_equals_reference(mix, dtype):
     ranks = RANKS["r1-16"] if mix in ("one", "identical", "skewed") else RANKS["r8-80"]
     layer = _layer(ranks, dtype, bias=mix != "zipf", dropout=0.25 if mix in ("distinct", "skewed") else 0.0)
-    layer.backend = "triton"
+    layer = layer.with_backend("triton")
     segs, t = _segments(mix, [f"a{i}" for i in range(len(ranks))])
     batch = keyed_batch(segs, t)
     g = torch.Generator().manual_seed(7)
@@ -231,8 +230,7 @@ def test_triton_layer_equals_reference(mix, dtype):
 
 
 def test_triton_layer_without_grad_and_eval_mode():
-    layer = _layer(RANKS["r1-16"], torch.float32, bias=True, dropout=0.3).eval()
-    layer.backend = "triton"
+    layer = _layer(RANKS["r1-16"], torch.float32, bias=True, dropout=0.3).eval().with_backend("triton")
     segs, t = _segments("distinct", [f"a{i}" for i in range(6)])
     batch = SimpleNamespace(segments=tuple(segs))  # eval mode needs no dropout keys
     x = torch.randn(t, I, generator=torch.Generator().manual_seed(4))
@@ -243,8 +241,7 @@ def test_triton_layer_without_grad_and_eval_mode():
 
 
 def test_x_gradient_only_when_adapters_are_frozen():
-    layer = _layer([4, 8], torch.float32, bias=False)
-    layer.backend = "triton"
+    layer = _layer([4, 8], torch.float32, bias=False).with_backend(LoraBackend.TRITON)
     for p in layer.parameters():
         p.requires_grad_(False)
     batch = SimpleNamespace(segments=(Segment("a0", 0, 10), Segment("a1", 12, 20)))
@@ -256,14 +253,14 @@ def test_x_gradient_only_when_adapters_are_frozen():
 
 
 def test_backend_choice_and_errors(monkeypatch):
-    layer = FusedLoRALinear(Linear(I, O, False, torch.float32, "cpu"))
+    layer = FusedLoRALinear(Linear(I, O, False, torch.float32, "cpu"), backend="triton")
+    assert layer.backend is LoraBackend.TRITON
     layer.weight.data.normal_()
     layer.add(
         AdapterSpec("d0", kind="dora", rank=4), torch.randn(4, I), torch.randn(O, 4), torch.rand(O) + 0.5
     )
     batch = SimpleNamespace(segments=(Segment("d0", 0, 8),))
     x = torch.randn(8, I)
-    layer.backend = "triton"
     with pytest.raises(ValueError, match="DoRA"):
         layer(x, batch)
     # auto on a CPU tensor: the PyTorch path, never the kernels.
@@ -273,13 +270,33 @@ def test_backend_choice_and_errors(monkeypatch):
         raise AssertionError("the Triton path ran for a CPU tensor under backend auto")
 
     monkeypatch.setattr(kernels, "triton_fused_lora", boom)
-    layer.backend = "auto"
     lora = _layer([4], torch.float32, bias=False)
-    assert lora.backend == "auto"
+    assert lora.backend is LoraBackend.AUTO and lora.backend == "auto"
     lora(x, SimpleNamespace(segments=(Segment("a0", 0, 8),)))
     assert triton_unsupported(x.double(), SimpleNamespace(slots=())) is not None
-    with pytest.raises(ValueError, match="backend must be one of"):
-        set_lora_backend(lora, "cuda")
+    # One typed choice, fixed when the layers are built; bad names are refused with the choices.
+    with pytest.raises(ValueError, match="LoRA backend must be one of 'auto', 'torch', 'triton'"):
+        FusedLoRALinear(Linear(I, O, False, torch.float32, "cpu"), backend="cuda")
+    with pytest.raises(AttributeError):
+        lora.backend = "triton"
+    assert LoraBackend.parse(" Torch ") is LoraBackend.TORCH
+
+
+def test_model_backend_is_chosen_by_add_adapter_once():
+    cfg = ModelConfig(architecture="LlamaForCausalLM", vocab_size=32, hidden_size=16, intermediate_size=24,
+                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, head_dim=8)  # fmt: skip
+    model = Decoder(cfg)
+    add_adapter(model, AdapterSpec("t0", rank=2, target_modules=("q_proj", "v_proj")), backend="torch")
+    add_adapter(model, AdapterSpec("t1", rank=2, target_modules=("k_proj",)))  # None: the model's backend
+    layers = [m for m in model.modules() if isinstance(m, FusedLoRALinear)]
+    assert len(layers) == 6 and {m.backend for m in layers} == {LoraBackend.TORCH}
+    with pytest.raises(ValueError, match="built with torch; a model's layers share one backend"):
+        add_adapter(model, AdapterSpec("t2", rank=2, target_modules=("o_proj",)), backend=LoraBackend.TRITON)
+    with pytest.raises(ValueError, match="LoRA backend must be one of"):
+        add_adapter(Decoder(cfg), AdapterSpec("t3", rank=2), backend="gpu")
+    fresh = Decoder(cfg)
+    add_adapter(fresh, AdapterSpec("t4", rank=2))
+    assert {m.backend for m in fresh.modules() if isinstance(m, FusedLoRALinear)} == {LoraBackend.AUTO}
 
 
 @pytest.mark.slow
@@ -312,7 +329,13 @@ def test_decoder_training_step_triton_equals_torch():
     targets_t = torch.randint(0, 64, (batch.num_tokens,), generator=g)
 
     def step(backend: str) -> tuple[float, dict[str, torch.Tensor]]:
-        assert set_lora_backend(model, backend) == 14
+        for parent in list(model.modules()):  # every fused layer's twin on ``backend``, same parameters
+            for name, child in list(parent.named_children()):
+                if isinstance(child, FusedLoRALinear):
+                    setattr(parent, name, child.with_backend(backend))
+        assert {m.backend for m in model.modules() if isinstance(m, FusedLoRALinear)} == {
+            LoraBackend(backend)
+        }
         model.zero_grad(set_to_none=True)
         torch.manual_seed(11)
         logits = model.forward_packed(batch.input_ids, batch)
@@ -345,7 +368,7 @@ def test_triton_layer_on_quantized_base_equals_reference_on_dense_twin(mode):
         spec = AdapterSpec(f"a{i}", rank=r, alpha=8.0, dropout=0.2 * i)
         quant.add(spec, a, b)
         dense.add(spec, a.clone(), b.clone())
-    quant.backend = "triton"
+    quant = quant.with_backend("triton")
     batch = keyed_batch((Segment("a0", 0, 9), Segment(None, 9, 12), Segment("a1", 12, 30)), 30)
     x, grad = torch.randn(30, 64, generator=g), torch.randn(30, 48, generator=g)
     y, dx, grads = _run(quant.train(), x, batch, grad, use_reference=False, seed=2)

@@ -132,7 +132,7 @@ def test_adapters_on_quantized_base_equal_reference_on_dense_twin(mode):
     """The PyTorch path (the Triton path on a quantized base: tests/test_kernels.py)."""
     specs = SPECS
     quant, dense = _fused_pair(mode, specs)
-    quant.backend = "torch"
+    quant = quant.with_backend("torch")
     segs = (Segment("a0", 0, 9), Segment(None, 9, 12), Segment("a1", 12, 30), Segment("d2", 30, 41))
     segs = tuple(s for s in segs if s.adapter is None or s.adapter in quant.specs)
     batch = keyed_batch(segs, 41, seed=5)  # a1's dropout: keyed masks

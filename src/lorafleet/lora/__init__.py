@@ -11,6 +11,7 @@ from .adapters import (
     lora_plus_param_groups,
     remove_adapter,
 )
+from .backend import LoraBackend
 from .experts import FusedLoRAExperts, reference_expert_lora
 from .fused import FusedLoRALinear, reference_fused_lora
 from .peft_format import load_peft, read_peft, save_peft
@@ -21,6 +22,7 @@ __all__ = [
     "AdapterSpec",
     "FusedLoRAExperts",
     "FusedLoRALinear",
+    "LoraBackend",
     "adapter_names",
     "adapter_parameters",
     "adapter_spec",

@@ -30,6 +30,7 @@ from torch import nn
 from ..masks import MaskSite
 from ..models.decoder import Decoder, Linear
 from ..models.moe import Experts
+from .backend import LoraBackend
 from .experts import EXPERT_TARGETS, FusedLoRAExperts, expert_peft_keys, init_expert_factors
 from .fused import FusedLoRALinear, dora_weight_norm
 
@@ -154,17 +155,34 @@ def _module_seed(seed: int, module_name: str) -> int:
     return (seed + zlib.crc32(module_name.encode())) % (2**63)
 
 
+def _model_backend(model: nn.Module, backend: LoraBackend | str | None) -> LoraBackend:
+    """The backend for new fused layers of ``model``: its layers' one backend, checked against ``backend``."""
+    have = {m.backend for m in model.modules() if isinstance(m, FusedLoRALinear)}
+    want = LoraBackend.parse(backend) if backend is not None else None
+    if want is not None and have and have != {want}:
+        names = ", ".join(sorted(b.value for b in have))
+        raise ValueError(
+            f"LoRA backend {want.value!r}: this model's fused layers were built with {names}; a model's "
+            "layers share one backend, chosen by its first add_adapter (build the model again to change it)"
+        )
+    return want or next(iter(have), LoraBackend.AUTO)
+
+
 def add_adapter(
     model: Decoder,
     spec: AdapterSpec,
     generator: torch.Generator | None = None,
     dtype: torch.dtype = torch.float32,
+    backend: LoraBackend | str | None = None,
 ) -> None:
     """Add adapter ``spec`` to every targeted projection of the layers ``model`` holds.
 
     Targeted ``Linear`` modules are swapped for ``FusedLoRALinear`` once (later adapters reuse it). The new
     parameters are trainable, in ``dtype`` (float32 by default, as PEFT keeps adapters on a bfloat16 base)
     on the model's device, initialised as PEFT does. ``generator`` (CPU) seeds A; None uses torch's RNG.
+    ``backend`` (``LoraBackend``; None: the one the model's fused layers already have, else ``auto``) is
+    the implementation of the layers swapped in; all fused layers of a model have one backend, so a
+    different one than theirs is refused.
     """
     if not isinstance(spec, AdapterSpec):
         raise ValueError(f"add_adapter needs an AdapterSpec, got {type(spec).__name__}")
@@ -197,6 +215,7 @@ def add_adapter(
             f"adapter {spec.name!r}: target_modules {missing} are not projections of this model "
             f"({model.config.architecture}; it has {sorted(available)})"
         )
+    chosen = _model_backend(model, backend)
     seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
     for parent, mod_name, mod in expert_targets:
         layer = mod if isinstance(mod, FusedLoRAExperts) else FusedLoRAExperts(mod)
@@ -207,7 +226,7 @@ def add_adapter(
     for parent, layer_index, leaf, mod_name, mod in targets:
         # The dropout masks' site: the layer's index in the full model and the projection's fixed id.
         site = MaskSite(layer_index, TARGET_MODULES.index(leaf))
-        layer = mod if isinstance(mod, FusedLoRALinear) else FusedLoRALinear(mod, site)
+        layer = mod if isinstance(mod, FusedLoRALinear) else FusedLoRALinear(mod, site, chosen)
         if layer is not mod:
             setattr(parent, leaf, layer)
         g = torch.Generator().manual_seed(_module_seed(seed, mod_name))

@@ -56,6 +56,7 @@ from torch import nn
 from ..masks import MaskSite, keep_mask
 from ..models.decoder import BatchLike, Linear
 from ..models.quant import base_linear, dense_weight
+from .backend import LoraBackend
 from .reference import batch_dropout_rows, check_segments, dora_weight_norm, reference_fused_lora
 
 if TYPE_CHECKING:
@@ -292,20 +293,39 @@ class FusedLoRALinear(Linear):
     ``reference_fused_lora`` for the exact semantics. Dropout applies in training mode only, as in PEFT,
     with keyed masks (``lorafleet.masks``) at ``mask_site``: the layer's index and module id, which
     ``add_adapter`` sets when it swaps the layer in (``MaskSite(0, 0)`` for a layer built by hand).
+    ``backend`` (``LoraBackend`` or its name) picks the implementation, once: it is read-only afterwards.
     """
 
-    def __init__(self, base: Linear, site: MaskSite | None = None) -> None:
+    def __init__(
+        self, base: Linear, site: MaskSite | None = None, backend: LoraBackend | str = LoraBackend.AUTO
+    ) -> None:
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
         self.bias = base.bias
         self.training = base.training  # swapped into an eval-mode model, it must not start dropping out
-        self.backend = "auto"  # "auto" | "torch" | "triton": see lorafleet.lora.kernels.set_lora_backend
+        self._backend = LoraBackend.parse(backend)
         self.mask_site = site if site is not None else MaskSite()
         self.specs: dict[str, AdapterSpec] = {}
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.lora_magnitude_vector = nn.ParameterDict()
+
+    @property
+    def backend(self) -> LoraBackend:
+        """The implementation this layer runs (fixed when it was built)."""
+        return self._backend
+
+    def with_backend(self, backend: LoraBackend | str) -> FusedLoRALinear:
+        """A twin of this layer running ``backend``: the very same weight, bias, mask site and adapter
+        parameters (the same ``Parameter`` objects, so gradients land on them; adapters added to either
+        are on both). For running one layer's adapters on two implementations side by side."""
+        twin = FusedLoRALinear(self, self.mask_site, backend)
+        twin.training = self.training
+        twin.specs = self.specs
+        twin.lora_A, twin.lora_B = self.lora_A, self.lora_B
+        twin.lora_magnitude_vector = self.lora_magnitude_vector
+        return twin
 
     def add(
         self,
@@ -389,15 +409,17 @@ class FusedLoRALinear(Linear):
         if planned is None:
             return base_linear(x, self.weight, self.bias)
         plan, params = planned
-        if self.backend == "triton" or (self.backend == "auto" and x.is_cuda):
+        backend = self._backend
+        if backend is LoraBackend.TRITON or (backend is LoraBackend.AUTO and x.is_cuda):
             from .kernels import triton_fused_lora, triton_unsupported
 
             why = triton_unsupported(x, plan)
             if why is None:
                 return triton_fused_lora(x, self.weight, self.bias, plan, params)
-            if self.backend == "triton":
+            if backend is LoraBackend.TRITON:
                 raise ValueError(
-                    f"backend 'triton' cannot run this call: {why}; use backend 'auto' or 'torch'"
+                    f"LoRA backend 'triton' cannot run this call: {why}; build the layers with backend "
+                    "'auto' or 'torch'"
                 )
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
             return _FusedLoRAFunction.apply(x, self.weight, self.bias, plan, *params)

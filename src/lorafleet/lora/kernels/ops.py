@@ -32,26 +32,22 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
-from torch import nn
 
 from ...masks import MaskSite, keep_mask
 from ...models.quant import dense_weight
 
 __all__ = [
-    "BACKENDS",
     "reference_segmented_expand",
     "reference_segmented_outer",
     "reference_segmented_shrink",
     "segmented_expand",
     "segmented_outer",
     "segmented_shrink",
-    "set_lora_backend",
     "triton_available",
     "triton_fused_lora",
     "triton_unsupported",
 ]
 
-BACKENDS = ("auto", "torch", "triton")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 SegmentSpec = tuple[int, int, int]  # (start, end, slot)
@@ -489,20 +485,3 @@ def triton_fused_lora(
         return _TritonLoRAFunction.apply(x_TI, weight_OI, bias_O, call, *params)
     with torch.no_grad():
         return _forward(x_TI, weight_OI, bias_O, call, params)[0]
-
-
-def set_lora_backend(model: nn.Module, backend: str) -> int:
-    """Set ``backend`` on every fused LoRA layer of ``model``; returns how many layers were set.
-
-    ``auto`` (the default of every layer): the Triton kernels when x is on CUDA, Triton is installed and the
-    call has LoRA adapters only, else the PyTorch path. ``torch``: always the PyTorch path. ``triton``:
-    always the kernels (on CPU only under ``TRITON_INTERPRET=1``); a call they cannot run raises ValueError.
-    """
-    from ..fused import FusedLoRALinear
-
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    layers = [m for m in model.modules() if isinstance(m, FusedLoRALinear)]
-    for layer in layers:
-        layer.backend = backend
-    return len(layers)
