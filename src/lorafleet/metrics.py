@@ -1,35 +1,79 @@
-"""Metrics: one JSON object per task step (``metrics.jsonl``), TensorBoard scalars, summary table, loss plot."""
+"""Metrics: one JSON object per task step (``metrics.jsonl``), TensorBoard scalars, summary table, loss plot.
+
+TensorBoard (``torch.utils.tensorboard``) and matplotlib take seconds to import, which a run would otherwise
+spend before its first step and after its last. So both are imported on background threads: the TensorBoard
+writer lives on its own thread (``write`` hands it the records; ``close`` waits for it to write them all), and
+``prefetch_plotting`` imports matplotlib while training runs, so ``plot_curves`` at the end finds it loaded.
+"""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
+import queue
+import threading
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MetricsWriter", "plot_curves", "read_metrics", "summary_rows"]
+__all__ = ["MetricsWriter", "plot_curves", "prefetch_plotting", "read_metrics", "summary_rows"]
+
+_STOP = object()
+
+
+class _TensorBoardThread(threading.Thread):
+    """Imports TensorBoard, then writes the scalars of every record it is given until ``_STOP``."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__(name="lorafleet-tensorboard", daemon=True)
+        self.folder = folder
+        self.records: queue.SimpleQueue = queue.SimpleQueue()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        writer = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(str(self.folder))
+            while (record := self.records.get()) is not _STOP:
+                for key, value in record.items():
+                    if isinstance(value, (int, float)) and key != "step":
+                        writer.add_scalar(f"{record['task']}/{key}", value, record["step"])
+        except BaseException as e:  # reported by close(), in the caller's thread
+            self.error = e
+        finally:
+            if writer is not None:
+                writer.close()
 
 
 class MetricsWriter:
-    """Appends step records to ``metrics.jsonl`` and mirrors numbers into TensorBoard (``tb/``)."""
+    """Appends step records to ``metrics.jsonl`` and mirrors numbers into TensorBoard (``tb/``).
+
+    The TensorBoard side runs on a background thread (see the module docstring); ``close`` waits until it
+    has written every record and re-raises what it failed with.
+    """
 
     def __init__(self, output_dir: Path, tensorboard: bool = True) -> None:
         output_dir.mkdir(parents=True, exist_ok=True)
         self.path = output_dir / "metrics.jsonl"
         self._fh = open(self.path, "a", buffering=1)
-        self._tb = None
+        self._tb: _TensorBoardThread | None = None
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(str(output_dir / "tb"))
+            try:  # installed? (asked of the package metadata: this imports nothing)
+                importlib.metadata.distribution("tensorboard")
+            except importlib.metadata.PackageNotFoundError:
+                raise RuntimeError(
+                    "TensorBoard logging needs the tensorboard package: pip install tensorboard"
+                ) from None
+            self._tb = _TensorBoardThread(output_dir / "tb")
+            self._tb.start()
 
     def write(self, record: dict[str, Any]) -> None:
         self._fh.write(json.dumps(record) + "\n")
         if self._tb is not None and "task" in record and "step" in record:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    self._tb.add_scalar(f"{record['task']}/{key}", value, record["step"])
+            self._tb.records.put(dict(record))
 
     def truncate(self, task: str, step: int) -> int:
         """Drop ``task``'s records after ``step`` (and any cut-short line); how many lines were dropped.
@@ -52,7 +96,11 @@ class MetricsWriter:
     def close(self) -> None:
         self._fh.close()
         if self._tb is not None:
-            self._tb.close()
+            tb, self._tb = self._tb, None
+            tb.records.put(_STOP)
+            tb.join()
+            if tb.error is not None:
+                raise RuntimeError(f"TensorBoard logging failed: {tb.error}") from tb.error
 
 
 def _kept(line: str, task: str, step: int) -> bool:
@@ -92,6 +140,29 @@ def summary_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+_prefetch_lock = threading.Lock()
+_prefetched: threading.Thread | None = None
+
+
+def _import_plotting() -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot
+    except Exception:  # plot_curves imports it again and reports the error where it is needed
+        pass
+
+
+def prefetch_plotting() -> None:
+    """Import matplotlib (Agg) on a background thread, once per process, for ``plot_curves`` later."""
+    global _prefetched
+    with _prefetch_lock:
+        if _prefetched is None:
+            _prefetched = threading.Thread(target=_import_plotting, name="lorafleet-plotting", daemon=True)
+            _prefetched.start()
 
 
 def plot_curves(

@@ -39,7 +39,7 @@ from ..batch import FusedBatch
 from ..config import AdapterConfig, DatasetConfig, RunConfig, TaskConfig
 from ..data.packing import pack
 from ..devices import resolve_device
-from ..metrics import MetricsWriter
+from ..metrics import MetricsWriter, prefetch_plotting
 from ..models import load_model
 from ..models.recompute import apply_recompute, remove_recompute
 from ..models.tokenizer import load_tokenizer
@@ -113,6 +113,7 @@ class Engine:
         self.output_dir = Path(cfg.output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = MetricsWriter(self.output_dir, tensorboard=tensorboard)
+        prefetch_plotting()  # close() plots the loss curves: import matplotlib while training runs
         self._tasks: dict[str, Task] = {}
         self._subscribers: list[Callable[[Event], None]] = []
         self._arrivals = 0
