@@ -4,7 +4,7 @@ Run from the repository root:
 
     .venv/bin/python benchmarks/realistic.py                     # both workloads, 3 repeats (about 30 min, 2 cores)
     .venv/bin/python benchmarks/realistic.py --workload realistic --repeats 2 --steps 3
-    .venv/bin/python benchmarks/realistic.py --smoke             # tiny model, seconds (what the test runs)
+    .venv/bin/python benchmarks/realistic.py --smoke             # tiny model, 1 step: a check that it runs
 
 Workloads (4 adapters, LoRA rank 16, alpha 32, dropout 0.05 on q/k/v/o, batch 8, torch AdamW at 2e-4,
 float32; the random LLaMA ``medium``: hidden 512, 8 layers, MLP 1408, 8 heads, SmolLM2's vocabulary):
