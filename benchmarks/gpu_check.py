@@ -140,7 +140,8 @@ def _check_fused_layer(
         spec = AdapterSpec(name, rank=r, alpha=2.0 * r, dropout=dropout * (k % 2))
         a = (torch.randn(r, i_dim, generator=g) / math.sqrt(i_dim)).to(device)
         layer.add(spec, a, torch.randn(o_dim, r, generator=g).to(device))
-    layer.train().backend = "triton"
+    layer = layer.train().with_backend("triton")
+    torch_twin = layer.with_backend("torch")  # the same parameters on the PyTorch path
     segs, cursor = [], 0
     for name, n in _mix_lengths(mix, names, total):
         segs.append(Segment(name, cursor, cursor + n))
@@ -157,8 +158,8 @@ def _check_fused_layer(
         for p in layer.parameters():
             p.grad = None
         torch.manual_seed(3)
-        layer.backend = "torch" if how == "torch" else "triton"
-        y = reference_fused_lora(layer, xx, batch) if how == "reference" else layer(xx, batch)
+        run_layer = torch_twin if how == "torch" else layer
+        y = reference_fused_lora(layer, xx, batch) if how == "reference" else run_layer(xx, batch)
         y.backward(grad)
         return [y.detach(), xx.grad] + [p.grad for p in layer.parameters() if p.grad is not None]
 
@@ -269,7 +270,7 @@ def _check_quantized(run: _Run, device) -> None:
             spec = AdapterSpec(f"a{k}", rank=16, alpha=32.0)
             quant.add(spec, a, b)
             dense.add(spec, a.clone(), b.clone())
-        quant.backend = backend
+        quant = quant.with_backend(backend)
         batch = SimpleNamespace(
             segments=(Segment("a0", 0, 500), Segment("a1", 500, 1800), Segment("a2", 1900, 2048))
         )
@@ -372,9 +373,10 @@ def part_fused_op(run: _Run, device) -> None:
 def _with_backend(case, backend: str):
     """Run the case's fused layer on ``backend``."""
 
+    twin = case.fused.with_backend(backend)  # the case's adapters, on ``backend``
+
     def run() -> None:
-        case.fused.backend = backend
-        case.run_fused()
+        twin(case.x, case.batch).backward(case.grad)
 
     return run
 
@@ -421,6 +423,9 @@ def _case_without_peft(t: int, d: int, r: int, k: int, device):
 
     return SimpleNamespace(
         fused=fused,
+        x=x,
+        batch=batch,
+        grad=grad,
         base=lambda: F.linear(x, base.weight).backward(grad),
         run_fused=lambda: fused(x, batch).backward(grad),
         _clear=clear,
