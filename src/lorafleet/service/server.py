@@ -12,6 +12,8 @@ stops the worker; if the server is killed outright, the worker notices and exits
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import subprocess
@@ -145,8 +147,25 @@ def serve(
             cmd += ["--nproc", str(nproc)]
         supervisor = WorkerSupervisor(cmd)
         supervisor.start()
+        _stop_on_shutdown(app, supervisor)
     try:
         uvicorn.run(app, host=host, port=port, log_level="info", access_log=access_log)
     finally:
         if supervisor is not None:
             supervisor.stop()
+
+
+def _stop_on_shutdown(app, supervisor: WorkerSupervisor) -> None:
+    """Stop the worker in the app's lifespan shutdown: after a SIGTERM or Ctrl-C, uvicorn finishes its
+    graceful shutdown by raising the signal again, so code after ``uvicorn.run`` never runs then."""
+    inner = app.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def lifespan(a):
+        async with inner(a) as state:
+            try:
+                yield state
+            finally:
+                await asyncio.to_thread(supervisor.stop)
+
+    app.router.lifespan_context = lifespan

@@ -127,7 +127,8 @@ function progress(job) {
 
 function renderTable() {
   const body = document.querySelector("#jobs tbody");
-  body.replaceChildren();
+  const old = new Map([...body.querySelectorAll("tr.job-row")].map((tr) => [tr.dataset.job, tr]));
+  const rows = [];
   for (const job of state.jobs) {
     const s = series(job.id);
     const tr = el("tr", { class: "job-row", "data-job": job.id, "data-status": job.status });
@@ -141,8 +142,23 @@ function renderTable() {
     adapterCell(tr, job);
     cell(tr, fmtTime(job.created_at), { class: "opt" });
     actionCell(tr, job);
-    body.appendChild(tr);
+    rows.push(keepUnchanged(old.get(job.id), tr));
   }
+  const now = [...body.children];
+  if (rows.length !== now.length || rows.some((r, i) => r !== now[i])) body.replaceChildren(...rows);
+}
+
+// The row that was there, with only its changed cells replaced: a refresh (every POLL_MS) then never
+// swaps the link or button under a pointer between its press and release, which would lose the click.
+function keepUnchanged(prev, tr) {
+  if (!prev || prev.cells.length !== tr.cells.length) return tr;
+  for (let i = tr.cells.length - 1; i >= 0; i--) {
+    if (prev.cells[i].innerHTML !== tr.cells[i].innerHTML || prev.cells[i].className !== tr.cells[i].className) {
+      prev.replaceChild(tr.cells[i], prev.cells[i]);
+    }
+  }
+  prev.dataset.status = tr.dataset.status;
+  return prev;
 }
 
 function lineOf(job) {
