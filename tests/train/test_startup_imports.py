@@ -32,11 +32,11 @@ rc = main(["train", sys.argv[1]])
 print(json.dumps({"rc": rc, "first": {n: t for n, t in first.items() if n in sys.modules}}))
 """
 
-# Never needed by an SFT run from a Hugging Face folder on a CPU. (triton and torch._inductor are not
-# listed: torch.optim's Optimizer imports torch._dynamo on its first add_param_group and step, and
-# torch._dynamo imports both; see the README's Benchmarks section, "Startup and shutdown".)
+# Never needed by an SFT run from a Hugging Face folder on a CPU. torch._dynamo (which pulls in sympy,
+# torch._inductor and triton) is what torch.optim's Optimizer imports on its first add_param_group, zero_grad,
+# state_dict or step: lorafleet's own AdamW (train/adamw.py) does not go through it.
 _UNUSED = ("transformers", "peft", "trl", "bitsandbytes", "pyarrow", "pandas", "gguf",
-           "fastapi", "uvicorn", "sqlalchemy")  # fmt: skip
+           "fastapi", "uvicorn", "sqlalchemy", "torch._dynamo", "torch._inductor")  # fmt: skip
 
 
 @pytest.mark.slow

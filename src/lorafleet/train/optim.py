@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from .adamw import AdamW, LambdaSchedule
+
 __all__ = ["build_optimizer", "build_scheduler", "grad_norm_sq", "lr_factor"]
 
 
@@ -29,15 +31,23 @@ def lr_factor(name: str, step: int, warmup_steps: int, total_steps: int) -> floa
     raise ValueError(f"unknown lr scheduler {name!r}; use constant, linear or cosine")
 
 
-def build_optimizer(param_groups: list[dict], name: str, lr: float, weight_decay: float, betas, eps: float):
-    """torch.optim.AdamW over the adapter's parameter groups (LoRA+ puts B in its own group)."""
+def build_optimizer(
+    param_groups: list[dict], name: str, lr: float, weight_decay: float, betas, eps: float
+) -> AdamW:
+    """AdamW (lorafleet's, equal to torch.optim.AdamW) over the adapter's groups (LoRA+ puts B in its own)."""
     if name != "adamw":
         raise ValueError(f"unknown optimizer {name!r}; use adamw")
-    return torch.optim.AdamW(param_groups, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps)
+    return AdamW(param_groups, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps)
 
 
-def build_scheduler(opt: torch.optim.Optimizer, name: str, warmup_steps: int, total_steps: int):
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(name, s, warmup_steps, total_steps))
+def build_scheduler(opt, name: str, warmup_steps: int, total_steps: int) -> LambdaSchedule:
+    """The schedule ``name`` (``lr_factor``) over ``opt``'s groups: LambdaLR's behaviour and state dict."""
+    lr_factor(name, 0, 0, 1)  # an unknown name fails here, not at the first step
+
+    def factor(step: int) -> float:
+        return lr_factor(name, step, warmup_steps, total_steps)
+
+    return LambdaSchedule(opt, factor)
 
 
 def grad_norm_sq(params: list[nn.Parameter]) -> torch.Tensor:
