@@ -232,8 +232,10 @@ def test_sft_then_dpo_and_kto_jobs_continue_from_it_and_equal_the_cli(live, tiny
                      {"type": "kto", "beta": 0.3, "undesirable_weight": 1.5, "batch_size": 4,
                       "micro_batch_size": 2, "max_steps": 3, "seed": 6, "optimizer": {"lr": 100e-4}})  # fmt: skip
     assert _cli_losses(run, "kto") == pytest.approx(kto_losses, rel=1e-5)
+    # the KTO job trains beside the DPO job (one fused batch, float32 sums regrouped) at lr 1e-2: measured
+    # 3.6e-6 to 1.6e-5 over runs; the bound is the against TRL (1e-4); a lost step is ~1e-2
     worst_kto = _assert_same_adapter(_download(live, "alice", kto.fine_tuned_model, tmp_path / "dl"),
-                                     run / "adapters" / "kto")  # fmt: skip
+                                     run / "adapters" / "kto", rel=1e-4)  # fmt: skip
     # the jobs trained: the adapters moved away from where they started
     start, moved = read_peft(sft_dir, "x")[1], read_peft(tmp_path / "dl" / dpo.fine_tuned_model, "x")[1]
     assert max(float((moved[k] - start[k]).abs().max() / start[k].abs().max()) for k in start) > 1e-3
