@@ -34,10 +34,12 @@ def tiny_dir(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.slow  # a CLI in a fresh interpreter: over 3 s
 def test_missing_path(tmp_path):
     _assert_user_error(_run("--model", str(tmp_path / "no-such-model"), "--prompt", "hi"), "does not exist")
 
 
+@pytest.mark.slow  # a CLI in a fresh interpreter: over 3 s
 def test_folder_without_config(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"")
     _assert_user_error(_run("--model", str(tmp_path), "--prompt", "hi"), "has no config.json")

@@ -350,6 +350,7 @@ def test_api_process_never_imports_torch(tmp_path):
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
 
 
+@pytest.mark.slow  # a CLI in a fresh interpreter: over 3 s
 def test_tokens_command(tmp_path):
     data = tmp_path / "data"
     run = lambda *a: subprocess.run(  # noqa: E731
