@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "lorafleet_config",
     "BENCH_DIR",
     "CACHE_DIR",
     "RESULTS_DIR",
@@ -140,6 +141,47 @@ class Hyper:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Hyper:
         return cls(**{**data, "target_modules": tuple(data["target_modules"])})
+
+
+def lorafleet_config(
+    model_dir: str, dtype: str, data_paths: list[str], hyper: Hyper, out: Path
+) -> dict[str, Any]:
+    """The lorafleet run config of the benchmarks: one adapter, dataset and task per data file, all
+    trained together with ``hyper`` (unshuffled, one checkpoint at the end)."""
+    names = [f"adapter{i}" for i in range(len(data_paths))]
+    return {
+        "base_model": {"path": model_dir, "dtype": dtype, "device": "cpu"},
+        "output_dir": str(out),
+        "seed": 0,
+        "datasets": [
+            {"name": n, "path": p, "format": "prompt_completion"} for n, p in zip(names, data_paths)
+        ],
+        "adapters": [
+            {
+                "name": n,
+                "rank": hyper.rank,
+                "alpha": hyper.alpha,
+                "dropout": hyper.dropout,
+                "target_modules": list(hyper.target_modules),
+            }
+            for n in names
+        ],
+        "tasks": [
+            {
+                "name": n,
+                "adapter": n,
+                "dataset": n,
+                "batch_size": hyper.batch_size,
+                "max_steps": hyper.steps,
+                "max_seq_len": hyper.max_seq_len,
+                "shuffle": False,
+                "optimizer": {"lr": hyper.lr, "weight_decay": hyper.weight_decay},
+                "save_every_steps": hyper.steps,
+            }
+            for n in names
+        ],
+        "dispatcher": {"max_concurrent_tasks": max(8, len(names))},
+    }
 
 
 @dataclass

@@ -62,6 +62,7 @@ from common import (
     SMOLLM2_GGUF,
     Hyper,
     load_examples,
+    lorafleet_config,
     machine_info,
     measure_matmul_peak,
     prepare_model,
@@ -118,40 +119,6 @@ def write_workload(folder: Path, workload: str, examples_per_adapter: int) -> li
 # The contenders' processes
 
 
-def _lorafleet_config(model_dir: Path, data: list[Path], hyper: Hyper, out: Path) -> dict[str, Any]:
-    names = [f"adapter{i}" for i in range(len(data))]
-    return {
-        "base_model": {"path": str(model_dir), "dtype": "float32", "device": "cpu"},
-        "output_dir": str(out),
-        "seed": 0,
-        "datasets": [{"name": n, "path": str(p), "format": "prompt_completion"} for n, p in zip(names, data)],
-        "adapters": [
-            {
-                "name": n,
-                "rank": hyper.rank,
-                "alpha": hyper.alpha,
-                "dropout": hyper.dropout,
-                "target_modules": list(hyper.target_modules),
-            }
-            for n in names
-        ],  # fmt: skip
-        "tasks": [
-            {
-                "name": n,
-                "adapter": n,
-                "dataset": n,
-                "batch_size": hyper.batch_size,
-                "max_steps": hyper.steps,
-                "max_seq_len": hyper.max_seq_len,
-                "shuffle": False,
-                "optimizer": {"lr": hyper.lr, "weight_decay": hyper.weight_decay},
-                "save_every_steps": hyper.steps,
-            }
-            for n in names
-        ],  # fmt: skip
-    }
-
-
 def run_lorafleet(
     model_dir: Path, data: list[Path], hyper: Hyper, scratch: Path, env: dict
 ) -> dict[str, Any]:
@@ -160,7 +127,9 @@ def run_lorafleet(
 
     out = scratch / "run"
     cfg_path = scratch / "run.yaml"
-    cfg_path.write_text(yaml.safe_dump(_lorafleet_config(model_dir, data, hyper, out)))
+    cfg_path.write_text(
+        yaml.safe_dump(lorafleet_config(str(model_dir), "float32", [str(p) for p in data], hyper, out))
+    )
     metrics = out / "metrics.jsonl"
     cmd = [sys.executable, "-m", "lorafleet", "train", str(cfg_path)]
     t0 = time.perf_counter()

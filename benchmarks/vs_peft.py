@@ -52,6 +52,7 @@ from common import (
     RunResult,
     Worker,
     load_examples,
+    lorafleet_config,
     machine_info,
     measure_matmul_peak,
     peak_rss_bytes,
@@ -111,48 +112,12 @@ class LorafleetTrainer:
         self.model = load_model(model_dir, _torch_dtype(dtype), "cpu")
         self.tokenizer = load_tokenizer(SMOLLM2_GGUF)
 
-    def _config(self, data_paths: list[str], hyper: Hyper, out: Path) -> dict[str, Any]:
-        names = [f"adapter{i}" for i in range(len(data_paths))]
-        return {
-            "base_model": {"path": self.model_dir, "dtype": self.dtype, "device": "cpu"},
-            "output_dir": str(out),
-            "seed": 0,
-            "datasets": [
-                {"name": n, "path": p, "format": "prompt_completion"} for n, p in zip(names, data_paths)
-            ],
-            "adapters": [
-                {
-                    "name": n,
-                    "rank": hyper.rank,
-                    "alpha": hyper.alpha,
-                    "dropout": hyper.dropout,
-                    "target_modules": list(hyper.target_modules),
-                }
-                for n in names
-            ],
-            "tasks": [
-                {
-                    "name": n,
-                    "adapter": n,
-                    "dataset": n,
-                    "batch_size": hyper.batch_size,
-                    "max_steps": hyper.steps,
-                    "max_seq_len": hyper.max_seq_len,
-                    "shuffle": False,
-                    "optimizer": {"lr": hyper.lr, "weight_decay": hyper.weight_decay},
-                    "save_every_steps": hyper.steps,
-                }
-                for n in names
-            ],
-            "dispatcher": {"max_concurrent_tasks": max(8, len(names))},
-        }
-
     def run(self, data_paths: list[str], examples: list, hyper: Hyper, out: Path) -> dict[str, Any]:
         from lorafleet.config import parse_config
         from lorafleet.train.engine import Engine
         from lorafleet.train.events import StatusEvent, StepEvent
 
-        cfg = parse_config(self._config(data_paths, hyper, out))
+        cfg = parse_config(lorafleet_config(self.model_dir, self.dtype, data_paths, hyper, out))
         engine = Engine(cfg, model=self.model, tokenizer=self.tokenizer, tensorboard=False)
         finished: dict[str, float] = {}
         first_loss: dict[str, float] = {}
