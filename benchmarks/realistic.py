@@ -134,25 +134,25 @@ def run_lorafleet(
     cmd = [sys.executable, "-m", "lorafleet", "train", str(cfg_path)]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    seen, first_at, last_at, records = 0, None, None, []
+    seen_at: list[float] = []  # when each metrics line was first seen (lines are flushed as written)
     while proc.poll() is None:
         if metrics.is_file():
-            lines = metrics.read_text().splitlines()
-            if len(lines) > seen:
-                now = time.perf_counter()
-                records = [json.loads(x) for x in lines if x.strip()]
-                first_at = now if first_at is None else first_at
-                last_at, seen = now, len(lines)
+            n = len(metrics.read_text().splitlines())
+            seen_at += [time.perf_counter()] * (n - len(seen_at))
         time.sleep(0.005)
     t_exit = time.perf_counter()
     stdout, stderr = proc.communicate()
     if proc.returncode != 0:
         raise RuntimeError(f"lorafleet train exited with {proc.returncode}:\n{stderr[-3000:]}")
-    records = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
-    if len(records) > seen:  # steps that ended within the last poll
-        last_at = t_exit if last_at is None else last_at
-    first = min((r for r in records if r.get("step") == 1), key=lambda r: r["elapsed_s"])
-    start_at = first_at - first["elapsed_s"]  # the first task's first step began this long before its record
+    lines = metrics.read_text().splitlines()
+    seen_at += [t_exit] * (len(lines) - len(seen_at))  # lines written within the last poll
+    records = [(json.loads(x), at) for x, at in zip(lines, seen_at, strict=True) if x.strip()]
+    steps = [(r, at) for r, at in records if "elapsed_s" in r]
+    # A task's ``elapsed_s`` counts from the start of its own first step, so each record, paired with the
+    # moment it appeared, dates that task's start; the run's first step began at the earliest of them.
+    start_at = min(at - r["elapsed_s"] for r, at in steps if r["step"] == 1)
+    last_at = max(at for _, at in steps)
+    records = [r for r, _ in steps]
     return {
         "whole_s": t_exit - t0,
         "loop_s": last_at - start_at,

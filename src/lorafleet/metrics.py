@@ -1,9 +1,11 @@
 """Metrics: one JSON object per task step (``metrics.jsonl``), TensorBoard scalars, summary table, loss plot.
 
 TensorBoard (``torch.utils.tensorboard``) and matplotlib take seconds to import, which a run would otherwise
-spend before its first step and after its last. So both are imported on background threads: the TensorBoard
-writer lives on its own thread (``write`` hands it the records; ``close`` waits for it to write them all), and
-``prefetch_plotting`` imports matplotlib while training runs, so ``plot_curves`` at the end finds it loaded.
+spend before its first step and after its last. So both are imported on background threads, started once the
+first step is under way (``MetricsWriter.start_background``, ``prefetch_plotting``): an import holds the GIL
+most of the time, so a thread started earlier delays the first step, while during a step the main thread
+mostly waits in GEMMs, which release it. The TensorBoard writer lives on its own thread (``write`` hands it
+the records; ``close`` waits for it to write them all); ``plot_curves`` at the end finds matplotlib loaded.
 """
 
 from __future__ import annotations
@@ -67,7 +69,11 @@ class MetricsWriter:
                 raise RuntimeError(
                     "TensorBoard logging needs the tensorboard package: pip install tensorboard"
                 ) from None
-            self._tb = _TensorBoardThread(output_dir / "tb")
+            self._tb = _TensorBoardThread(output_dir / "tb")  # started by start_background (or close)
+
+    def start_background(self) -> None:
+        """Start the TensorBoard thread (idempotent: trainers call it at every step; see the module docstring)."""
+        if self._tb is not None and self._tb.ident is None:
             self._tb.start()
 
     def write(self, record: dict[str, Any]) -> None:
@@ -97,6 +103,8 @@ class MetricsWriter:
         self._fh.close()
         if self._tb is not None:
             tb, self._tb = self._tb, None
+            if tb.ident is None:  # no step ran: the records written so far still reach the event file
+                tb.start()
             tb.records.put(_STOP)
             tb.join()
             if tb.error is not None:

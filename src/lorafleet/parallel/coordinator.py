@@ -199,6 +199,8 @@ class PipelineTrainer:
         while True:
             if stage.work_once() or (len(stage.inflight) < limit and stage.dispatch()):
                 self._dirty = True
+                if self.metrics is not None:
+                    self.metrics.start_background()  # TensorBoard imports while the stages compute
                 return True
             if stage.inflight or stage.evaluating():
                 stage.drain(block=True)

@@ -113,7 +113,6 @@ class Engine:
         self.output_dir = Path(cfg.output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = MetricsWriter(self.output_dir, tensorboard=tensorboard)
-        prefetch_plotting()  # close() plots the loss curves: import matplotlib while training runs
         self._tasks: dict[str, Task] = {}
         self._subscribers: list[Callable[[Event], None]] = []
         self._arrivals = 0
@@ -227,6 +226,8 @@ class Engine:
             if t.start():
                 self._emit(StatusEvent(t.name, "running"))
         batch = pack_plan(plan, self._tasks, self.device)
+        self.metrics.start_background()  # TensorBoard and matplotlib import while the GEMMs run
+        prefetch_plotting()  # close() plots the loss curves
         hidden = self.model.forward_packed(batch.input_ids.to(self.device), batch, apply_head=False)
         total = None
         for item in plan:
@@ -261,9 +262,11 @@ class Engine:
         way are completed, every live task is checkpointed (``checkpoint_all``) and it returns; the tasks
         stay ``queued``/``running`` and the same command resumes them exactly.
         """
-        from ..progress import ProgressView
+        view = None
+        if progress:  # rich takes 0.15 s to import: only when a progress view is shown
+            from ..progress import ProgressView
 
-        view = ProgressView(self) if progress else None
+            view = ProgressView(self)
         try:
             while self.run_once() or (self.stop_signal is None and self.storage.wait()):
                 if view is not None:
