@@ -3,6 +3,9 @@
     .venv/bin/python benchmarks/mlora_runner.py --setup     # create benchmarks/.mlora-venv (pip, ~3 GB, once)
     .venv/bin/python benchmarks/mlora_runner.py --check     # does it import and train one step here?
 
+``bench.py`` drives it as a warm worker (``--worker``); ``realistic.py`` as one whole process per run
+(``--whole``: load the model, train every adapter, save them, print one JSON line, exit).
+
 mlora pins torch 2.3 and transformers 4.44, which cannot share lorafleet's environment, so ``ensure_venv``
 installs ``mlora==0.5.2`` with its own pinned dependencies (PyPI's torch 2.3 build, which carries CUDA
 libraries it does not use here) into ``benchmarks/.mlora-venv`` (git-ignored). ``bench.py`` then starts this
@@ -39,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import BENCH_DIR, Hyper, peak_rss_bytes, reset_peak_rss, serve
 
-__all__ = ["MLORA_VERSION", "VENV", "ensure_venv", "main", "venv_python"]
+__all__ = ["MLORA_VERSION", "VENV", "ensure_venv", "installed", "main", "venv_python"]
 
 MLORA_VERSION = "0.5.2"
 VENV = BENCH_DIR / ".mlora-venv"
@@ -49,7 +52,8 @@ def venv_python() -> Path:
     return VENV / "bin" / "python"
 
 
-def _installed() -> bool:
+def installed() -> bool:
+    """Whether the venv holds mlora at its pinned version (an install under way does not count)."""
     if not venv_python().is_file():
         return False
     probe = subprocess.run(
@@ -68,7 +72,7 @@ def ensure_venv(log=print) -> Path:
 
     Raises ``RuntimeError`` with pip's last lines when the install fails.
     """
-    if _installed():
+    if installed():
         return venv_python()
     log(
         f"installing mlora=={MLORA_VERSION} into {VENV} (its pinned torch and transformers; a few minutes, once)"
@@ -89,7 +93,7 @@ def ensure_venv(log=print) -> Path:
         capture_output=True,
         text=True,
     )
-    if pip.returncode != 0 or not _installed():
+    if pip.returncode != 0 or not installed():
         tail = "\n".join((pip.stdout + pip.stderr).strip().splitlines()[-8:])
         raise RuntimeError(f"pip install mlora=={MLORA_VERSION} failed (exit {pip.returncode}):\n{tail}")
     return venv_python()
@@ -232,7 +236,28 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--worker", action="store_true", help="serve requests (run with the mlora venv's Python)")
     g.add_argument("--setup", action="store_true", help="create benchmarks/.mlora-venv")
     g.add_argument("--check", action="store_true", help="install if needed, then import mlora in the venv")
+    g.add_argument("--whole", action="store_true", help="one run in this process (the mlora venv's Python)")
+    p.add_argument("--model-dir", help="--whole: the Hugging Face model folder")
+    p.add_argument(
+        "--examples", help="--whole: JSON file, per adapter a list of [token ids, supervised mask]"
+    )
+    p.add_argument("--hyper", help="--whole: Hyper as JSON")
+    p.add_argument("--scratch", default=None, help="--whole: folder for the saved adapters")
     args = p.parse_args(argv)
+    if args.whole:
+        import json
+
+        os.environ.setdefault("MLORA_BACKEND_TYPE", "CPU")
+        h = _Handlers()
+        threads = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
+        h.load({"threads": threads, "dtype": "float32", "model_dir": args.model_dir})
+        examples = json.loads(Path(args.examples).read_text())
+        print(
+            json.dumps(
+                h.run({"hyper": json.loads(args.hyper), "examples": examples, "scratch": args.scratch})
+            )
+        )
+        return 0
     if args.worker:
         os.environ.setdefault("MLORA_BACKEND_TYPE", "CPU")
         h = _Handlers()

@@ -73,7 +73,7 @@ WORKLOADS = {
     "realistic": {"median": 180, "sigma": 0.6, "low": 32, "high": 512},
     "issue": {"uniform": (16, 256)},
 }
-CONTENDERS = ("lorafleet", "peft_padded", "peft_packed", "mlora")
+CONTENDERS = ("lorafleet", "lorafleet_bf16", "peft_padded", "peft_packed", "mlora")
 ADAPTERS = 4
 
 
@@ -120,7 +120,7 @@ def write_workload(folder: Path, workload: str, examples_per_adapter: int) -> li
 
 
 def run_lorafleet(
-    model_dir: Path, data: list[Path], hyper: Hyper, scratch: Path, env: dict
+    model_dir: Path, data: list[Path], hyper: Hyper, scratch: Path, env: dict, dtype: str = "float32"
 ) -> dict[str, Any]:
     """``python -m lorafleet train``: whole process, and the loop read off ``metrics.jsonl`` as it grows."""
     import yaml
@@ -128,7 +128,7 @@ def run_lorafleet(
     out = scratch / "run"
     cfg_path = scratch / "run.yaml"
     cfg_path.write_text(
-        yaml.safe_dump(lorafleet_config(str(model_dir), "float32", [str(p) for p in data], hyper, out))
+        yaml.safe_dump(lorafleet_config(str(model_dir), dtype, [str(p) for p in data], hyper, out))
     )
     metrics = out / "metrics.jsonl"
     cmd = [sys.executable, "-m", "lorafleet", "train", str(cfg_path)]
@@ -160,7 +160,30 @@ def run_lorafleet(
         "after_last_step_s": t_exit - last_at,
         "tokens": sum(r["tokens"] for r in records),
         "first_losses": [r["loss"] for r in sorted(records, key=lambda r: r["task"]) if r["step"] == 1],
+        "losses": {
+            t: [r["loss"] for r in sorted((r for r in records if r["task"] == t), key=lambda r: r["step"])]
+            for t in sorted({r["task"] for r in records})
+        },
     }
+
+
+def run_mlora(examples: list, model_dir: Path, hyper: Hyper, scratch: Path, threads: int | None) -> dict:
+    """mlora 0.5.2 in a fresh process of its own venv (``mlora_runner.py --whole``): whole process and loop."""
+    import mlora_runner
+
+    path = scratch / "examples.json"
+    path.write_text(json.dumps(examples))
+    cmd = [str(mlora_runner.venv_python()), mlora_runner.__file__, "--whole", "--model-dir", str(model_dir),
+           "--examples", str(path), "--hyper", json.dumps(hyper.to_json()), "--scratch", str(scratch)]  # fmt: skip
+    env = {**os.environ, **mlora_runner.worker_env(threads or os.cpu_count() or 1)}
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    whole = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"mlora exited with {proc.returncode}:\n{proc.stderr[-3000:]}")
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"whole_s": whole, "loop_s": r["makespan_s"], "tokens": r["tokens"],
+            "processed_tokens": r["processed_tokens"], "first_losses": r["first_losses"]}  # fmt: skip
 
 
 def _child_peft(args: argparse.Namespace) -> None:
@@ -264,7 +287,9 @@ def weight_read_s(model_dir: Path, env: dict) -> float:
 
 
 def _mlora_available() -> bool:
-    return (Path(__file__).resolve().parent / ".mlora-venv" / "bin" / "python").is_file()
+    import mlora_runner
+
+    return mlora_runner.installed()
 
 
 def _summary(values: list[float]) -> dict[str, float]:
@@ -282,7 +307,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         torch.set_num_threads(args.threads)  # the peak is measured with the contenders' thread count
     hyper = Hyper(steps=args.steps)
-    contenders = [c for c in CONTENDERS if c != "mlora" or _mlora_available()]
+    contenders = [
+        c for c in CONTENDERS if (c != "mlora" or _mlora_available()) and (c != "lorafleet_bf16" or args.bf16)
+    ]
     report: dict[str, Any] = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine_info(),
@@ -294,7 +321,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "contenders": contenders,
         "mlora": "ran"
         if "mlora" in contenders
-        else "not installed (benchmarks/.mlora-venv missing): not run",
+        else "not installed (benchmarks/.mlora-venv missing; `benchmarks/mlora_runner.py --setup`): not run",
         "workloads": {},
     }
     for workload in args.workloads:
@@ -310,17 +337,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         runs: list[dict[str, Any]] = []
         for rep in range(args.repeats):
             peak = measure_matmul_peak("float32", seconds=args.peak_seconds)
-            read_s = weight_read_s(model_dir, env)
-            row: dict[str, Any] = {"repeat": rep, "peak_flops": peak, "weight_read_s": read_s}
+            row: dict[str, Any] = {"repeat": rep, "peak_flops": peak}
+            if args.bf16:
+                row["peak_flops_bf16"] = measure_matmul_peak("bfloat16", seconds=args.peak_seconds)
+            row["weight_read_s"] = weight_read_s(model_dir, env)
             for kind in contenders:
                 with tempfile.TemporaryDirectory(prefix=f"realistic-{kind}-") as tmp:
-                    if kind == "lorafleet":
-                        r = run_lorafleet(model_dir, data, hyper, Path(tmp), env)
+                    if kind in ("lorafleet", "lorafleet_bf16"):
+                        dtype = "bfloat16" if kind == "lorafleet_bf16" else "float32"
+                        r = run_lorafleet(model_dir, data, hyper, Path(tmp), env, dtype)
                     elif kind == "mlora":
-                        continue  # the mlora driver lives in mlora_runner.py (bench.py); not wired here yet
+                        r = run_mlora(examples, model_dir, hyper, Path(tmp), args.threads)
                     else:
                         r = run_child(kind, model_dir, data, hyper, Path(tmp), env)
-                r["loop_mfu"] = flops / r["loop_s"] / peak
+                r["loop_mfu"] = (
+                    flops / r["loop_s"] / row["peak_flops_bf16" if kind.endswith("bf16") else "peak_flops"]
+                )
                 row[kind] = r
                 print(f"[{workload} {rep + 1}/{args.repeats}] {kind}: whole {r['whole_s']:.1f} s, loop "
                       f"{r['loop_s']:.1f} s ({tokens / r['loop_s']:.0f} tokens/s, MFU {100 * r['loop_mfu']:.0f}%)",
@@ -333,7 +365,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "supervised_tokens": supervised,
             "flops": flops,
             "runs": runs,
-            "summary": _summarize(runs, [c for c in contenders if c != "mlora"], tokens),
+            "summary": _summarize(runs, contenders, tokens),
         }  # fmt: skip
     return report
 
@@ -343,20 +375,35 @@ def _summarize(runs: list[dict[str, Any]], contenders: list[str], tokens: int) -
         "peak_flops": _summary([r["peak_flops"] for r in runs]),
         "weight_read_s": _summary([r["weight_read_s"] for r in runs]),
     }
+    if "peak_flops_bf16" in runs[0]:
+        out["peak_flops_bf16"] = _summary([r["peak_flops_bf16"] for r in runs])
     for c in contenders:
         s = {k: _summary([r[c][k] for r in runs]) for k in ("whole_s", "loop_s", "loop_mfu")}
         s["loop_tokens_per_s"] = _summary([tokens / r[c]["loop_s"] for r in runs])
         s["whole_tokens_per_s"] = _summary([tokens / r[c]["whole_s"] for r in runs])
-        if c == "lorafleet":
+        if c.startswith("lorafleet"):
             for k in ("to_first_step_s", "after_last_step_s"):
                 s[k] = _summary([r[c][k] for r in runs])
-        else:
+        if c == "lorafleet_bf16":  # bfloat16 against lorafleet's own float32 run of the same repeat
+            for k in ("whole_s", "loop_s"):
+                s[f"speedup_over_float32_{k}"] = _summary([r["lorafleet"][k] / r[c][k] for r in runs])
+            s["loss_deviation"] = _summary([_loss_deviation(r["lorafleet"], r[c]) for r in runs])
+        elif c != "lorafleet":
             for k in ("whole_s", "loop_s"):
                 s[f"lorafleet_speedup_{k}"] = _summary([r[c][k] / r["lorafleet"][k] for r in runs])
             s["processed_tokens"] = runs[0][c]["processed_tokens"]
         s["first_losses"] = runs[0][c]["first_losses"]
         out[c] = s
     return out
+
+
+def _loss_deviation(ref: dict[str, Any], run: dict[str, Any]) -> float:
+    """Largest |loss - float32 loss| / float32 loss over every task and step of one repeat."""
+    return max(
+        abs(a - b) / abs(b)
+        for task, losses in ref["losses"].items()
+        for a, b in zip(run["losses"][task], losses, strict=True)
+    )
 
 
 def _mmm(s: dict[str, float], fmt: str = "{:.1f}", scale: float = 1.0) -> str:
@@ -370,7 +417,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines = [
         f"{report['date']}; {m.get('cpu', '?')}, {m.get('cores', '?')} cores; model {report['model']}; "
         f"{report['adapters']} adapters x {report['hyper']['steps']} steps x batch {report['hyper']['batch_size']}; "
-        f"float32; {report['repeats']} repeat(s), median [min-max]; mlora: {report['mlora']}.",
+        f"float32; {report.get('threads') or 'all'} thread(s) per contender; {report['repeats']} repeat(s), "
+        f"median [min-max]; mlora: {report['mlora']}.",
         "",
     ]
     for workload, w in report["workloads"].items():
@@ -386,8 +434,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         ]  # fmt: skip
         for c in (k for k in report["contenders"] if k in s):
             r = s[c]
-            speed_w = _mmm(r["lorafleet_speedup_whole_s"], "{:.2f}") + "x" if c != "lorafleet" else "-"
-            speed_l = _mmm(r["lorafleet_speedup_loop_s"], "{:.2f}") + "x" if c != "lorafleet" else "-"
+            speed_w = speed_l = "-"
+            if "lorafleet_speedup_whole_s" in r:
+                speed_w = _mmm(r["lorafleet_speedup_whole_s"], "{:.2f}") + "x"
+                speed_l = _mmm(r["lorafleet_speedup_loop_s"], "{:.2f}") + "x"
             lines.append(
                 f"| {c} | {_mmm(r['whole_s'])} | {speed_w} | {_mmm(r['loop_s'])} | {speed_l} | "
                 f"{_mmm(r['loop_tokens_per_s'], '{:.0f}')} | {_mmm(r['loop_mfu'], '{:.0f}', 100)}% | "
@@ -400,8 +450,18 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"weights {_mmm(s['weight_read_s'], '{:.2f}')} s); last step to exit "
             f"{_mmm(lf['after_last_step_s'], '{:.2f}')} s. First-step losses: "
             + "; ".join(f"{c} " + ", ".join(f"{x:.3f}" for x in s[c]["first_losses"]) for c in s if c in CONTENDERS),
-            "",
         ]  # fmt: skip
+        if "lorafleet_bf16" in s:
+            b = s["lorafleet_bf16"]
+            lines += [
+                "",
+                f"bfloat16 base (adapters, optimizer and loss in float32): "
+                f"{_mmm(b['speedup_over_float32_loop_s'], '{:.2f}')}x lorafleet's float32 loop tokens/s "
+                f"({_mmm(b['speedup_over_float32_whole_s'], '{:.2f}')}x whole process); bfloat16 matmul peak "
+                f"{_mmm(s['peak_flops_bf16'], '{:.0f}', 1e-9)} GFLOP/s (its MFU above is against it); losses "
+                f"within {_mmm(b['loss_deviation'], '{:.2f}', 100)}% of the float32 run's at every step.",
+            ]  # fmt: skip
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -413,6 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=6, help="optimizer steps per adapter")
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of every contender")
     p.add_argument("--peak-seconds", type=float, default=1.0)
+    p.add_argument("--bf16", action="store_true", help="also lorafleet with a bfloat16 base (lorafleet_bf16)")
     p.add_argument("--smoke", action="store_true", help="the tiny model, 1 step, 1 repeat, issue workload")
     p.add_argument("--cache-dir", type=Path, default=CACHE_DIR)
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "realistic")

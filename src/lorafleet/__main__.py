@@ -1,5 +1,5 @@
 """``python -m lorafleet`` is the same as the ``lorafleet`` command."""
 
-from .cli import main
+from .cli import entry
 
-raise SystemExit(main())
+entry()

@@ -241,3 +241,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def entry() -> None:
+    """The ``lorafleet`` command and ``python -m lorafleet``: ``main``, then a quick exit.
+
+    Once ``main`` has returned every file is closed and every thread joined, yet a normal interpreter exit
+    with torch and matplotlib loaded still spends half a second to a second tearing modules down
+    (``benchmarks/realistic.py`` prints the time from the last step to the exit). So the ``atexit``
+    handlers run, the standard streams are flushed, and the process ends with ``os._exit``. ``main`` itself
+    (for callers in Python) returns as usual; an exception still propagates with its traceback.
+    """
+    import atexit
+    import os
+
+    code = main()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -101,7 +101,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 
 def add_worker_command(sub) -> None:
-    from .worker_process import add_worker_arguments
+    from .worker_args import add_worker_arguments
 
     p = sub.add_parser(
         "worker",

@@ -79,6 +79,7 @@ from .store import (
     StoreUnavailable,
     WorkerRecord,
 )
+from .worker_args import LEASE_S
 from .worker_events import JobRecorder
 
 if TYPE_CHECKING:
@@ -88,7 +89,6 @@ __all__ = ["Worker", "open_trainer"]
 
 log = logging.getLogger("lorafleet.worker")
 
-_LEASE_S = 20.0
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _STAGE_DIR = re.compile(r"^stage-\d+-of-\d+$")
 
@@ -110,7 +110,7 @@ class Worker(JobRecorder):
 
     def __init__(
         self, store: Store, data_dir: DataDir, settings: EngineSettings, poll_interval: float = 0.5,
-        worker_id: str | None = None, lease_s: float = _LEASE_S, serve_inference: bool = True,
+        worker_id: str | None = None, lease_s: float = LEASE_S, serve_inference: bool = True,
         adapter_cache_bytes: int = 1 << 30, max_inference_rows: int = 64,
     ) -> None:  # fmt: skip
         self.store = store

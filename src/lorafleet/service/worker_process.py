@@ -18,9 +18,10 @@ from pathlib import Path
 from .files import DataDir
 from .jobspec import EngineSettings
 from .store import Store, StoreUnavailable, default_store_url, open_store
-from .worker import _LEASE_S, Worker
+from .worker import Worker
+from .worker_args import add_worker_arguments
 
-__all__ = ["add_worker_arguments", "build_parser", "main", "run_worker", "serve_worker_id"]
+__all__ = ["build_parser", "main", "run_worker", "serve_worker_id"]
 
 log = logging.getLogger("lorafleet.worker")
 
@@ -80,48 +81,6 @@ def serve_worker_id(data_dir: Path) -> str:
     """The stable id ``lorafleet serve`` gives the worker it supervises: its host and data folder."""
     digest = hashlib.sha1(str(data_dir.resolve()).encode()).hexdigest()[:8]
     return f"{socket.gethostname()}-serve-{digest}"
-
-
-def add_worker_arguments(p: argparse.ArgumentParser) -> None:
-    """The worker's flags (``lorafleet worker`` and ``python -m lorafleet.service.worker_process``)."""
-    p.add_argument(
-        "--data-dir", required=True, help="the shared data folder (uploads, checkpoints, adapters)"
-    )
-    p.add_argument("--base-model", required=True, help="Hugging Face model folder or .gguf file (or pkg:...)")
-    p.add_argument(
-        "--store", default=None,
-        help="sqlite:///PATH or postgresql://user@host[:port]/db (default: sqlite:///DATA_DIR/lorafleet.db)",
-    )  # fmt: skip
-    p.add_argument(
-        "--worker-id", default=None,
-        help="this worker's name in the store (default HOST-PID); a restarted worker with the same id takes "
-        "its jobs back at once",
-    )  # fmt: skip
-    p.add_argument(
-        "--lease-s", type=float, default=_LEASE_S,
-        help="seconds a job's lease lasts without renewal: how soon other workers resume a dead worker's jobs",
-    )  # fmt: skip
-    p.add_argument(
-        "--nproc", type=int, default=1,
-        help="run the worker as P pipeline stages on this machine (torchrun; gloo on CPU, one GPU per stage)",
-    )  # fmt: skip
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto")
-    p.add_argument("--max-concurrent-tasks", type=int, default=8, help="jobs this worker trains at once")
-    p.add_argument("--max-tokens-per-micro-batch", type=int, default=4096)
-    p.add_argument("--poll-interval", type=float, default=0.5)
-    p.add_argument(
-        "--adapter-cache-mb", type=float, default=1024.0, help="inference adapters kept loaded (LRU)"
-    )
-    p.add_argument("--max-inference-rows", type=int, default=64, help="requests decoded together at most")
-    p.add_argument(
-        "--no-inference", action="store_true",
-        help="train only: no chat/completions (in a fleet, all workers on one data folder but one)",
-    )  # fmt: skip
-    p.add_argument("--num-threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
-    p.add_argument(
-        "--parent-pid", type=int, default=None, help="exit when this process is no longer the parent"
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:
