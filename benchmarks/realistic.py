@@ -458,8 +458,8 @@ def render_markdown(report: dict[str, Any]) -> str:
                 f"bfloat16 base (adapters, optimizer and loss in float32): "
                 f"{_mmm(b['speedup_over_float32_loop_s'], '{:.2f}')}x lorafleet's float32 loop tokens/s "
                 f"({_mmm(b['speedup_over_float32_whole_s'], '{:.2f}')}x whole process); bfloat16 matmul peak "
-                f"{_mmm(s['peak_flops_bf16'], '{:.0f}', 1e-9)} GFLOP/s (its MFU above is against it); losses "
-                f"within {_mmm(b['loss_deviation'], '{:.2f}', 100)}% of the float32 run's at every step.",
+                f"{_mmm(s['peak_flops_bf16'], '{:.0f}', 1e-9)} GFLOP/s (its MFU above is against it); every step's "
+                f"loss within {_mmm(b['loss_deviation'], '{:.1e}')} (relative) of the float32 run's.",
             ]  # fmt: skip
         lines.append("")
     return "\n".join(lines)
