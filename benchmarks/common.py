@@ -356,7 +356,9 @@ def measure_matmul_peak(dtype: str, sizes: Sequence[int] = (1024, 2048, 3072), s
     """
     import torch
 
-    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    from lorafleet.models import base_dtype
+
+    dt = base_dtype(dtype)
     g = torch.Generator().manual_seed(0)
     best = 0.0
     for n in sizes:

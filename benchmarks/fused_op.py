@@ -45,8 +45,7 @@ from torch import nn
 from lorafleet.batch import FusedBatch, Segment, SequenceInfo
 from lorafleet.lora import AdapterSpec, FusedLoRALinear
 from lorafleet.models.decoder import Linear
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+from lorafleet.models.loading import BASE_DTYPES as _DTYPES
 
 
 def _sync(device: torch.device) -> None:

@@ -96,9 +96,9 @@ def _trained_counts(examples: list, hyper: Hyper) -> tuple[int, int]:
 
 
 def _torch_dtype(name: str):
-    import torch
+    from lorafleet.models import base_dtype
 
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+    return base_dtype(name)
 
 
 class LorafleetTrainer:

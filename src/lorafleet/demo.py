@@ -48,7 +48,7 @@ def cli_demo(args: argparse.Namespace) -> int:
 
     from .config import load_config
     from .lora import load_peft
-    from .models import load_model
+    from .models import base_dtype, load_model
     from .models.generate import generate
     from .models.tokenizer import load_tokenizer
     from .train.engine import Engine, resolve_device
@@ -64,7 +64,7 @@ def cli_demo(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(cfg.base_model.path)
     questions = write_demo_data(cfg, tokenizer)
     device = resolve_device(cfg.base_model.device)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.base_model.dtype]
+    dtype = base_dtype(cfg.base_model.dtype)
     console.print(
         f"[bold]lorafleet demo[/bold]: {len(cfg.tasks)} adapters on one {cfg.base_model.path} ({device})"
     )

@@ -31,10 +31,10 @@ def _device(name: str) -> torch.device:
 
 def cli_generate(args: argparse.Namespace) -> int:
     """``lorafleet generate``: load the model and tokenizer, apply the chat template, print each answer."""
-    from .models.loading import load_model
+    from .models.loading import base_dtype, load_model
     from .models.tokenizer import load_tokenizer
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    dtype = base_dtype(args.dtype)
     device = _device(args.device)
     model = load_model(args.model, dtype=dtype, device=device)
     tok = load_tokenizer(args.model)

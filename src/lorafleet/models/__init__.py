@@ -7,10 +7,11 @@ not re-exported here, so that the name keeps meaning the module.
 from .decoder import Decoder
 from .errors import ModelLoadError, UnsupportedModelError
 from .families import SUPPORTED_ARCHITECTURES, ModelConfig
-from .loading import load_model, read_model_config
+from .loading import base_dtype, load_model, read_model_config
 from .tokenizer import Tokenizer, load_tokenizer
 
 __all__ = [
+    "base_dtype",
     "SUPPORTED_ARCHITECTURES",
     "Decoder",
     "ModelConfig",

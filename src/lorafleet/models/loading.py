@@ -15,7 +15,14 @@ from .decoder import Decoder
 from .errors import ModelLoadError
 from .families import EXPERT_CHECKPOINT_NAMES, ModelConfig
 
-__all__ = ["ModelLoadError", "load_model", "read_model_config", "resolve_model_path"]
+__all__ = [
+    "BASE_DTYPES",
+    "ModelLoadError",
+    "base_dtype",
+    "load_model",
+    "read_model_config",
+    "resolve_model_path",
+]
 
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
 # Per-expert tensors of a checkpoint (families.EXPERT_CHECKPOINT_NAMES) -> (part of the fused 3-D parameter):
@@ -202,6 +209,19 @@ def _load_expert_part(
     pieces.setdefault(name, set()).add((e, part))
 
 
+# The dtypes a base model is loaded in, by the names configs and flags use (``base_model.dtype``, ``--dtype``).
+BASE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def base_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a ``base_model.dtype`` / ``--dtype`` name (``float32`` or ``bfloat16``)."""
+    if name not in BASE_DTYPES:
+        raise ValueError(
+            f"dtype {name!r} is not supported for the base model; use one of {sorted(BASE_DTYPES)}"
+        )
+    return BASE_DTYPES[name]
+
+
 def load_model(
     path: str | Path,
     dtype: torch.dtype = torch.float32,
@@ -213,7 +233,7 @@ def load_model(
 
     ``path`` is a Hugging Face folder (config.json, one or several safetensors shards) or a ``.gguf`` file.
     """
-    if dtype not in (torch.float32, torch.bfloat16):
+    if dtype not in BASE_DTYPES.values():
         raise ModelLoadError(f"dtype {dtype} is not supported; use torch.float32 or torch.bfloat16")
     p = _check_path(path)
     cfg = read_model_config(p)

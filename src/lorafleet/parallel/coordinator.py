@@ -31,7 +31,7 @@ import torch
 from ..config import AdapterConfig, DatasetConfig, RunConfig, TaskConfig
 from ..devices import resolve_device
 from ..metrics import MetricsWriter
-from ..models import Decoder, load_model, read_model_config
+from ..models import Decoder, base_dtype, load_model, read_model_config
 from ..train.events import Event, StatusEvent
 from ..train.task import TaskState
 from ..train.trainer import deliver
@@ -67,7 +67,7 @@ class PipelineTrainer:
         links = topo.connect(timeout_s)
         if topo.rank == 0:
             print(topo.describe(model_cfg), flush=True)
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.base_model.dtype]
+        dtype = base_dtype(cfg.base_model.dtype)
         first, last = topo.layers
         model = load_model(cfg.base_model.path, dtype, topo.torch_device, first, last)
         if (

@@ -33,14 +33,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
 from ..batch import FusedBatch
 from ..config import AdapterConfig, DatasetConfig, RunConfig, TaskConfig
 from ..data.packing import pack
 from ..devices import resolve_device
 from ..metrics import MetricsWriter, prefetch_plotting
-from ..models import load_model
+from ..models import base_dtype, load_model
 from ..models.recompute import apply_recompute, remove_recompute
 from ..models.tokenizer import load_tokenizer
 from .dispatcher import PlanItem, next_waited, plan_next
@@ -99,7 +97,7 @@ class Engine:
     ) -> None:
         self.cfg = cfg
         self.device = resolve_device(cfg.base_model.device)
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.base_model.dtype]
+        dtype = base_dtype(cfg.base_model.dtype)
         self.model = model if model is not None else load_model(cfg.base_model.path, dtype, self.device)
         if model is None and cfg.base_model.quantize is not None:
             from ..models.quant import quantize_model

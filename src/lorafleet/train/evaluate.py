@@ -272,7 +272,7 @@ def cli_eval(args: argparse.Namespace) -> int:
     from ..data.formats import load_examples
     from ..devices import resolve_device
     from ..lora import load_peft
-    from ..models import load_model
+    from ..models import base_dtype, load_model
     from ..models.tokenizer import load_tokenizer
     from .reference import attach_reference
     from .tasks import task_kind
@@ -302,7 +302,7 @@ def cli_eval(args: argparse.Namespace) -> int:
             "(lorafleet train CONFIG.yaml), or point at adapter folders with --adapter TASK=PATH"
         )
     device = resolve_device(cfg.base_model.device)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.base_model.dtype]
+    dtype = base_dtype(cfg.base_model.dtype)
     model = load_model(cfg.base_model.path, dtype, device)
     tokenizer = load_tokenizer(cfg.base_model.path)
     jobs: list[EvalJob] = []
