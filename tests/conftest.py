@@ -87,6 +87,18 @@ def smollm2_gguf() -> Path:
     return p
 
 
+@pytest.fixture(scope="session")
+def smollm2_transformers(smollm2_gguf):
+    """transformers' own GGUF loading of the bundled SmolLM2 (float32, eval mode): the independent reference
+    of ``test_gguf.py`` and ``test_export_smollm2.py``. Parsing the file takes transformers ~20 s, so once per
+    session; tests must not change it (``copy.deepcopy`` it before wrapping it in a ``PeftModel``)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32
+    ).eval()
+
+
 # -- the service's stores: SQLite and a real PostgreSQL server (helpers/pgserver.py) ---------------------
 
 

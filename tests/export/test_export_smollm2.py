@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -65,16 +66,14 @@ def test_adapter_changes_the_answer(exported):
     assert exported["tokens"] != exported["base_tokens"]
 
 
-def test_peft_folder_loads_in_transformers_and_peft(exported, smollm2_gguf):
-    import transformers as tf
+def test_peft_folder_loads_in_transformers_and_peft(exported, smollm2_gguf, smollm2_transformers):
     from peft import PeftModel
 
     cfg = json.loads((exported["tmp"] / "peft" / "adapter_config.json").read_text())
     base = Path(cfg["base_model_name_or_path"])
     assert base.is_absolute() and base.samefile(smollm2_gguf)  # not pkg:...
-    model = tf.AutoModelForCausalLM.from_pretrained(
-        str(base.parent), gguf_file=base.name, dtype=torch.float32
-    )
+    # the recorded path is that file: transformers' GGUF loading of it is the session's (a copy, PEFT wraps it)
+    model = copy.deepcopy(smollm2_transformers)
     model = PeftModel.from_pretrained(model, str(exported["tmp"] / "peft")).eval()
     ids = torch.tensor([exported["prompt"]])
     with torch.no_grad():

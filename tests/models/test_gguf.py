@@ -312,19 +312,15 @@ def test_smollm2_tokenizer_equals_transformers(smollm2, smollm2_gguf):
 
 
 @pytest.mark.slow
-def test_smollm2_logits_close_to_transformers_gguf_loading(smollm2, smollm2_gguf):
-    """transformers takes ~20 s to parse this file, hence ``slow``.
+def test_smollm2_logits_close_to_transformers_gguf_loading(smollm2, smollm2_transformers):
+    """transformers takes ~20 s to parse this file (once per session: ``smollm2_transformers``), hence ``slow``.
 
     Both sides dequantise with the gguf package, so the weights are bit-identical (checked) and the logits
     differ only by float32 rounding in a different order of operations: measured max abs difference 0.0 on
     CPU (same SDPA kernels). The tolerance 1e-3 (logits span about +-35) leaves room for other kernels.
     """
-    from transformers import AutoModelForCausalLM
-
     model, tok = smollm2
-    ref = AutoModelForCausalLM.from_pretrained(
-        smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32
-    )
+    ref = smollm2_transformers
     ref_params = ref.state_dict()
     for name, p in model.named_parameters():
         assert torch.equal(p, ref_params[name if name.startswith("lm_head") else f"model.{name}"]), name
