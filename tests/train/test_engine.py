@@ -127,16 +127,16 @@ def test_diverging_task_fails_alone(setup, tmp_path):
     assert rel_diff(a1, a2) <= 1e-6
 
 
-def _cli_error(cfg: Path) -> str:
-    proc = subprocess.run(
-        [sys.executable, "-m", "lorafleet", "train", str(cfg), "--no-progress"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
-    assert "Traceback" not in proc.stderr
-    return proc.stderr
+def _cli_start(cfg: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "lorafleet", "train", str(cfg), "--no-progress"]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _cli_error(proc: subprocess.Popen) -> str:
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, (proc.returncode, err[-2000:])
+    assert "Traceback" not in err
+    return err
 
 
 @pytest.mark.slow
@@ -146,32 +146,47 @@ def test_cli_bad_input_clear_errors(setup, tmp_path):
     os.symlink(tmp / "init" / "a", tmp_path / "init" / "a")
     good = yaml.safe_load(engine_config(tmp_path, model_dir, {"a": TASKS["a"]}).read_text())
 
-    def variant(name: str, mutate) -> Path:
+    def variant(name: str, mutate, own_output_dir: bool = False) -> Path:
         cfg = json.loads(json.dumps(good))
         mutate(cfg)
+        if own_output_dir:  # runs that go at once must not share an output folder (and its lock)
+            cfg["output_dir"] = str(tmp_path / f"run-{name}")
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(cfg))
         return path
 
-    err = _cli_error(variant("unknown", lambda c: c["tasks"][0].update(batch_szie=4)))
-    assert "batch_szie" in err and "batch_size" in err
-    err = _cli_error(variant("type", lambda c: c["tasks"][0].update(batch_size="many")))
-    assert "tasks[0].batch_size" in err
-    err = _cli_error(variant("adapter", lambda c: c["tasks"][0].update(adapter="aa")))
-    assert "aa" in err
-    err = _cli_error(variant("divisible", lambda c: c["tasks"][0].update(batch_size=4, micro_batch_size=3)))
-    assert "micro_batch_size" in err
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "x", "completion": "y"}\n{"prompt": "x", oops}\n')
-    err = _cli_error(variant("json", lambda c: c["datasets"][0].update(path=str(bad))))
-    assert "bad.jsonl:2" in err
     missing = tmp_path / "missing.jsonl"
     missing.write_text('{"prompt": "x", "completion": "y"}\n{"prompt": "x"}\n')
-    err = _cli_error(variant("field", lambda c: c["datasets"][0].update(path=str(missing))))
-    assert "missing.jsonl:2" in err and "completion" in err
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    err = _cli_error(variant("empty", lambda c: c["datasets"][0].update(path=str(empty))))
+    # each bad config in its own fresh `lorafleet train`, all started at once (independent runs)
+    procs = {
+        name: _cli_start(variant(name, mutate, own_output_dir=True))
+        for name, mutate in (
+            ("unknown", lambda c: c["tasks"][0].update(batch_szie=4)),
+            ("type", lambda c: c["tasks"][0].update(batch_size="many")),
+            ("adapter", lambda c: c["tasks"][0].update(adapter="aa")),
+            ("divisible", lambda c: c["tasks"][0].update(batch_size=4, micro_batch_size=3)),
+            ("json", lambda c: c["datasets"][0].update(path=str(bad))),
+            ("field", lambda c: c["datasets"][0].update(path=str(missing))),
+            ("empty", lambda c: c["datasets"][0].update(path=str(empty))),
+        )
+    }
+    err = _cli_error(procs["unknown"])
+    assert "batch_szie" in err and "batch_size" in err
+    err = _cli_error(procs["type"])
+    assert "tasks[0].batch_size" in err
+    err = _cli_error(procs["adapter"])
+    assert "aa" in err
+    err = _cli_error(procs["divisible"])
+    assert "micro_batch_size" in err
+    err = _cli_error(procs["json"])
+    assert "bad.jsonl:2" in err
+    err = _cli_error(procs["field"])
+    assert "missing.jsonl:2" in err and "completion" in err
+    err = _cli_error(procs["empty"])
     assert "empty.jsonl" in err
     # a finished run's checkpoints, then the same output folder with an incompatible adapter
     ok = variant("ok", lambda c: c["tasks"][0].update(max_steps=1))
@@ -180,7 +195,7 @@ def test_cli_bad_input_clear_errors(setup, tmp_path):
         "other",
         lambda c: (c["tasks"][0].update(max_steps=1), c["tasks"][0].update(batch_size=2, micro_batch_size=2)),
     )
-    err = _cli_error(other)
+    err = _cli_error(_cli_start(other))
     assert "incompatible" in err and "batch_size" in err
 
 
