@@ -25,6 +25,12 @@ from helpers import SMOLLM2_GGUF, make_tiny_model
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Processes the tests start (lorafleet commands, servers, workers, torchrun ranks) run beside this one and
+# beside each other on a machine of few cores: one torch thread each, or their OpenMP threads wait on one
+# another's cores (a 0.5 s check measured 18 s that way). This process read the variable when torch was
+# imported above, so it keeps torch's own thread count.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 def _session_model(tmp_path_factory, family: str, **kw) -> Path:
     path = tmp_path_factory.mktemp(f"tiny_{family}")
