@@ -296,7 +296,7 @@ def _summary(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, checkpoint=None) -> dict[str, Any]:
     cache = args.cache_dir
     model_dir = prepare_model(args.model, cache)
     config = json.loads((model_dir / "config.json").read_text())
@@ -367,6 +367,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "runs": runs,
             "summary": _summarize(runs, contenders, tokens),
         }  # fmt: skip
+        if checkpoint is not None:
+            checkpoint(report)
     return report
 
 
@@ -488,12 +490,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.model, args.repeats, args.steps, args.workloads, args.peak_seconds = "tiny", 1, 1, ["issue"], 0.2
     t0 = time.time()
-    report = run(args)
-    report["seconds"] = time.time() - t0
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    md = render_markdown(report)
-    args.out.with_suffix(".md").write_text(md + "\n")
+
+    def write(report: dict[str, Any]) -> str:  # after every workload, so a long run keeps what it measured
+        report["seconds"] = time.time() - t0
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+        md = render_markdown(report)
+        args.out.with_suffix(".md").write_text(md + "\n")
+        return md
+
+    report = run(args, write)
+    md = write(report)
     print(md)
     print(f"wrote {args.out.with_suffix('.json')} and .md ({report['seconds']:.0f} s)")
     return 0
