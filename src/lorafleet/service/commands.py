@@ -53,6 +53,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def add_serve_command(sub) -> None:
+    from .worker_args import add_engine_arguments
+
     p = sub.add_parser("serve", help="run the fine-tuning service: REST API, dashboard and training worker")
     p.add_argument("--base-model", required=True, help="Hugging Face model folder or .gguf file (or pkg:...)")
     p.add_argument(
@@ -63,25 +65,7 @@ def add_serve_command(sub) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-upload-mb", type=float, default=100.0, help="largest accepted training file")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto")
-    p.add_argument("--max-concurrent-tasks", type=int, default=8, help="jobs that train at the same time")
-    p.add_argument(
-        "--max-tokens-per-micro-batch", type=int, default=4096, help="fused micro-batch token budget"
-    )
-    p.add_argument(
-        "--poll-interval", type=float, default=0.5, help="seconds between the worker's store reads"
-    )
-    p.add_argument(
-        "--num-threads", type=int, default=None,
-        help="CPU threads the worker's torch uses (default: torch's; 1 on a small machine shared with the API)",
-    )  # fmt: skip
-    p.add_argument(
-        "--adapter-cache-mb", type=float, default=1024.0,
-        help="inference: adapters kept loaded on the worker, least recently used evicted first",
-    )  # fmt: skip
-    p.add_argument("--max-inference-rows", type=int, default=64, help="inference requests decoded together")
-    p.add_argument("--no-inference", action="store_true", help="no chat/completions: the worker only trains")
+    add_engine_arguments(p)
     p.add_argument(
         "--nproc", type=int, default=1, metavar="P",
         help="the worker as P pipeline stages on this machine (torchrun; restarted as a group; no inference)",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["LEASE_S", "add_worker_arguments"]
+__all__ = ["LEASE_S", "add_engine_arguments", "add_worker_arguments"]
 
 LEASE_S = 20.0  # seconds a job's lease lasts without renewal (``Worker``'s default)
 
@@ -36,20 +36,34 @@ def add_worker_arguments(p: argparse.ArgumentParser) -> None:
         "--nproc", type=int, default=1,
         help="run the worker as P pipeline stages on this machine (torchrun; gloo on CPU, one GPU per stage)",
     )  # fmt: skip
+    add_engine_arguments(p)
+    p.add_argument(
+        "--parent-pid", type=int, default=None, help="exit when this process is no longer the parent"
+    )
+
+
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    """How a worker trains and serves: the flags ``lorafleet worker`` and ``lorafleet serve`` (for the worker
+    it supervises) share."""
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto")
-    p.add_argument("--max-concurrent-tasks", type=int, default=8, help="jobs this worker trains at once")
-    p.add_argument("--max-tokens-per-micro-batch", type=int, default=4096)
-    p.add_argument("--poll-interval", type=float, default=0.5)
+    p.add_argument("--max-concurrent-tasks", type=int, default=8, help="jobs that train at the same time")
     p.add_argument(
-        "--adapter-cache-mb", type=float, default=1024.0, help="inference adapters kept loaded (LRU)"
+        "--max-tokens-per-micro-batch", type=int, default=4096, help="fused micro-batch token budget"
     )
-    p.add_argument("--max-inference-rows", type=int, default=64, help="requests decoded together at most")
+    p.add_argument(
+        "--poll-interval", type=float, default=0.5, help="seconds between the worker's store reads"
+    )
+    p.add_argument(
+        "--num-threads", type=int, default=None,
+        help="CPU threads the worker's torch uses (default: torch's; 1 on a small machine shared with the API)",
+    )  # fmt: skip
+    p.add_argument(
+        "--adapter-cache-mb", type=float, default=1024.0,
+        help="inference: adapters kept loaded on the worker, least recently used evicted first",
+    )  # fmt: skip
+    p.add_argument("--max-inference-rows", type=int, default=64, help="inference requests decoded together")
     p.add_argument(
         "--no-inference", action="store_true",
         help="train only: no chat/completions (in a fleet, all workers on one data folder but one)",
     )  # fmt: skip
-    p.add_argument("--num-threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
-    p.add_argument(
-        "--parent-pid", type=int, default=None, help="exit when this process is no longer the parent"
-    )
