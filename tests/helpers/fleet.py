@@ -104,6 +104,13 @@ class Fleet:
             time.sleep(0.3)
         raise AssertionError(f"fleet not ready after {timeout} s\n{self.tails()}")
 
+    def wait_log(self, p: Proc, text: str, timeout: float = 240.0) -> None:
+        """Wait until ``text`` appears in ``p``'s log."""
+        deadline = time.monotonic() + timeout
+        while text not in (p.log.read_text() if p.log.exists() else ""):
+            assert p.proc.poll() is None and time.monotonic() < deadline, (text, self.tails())
+            time.sleep(0.1)
+
     def token(self, tenant: str) -> str:
         """A new API token of ``tenant`` (``lorafleet tokens create``)."""
         return self.cli("tokens", "create", "--tenant", tenant, "--store", self.url)

@@ -29,6 +29,13 @@ def _client(base: str, token: str) -> httpx.Client:
     return httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=60)
 
 
+def _wait(done, timeout: float, fleet) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, fleet.tails()
+        time.sleep(0.05)
+
+
 def _submit(client: httpx.Client, n: int, hp=HP) -> list[str]:
     data = "".join(json.dumps(r) + "\n" for r in ROWS).encode()
     fid = client.post("/v1/files", files={"file": ("train.jsonl", data, "application/jsonl")}).json()["id"]
@@ -55,29 +62,28 @@ def fleet(pg_server, tiny_llama_dir, tmp_path):
 
 def test_sigkilled_worker_jobs_finish_on_the_others_without_overlap(fleet):
     api_a, api_b = fleet.api(), fleet.api()
-    fleet.worker("w1", "--max-concurrent-tasks", "2")
-    fleet.worker("w2", "--max-concurrent-tasks", "4")  # room for w1's jobs beside its own
-    health = fleet.wait_ready(2)
-    assert {w["id"] for w in health["workers"]} == {"w1", "w2"}
-    assert all(w["base_model"] == fleet.model.name for w in health["workers"])
-    assert {w["id"]: w["max_concurrent_tasks"] for w in health["workers"]} == {"w1": 2, "w2": 4}
-    for p, _ in fleet.apis:  # API processes are stateless: no model, no torch loaded
-        maps = Path(f"/proc/{p.proc.pid}/maps")
-        if maps.is_file():
-            assert "libtorch" not in maps.read_text(), "an --api-only process loaded torch"
+    w1 = fleet.worker("w1", "--max-concurrent-tasks", "2")
+    fleet.wait_log(w1, "serving chat/completions")  # w1 takes the data folder's inference socket first
     tokens = {t: fleet.token(t) for t in ("alice", "bob")}
-    jobs = _submit(_client(api_a, tokens["alice"]), 2) + _submit(_client(api_b, tokens["bob"]), 2)
+    long = {**HP, "max_steps": 8 * HP["max_steps"]}  # w1's jobs: still training once w2 is up
+    jobs = _submit(_client(api_a, tokens["alice"]), 2, long)
     store = open_store(fleet.url)
     try:
+        _wait(lambda: all(holder(store, j) == "w1" for j in jobs), 240, fleet)  # w1 trains both
+        w2 = fleet.worker("w2", "--max-concurrent-tasks", "4")  # room for w1's jobs beside its own
+        health = fleet.wait_ready(2)
+        fleet.wait_log(w2, "another worker serves chat/completions")  # w2 trains only, while w1 lives
+        assert {w["id"] for w in health["workers"]} == {"w1", "w2"}
+        assert all(w["base_model"] == fleet.model.name for w in health["workers"])
+        assert {w["id"]: w["max_concurrent_tasks"] for w in health["workers"]} == {"w1": 2, "w2": 4}
+        for p, _ in fleet.apis:  # API processes are stateless: no model, no torch loaded
+            maps = Path(f"/proc/{p.proc.pid}/maps")
+            if maps.is_file():
+                assert "libtorch" not in maps.read_text(), "an --api-only process loaded torch"
+        jobs += _submit(_client(api_b, tokens["bob"]), 2)  # w1 is full: w2 claims these
         # kill w1 once it has trained and checkpointed some steps of a job
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            mine = [j for j in jobs if holder(store, j) == "w1"]
-            if mine and any(store.get_job_any(j).step >= 6 for j in mine):
-                break
-            time.sleep(0.05)
-        else:
-            raise AssertionError(f"w1 never trained\n{fleet.tails()}")
+        _wait(lambda: any(store.get_job_any(j).step >= 6 for j in jobs[:2]), 240, fleet)
+        mine = jobs[:2]
         killed_at = time.monotonic()
         fleet.workers["w1"].proc.send_signal(signal.SIGKILL)
         fleet.workers["w1"].proc.wait()
@@ -89,13 +95,21 @@ def test_sigkilled_worker_jobs_finish_on_the_others_without_overlap(fleet):
             time.sleep(0.05)
         took_over_s = time.monotonic() - killed_at
         assert took_over_s < LEASE_S + 2.0, (took_over_s, fleet.tails())
+        # and w2 took over inference: completions answer through either API
+        fleet.wait_log(w2, "this one serves them now", timeout=10)
+        for base in (api_a, api_b):
+            r = _client(base, tokens["alice"]).post(
+                "/v1/completions", json={"model": fleet.model.name, "prompt": "hello", "max_tokens": 2}
+            )
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1, r.text
         # every job succeeds, through either API
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             if all(store.get_job_any(j).status in ("succeeded", "failed", "cancelled") for j in jobs):
                 break
             time.sleep(0.2)
-        holders = check_store(store, jobs, HP["max_steps"])
+        steps = {j: (long if j in mine else HP)["max_steps"] for j in jobs}
+        holders = check_store(store, jobs, steps)
         lost = {}
         for j in orphans:
             assert holders[j][0] == "w1" and holders[j][-1] == "w2", holders[j]
@@ -115,7 +129,8 @@ def test_sigkilled_worker_jobs_finish_on_the_others_without_overlap(fleet):
             listed = _client(base, token).get("/v1/fine_tuning/jobs").json()["data"]
             assert {j["status"] for j in listed} == {"succeeded"} and len(listed) == 2
         print(
-            f"fleet: w1 SIGKILLed; w2 took over its {len(orphans)} job(s) after {took_over_s:.1f} s and trained "
+            f"fleet: w1 SIGKILLed at steps {sorted(r.step for r in at_kill.values())} of {long['max_steps']}; "
+            f"w2 took over its {len(orphans)} job(s) after {took_over_s:.1f} s and trained "
             f"{sorted(lost.values())} step(s) again (checkpoint period {HP['save_every_steps']})"
         )
     finally:

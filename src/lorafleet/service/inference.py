@@ -123,23 +123,48 @@ class InferenceServer:
         self._inbox: queue.Queue[tuple[dict, _Reply]] = queue.Queue()
         self._loaded: OrderedDict[str, int] = OrderedDict()  # adapter name -> parameter bytes, LRU first
         self._sock: socket.socket | None = None
+        self._lock_fd: int | None = None  # the flock that makes this worker the data folder's server
         self._byte_of: dict[str, int] | None = None
         self.stats = {"requests": 0, "decode_steps": 0, "max_rows_in_step": 0, "max_adapters_in_step": 0}
 
     # -- the socket (its own threads) -------------------------------------------------------------------
 
-    def start(self) -> None:
-        self.socket_path.unlink(missing_ok=True)
+    @property
+    def listening(self) -> bool:
+        return self._sock is not None
+
+    def start(self) -> bool:
+        """Listen on the socket, unless another live worker already serves this data folder: the server
+        holds an exclusive ``flock`` on ``<socket>.lock`` (the kernel drops it when the process dies), so of
+        the workers sharing one data folder exactly one answers, and ``start`` called again takes over once
+        that one has stopped. False (nothing done) while the other holds it."""
+        import fcntl
+
+        if self._sock is not None:
+            return True
+        fd = os.open(f"{self.socket_path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._lock_fd = fd
+        self.socket_path.unlink(missing_ok=True)  # a stale socket of a worker that died
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.bind(str(self.socket_path))
         os.chmod(self.socket_path, 0o600)  # only this user's processes (the API) may ask the worker
         self._sock.listen(256)
         threading.Thread(target=self._accept, daemon=True, name="inference-accept").start()
+        return True
 
     def close(self) -> None:
         if self._sock is not None:
             self._sock.close()
-            self.socket_path.unlink(missing_ok=True)
+            self.socket_path.unlink(missing_ok=True)  # before the lock goes: never the next server's socket
+            self._sock = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def _accept(self) -> None:
         while True:

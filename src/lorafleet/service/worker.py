@@ -29,8 +29,8 @@ Loop, top to bottom:
    tenants in one continuous batch, each row its own adapter), then ``Engine.run_once()``: one fused
    micro-batch over all running jobs (plus due optimizer steps). So a decode step waits for at most one
    training micro-batch, and training goes on while requests are served. Inference goes over the data
-   folder's Unix socket (``DataDir.inference_socket``): in a fleet sharing one data folder, one worker per
-   data folder serves it and the others run with ``--no-inference``;
+   folder's Unix socket (``DataDir.inference_socket``): of the workers sharing one data folder, the one
+   holding the socket's lock serves it, and another takes over when it stops (``--no-inference``: never);
 3. the engine's events (steps, status changes, checkpoints; ``worker_events.py``) go to the store as they happen, each before the
    engine goes on: a step's metrics are stored before that step's checkpoint is written, so a worker killed
    at any moment loses no step that its checkpoints hold (a resumed job trains the steps after its last
@@ -150,6 +150,8 @@ class Worker(JobRecorder):
                     except StoreUnavailable as e:  # keep training what is leased; read again next round
                         log.warning("store unavailable: %s", e)
                     next_sync = time.monotonic() + self.poll_interval
+                    if self.inference is not None and not self.inference.listening and self.inference.start():
+                        log.info("the worker that served chat/completions stopped: this one serves them now")
                 self._drop_lost()
                 served = self.inference.step() if serving else False  # one decode step for all requests
                 busy = self._step() if len(self.leases) else False  # then at most one training micro-batch
@@ -177,7 +179,13 @@ class Worker(JobRecorder):
             model, tokenizer, self.dd.inference_socket, self.adapter_cache_bytes, self.max_inference_rows,
             wake=self._wake,
         )  # fmt: skip
-        self.inference.start()
+        if self.inference.start():
+            log.info("serving chat/completions on %s", self.dd.inference_socket)
+        else:
+            log.info(
+                "another worker serves chat/completions for this data folder (%s): this one trains, and "
+                "takes them over if that one stops", self.dd.inference_socket,
+            )  # fmt: skip
 
     def _load_engine(self) -> None:
         self.state = "loading"

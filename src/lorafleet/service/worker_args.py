@@ -65,5 +65,5 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-inference-rows", type=int, default=64, help="inference requests decoded together")
     p.add_argument(
         "--no-inference", action="store_true",
-        help="train only: no chat/completions (in a fleet, all workers on one data folder but one)",
+        help="train only, never serve chat/completions (workers sharing a data folder elect one server)",
     )  # fmt: skip
