@@ -48,6 +48,25 @@ def test_values_and_gradient_equal_autograd(monkeypatch, dtype, bias, rows, tol)
     torch.testing.assert_close(h.grad.float(), h_ref.grad.float(), atol=tol, rtol=tol)
 
 
+def test_a_confident_head_keeps_its_small_gradient_exact():
+    """Targets of probability near 1: the gradient W[target] - softmax W is a difference of nearly equal
+    rows, and must still match autograd's (onehot - softmax) W."""
+    head = _head(64, 64, False, torch.float32)
+    with torch.no_grad():
+        head.weight.mul_(0.05).add_(torch.eye(64))  # row i points at hidden feature i
+    scale = torch.linspace(8, 24, 16)[:, None]  # target logits 8 to 24 above the rest
+    h_ref = (torch.eye(64)[:16] * scale).requires_grad_()
+    h = h_ref.detach().clone().requires_grad_()
+    targets = torch.arange(16)
+    ref = -F.cross_entropy(head(h_ref), targets, reduction="none")
+    assert ref.exp().min() > 0.9 and ref.exp().max() == 1.0  # down to probability 1 in float32
+    out = logprobs.target_logprobs(head, h, targets)
+    ref.sum().backward()
+    out.sum().backward()
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(h.grad, h_ref.grad, atol=1e-6, rtol=1e-4)
+
+
 def test_without_grad_keeps_nothing_and_a_trained_head_uses_autograd():
     head = _head(50, 8, False, torch.float32)
     h = torch.randn(9, 8)

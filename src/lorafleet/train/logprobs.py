@@ -15,8 +15,12 @@ the only gradient it needs is the one for ``hidden_ME``:
 
     d logp_i / d h_i = (onehot(target_i) - softmax(logits_i)) W        # [E]
 
-``target_logprobs`` computes it during the forward, ``rows`` tokens at a time (a [rows, V] chunk of logits
-alive at once), and keeps only that [M, E] tensor for the backward, which scales it by the incoming gradient.
+``target_logprobs`` computes it during the forward, ``rows`` tokens at a time (one [rows, V] buffer of logits,
+reused by every chunk), and keeps only that [M, E] tensor for the backward, which scales it by the incoming
+gradient. Per chunk: one GEMM into the buffer, ``log_softmax`` in place (one fused pass per row, where
+``logsumexp`` and the subtraction took five over [rows, V]), the targets gathered, ``exp_`` in place for the
+softmax, and one GEMM ``W[target] - softmax W`` (the one-hot term as a gathered row, not a scatter into
+[rows, V]). Gemma's soft-cap multiplies the softmax term by ``1 - tanh^2`` first, so it scatters the one-hot.
 The work is the same as autograd's (one [M, E] x [E, V] product forward, one [M, V] x [V, E] back); the
 memory is E/V of the logits' (1/48 for SmolLM2). A head whose weight trains (never the case for a LoRA
 adapter's frozen base) takes the plain autograd path.
@@ -43,26 +47,47 @@ def _rows_per_chunk(vocab: int) -> int:
 class _TargetLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden_ME, weight_VE, bias_V, targets_M, rows, softcap):
-        m = hidden_ME.shape[0]
-        logp_M = torch.empty(m, dtype=torch.float32, device=hidden_ME.device)
+        m, vocab = hidden_ME.shape[0], weight_VE.shape[0]
+        dev, wdt = hidden_ME.device, weight_VE.dtype
+        logp_M = torch.empty(m, dtype=torch.float32, device=dev)
         need_grad = ctx.needs_input_grad[0]
         grad_ME = torch.empty_like(hidden_ME) if need_grad else None
+        # one [rows, V] float32 buffer for every chunk's logits (and one in the weight's dtype when that is
+        # narrower): a fresh tensor of this size per chunk costs the kernel's page faults each time
+        z_CV = torch.empty(min(rows, m), vocab, dtype=torch.float32, device=dev)
+        low_CV = torch.empty_like(z_CV, dtype=wdt) if wdt != torch.float32 else z_CV
         for lo in range(0, m, rows):
             hi = min(m, lo + rows)
-            logits_CV = F.linear(hidden_ME[lo:hi], weight_VE, bias_V).float()
-            if softcap is not None:
-                tanh_CV = torch.tanh(logits_CV / softcap)
-                logits_CV = tanh_CV * softcap
-            lse_C = torch.logsumexp(logits_CV, dim=-1)
-            tgt_C1 = targets_M[lo:hi, None]
-            logp_M[lo:hi] = logits_CV.gather(1, tgt_C1).squeeze(1) - lse_C
+            z, low = z_CV[: hi - lo], low_CV[: hi - lo]
+            if bias_V is None:
+                torch.mm(hidden_ME[lo:hi], weight_VE.t(), out=low)
+            else:
+                torch.addmm(bias_V, hidden_ME[lo:hi], weight_VE.t(), out=low)
+            if low is not z:
+                z.copy_(low)
+            tgt_C = targets_M[lo:hi]
+            if softcap is None:
+                torch.log_softmax(z, dim=-1, out=z)  # one fused pass per row, in place
+                logp_M[lo:hi] = z.gather(1, tgt_C[:, None]).squeeze(1)
+                if need_grad:
+                    # d logp / d h = W[target] - softmax(z) W
+                    p_CV = z.exp_()
+                    if low is not z:
+                        p_CV = low.copy_(p_CV)
+                    torch.addmm(weight_VE[tgt_C], p_CV, weight_VE, alpha=-1, out=grad_ME[lo:hi])
+                continue
+            tanh_CV = torch.tanh(z / softcap)
+            torch.mul(tanh_CV, softcap, out=z)
+            torch.log_softmax(z, dim=-1, out=z)
+            logp_M[lo:hi] = z.gather(1, tgt_C[:, None]).squeeze(1)
             if need_grad:
-                # onehot - softmax, in place over the chunk's logits
-                g_CV = logits_CV.sub_(lse_C[:, None]).exp_().neg_()
-                g_CV.scatter_add_(1, tgt_C1, torch.ones_like(tgt_C1, dtype=g_CV.dtype))
-                if softcap is not None:  # d(c tanh(z / c)) / dz = 1 - tanh^2
-                    g_CV.mul_(tanh_CV.square_().neg_().add_(1.0))
-                grad_ME[lo:hi] = g_CV.to(weight_VE.dtype) @ weight_VE
+                # (onehot - softmax) * d(c tanh(z / c)) / dz, with d(c tanh(z / c)) / dz = 1 - tanh^2
+                g_CV = z.exp_().neg_()
+                g_CV.scatter_add_(1, tgt_C[:, None], torch.ones_like(tgt_C[:, None], dtype=g_CV.dtype))
+                g_CV.mul_(tanh_CV.square_().neg_().add_(1.0))
+                if low is not z:
+                    g_CV = low.copy_(g_CV)
+                torch.mm(g_CV, weight_VE, out=grad_ME[lo:hi])
         if need_grad:
             ctx.save_for_backward(grad_ME)
         return logp_M
