@@ -1,13 +1,11 @@
 """Metrics: one JSON object per task step (``metrics.jsonl``), TensorBoard scalars, summary table, loss plot.
 
-TensorBoard (``torch.utils.tensorboard``) takes a fraction of a second to import, which a run would otherwise
-spend before its first step. So it is imported on a background thread, started once the first step is under
-way (``MetricsWriter.start_background``): an import holds the GIL most of the time, so a thread started
-earlier delays the first step, while during a step the main thread mostly waits in GEMMs, which release it.
-The TensorBoard writer lives on its own thread (``write`` hands it the records; ``close`` waits for it to
-write them all). matplotlib is imported by ``plot_curves`` at the end, in the foreground: imported in the
-background during the first step (as it once was) its 0.4 s of CPU cost that step about twice as much on a
-2-core machine (the step's GEMM threads wait for the core the import takes), measured side by side.
+TensorBoard (``torch.utils.tensorboard``) and matplotlib take seconds to import, which a run would otherwise
+spend before its first step and after its last. So both are imported on background threads, started once the
+first step is under way (``MetricsWriter.start_background``, ``prefetch_plotting``): an import holds the GIL
+most of the time, so a thread started earlier delays the first step, while during a step the main thread
+mostly waits in GEMMs, which release it. The TensorBoard writer lives on its own thread (``write`` hands it
+the records; ``close`` waits for it to write them all); ``plot_curves`` at the end finds matplotlib loaded.
 """
 
 from __future__ import annotations
@@ -21,7 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MetricsWriter", "plot_curves", "read_metrics", "summary_rows"]
+__all__ = ["MetricsWriter", "plot_curves", "prefetch_plotting", "read_metrics", "summary_rows"]
 
 _STOP = object()
 
@@ -150,6 +148,29 @@ def summary_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+_prefetch_lock = threading.Lock()
+_prefetched: threading.Thread | None = None
+
+
+def _import_plotting() -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot
+    except Exception:  # plot_curves imports it again and reports the error where it is needed
+        pass
+
+
+def prefetch_plotting() -> None:
+    """Import matplotlib (Agg) on a background thread, once per process, for ``plot_curves`` later."""
+    global _prefetched
+    with _prefetch_lock:
+        if _prefetched is None:
+            _prefetched = threading.Thread(target=_import_plotting, name="lorafleet-plotting", daemon=True)
+            _prefetched.start()
 
 
 def plot_curves(

@@ -2,9 +2,8 @@
 
 Timings are not asserted here (``benchmarks/realistic.py`` measures the time from the command to the first
 step and from the last step to the exit); what is tested is that a run imports nothing it does not use, and
-that TensorBoard is imported off the main thread once the first step is under way, and matplotlib only after
-the last step (imported beside the first step it slowed that step by about twice its import time), while the
-run still writes ``tb/`` and ``loss.png``.
+that the slow-to-import TensorBoard and matplotlib are imported off the main thread, so they cost the run no
+time before its first step or after its last, while the run still writes ``tb/`` and ``loss.png``.
 """
 
 from __future__ import annotations
@@ -21,20 +20,16 @@ import yaml
 # Run in a fresh interpreter: record the thread that first imports each top-level module, run the CLI.
 _PROBE = r"""
 import importlib.abc, json, sys, threading
-import os
-first, steps_before = {}, {}
-metrics = os.environ["PROBE_METRICS"]
+first = {}
 class Probe(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
-        if name not in first:
-            first[name] = threading.current_thread().name
-            steps_before[name] = len(open(metrics).readlines()) if os.path.exists(metrics) else 0
+        first.setdefault(name, threading.current_thread().name)
         return None
 sys.meta_path.insert(0, Probe())
 from lorafleet.cli import main
 rc = main(["train", sys.argv[1]])
 # only what was really imported (a find_spec alone, e.g. "is triton installed?", imports nothing)
-print(json.dumps({"rc": rc, "first": {n: t for n, t in first.items() if n in sys.modules}, "steps": steps_before}))
+print(json.dumps({"rc": rc, "first": {n: t for n, t in first.items() if n in sys.modules}}))
 """
 
 # Never needed by an SFT run from a Hugging Face folder on a CPU. torch._dynamo (which pulls in sympy,
@@ -45,7 +40,7 @@ _UNUSED = ("transformers", "peft", "trl", "bitsandbytes", "pyarrow", "pandas", "
 
 
 @pytest.mark.slow
-def test_a_train_run_imports_only_what_it_uses_and_plots_after_its_last_step(tiny_model_dir, tmp_path):
+def test_a_train_run_imports_only_what_it_uses_and_plots_off_the_main_thread(tiny_model_dir, tmp_path):
     rows = [{"prompt": f"question {i}", "completion": f"answer {i}"} for i in range(4)]
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = {
@@ -57,7 +52,6 @@ def test_a_train_run_imports_only_what_it_uses_and_plots_after_its_last_step(tin
     }
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    env["PROBE_METRICS"] = str(tmp_path / "out" / "metrics.jsonl")
     proc = subprocess.run(
         [sys.executable, "-c", _PROBE, str(tmp_path / "run.yaml")], env=env, capture_output=True, text=True
     )
@@ -68,10 +62,9 @@ def test_a_train_run_imports_only_what_it_uses_and_plots_after_its_last_step(tin
     assert "torch" in first and "safetensors" in first  # the probe sees the run's own imports
     for name in _UNUSED:
         assert name not in first, f"{name} was imported by a run that does not use it"
-    # TensorBoard and matplotlib are used (tb/ and loss.png): TensorBoard imported on its background thread,
-    # matplotlib once both steps are written
+    # TensorBoard and matplotlib are used (tb/ and loss.png), but imported on background threads.
     assert first["tensorboard"] == "lorafleet-tensorboard"
-    assert first["matplotlib"] == "MainThread" and report["steps"]["matplotlib"] == 2
+    assert first["matplotlib"] == "lorafleet-plotting"
     out = tmp_path / "out"
     assert any((out / "tb").glob("events.out.tfevents.*")), "TensorBoard wrote no event file"
     assert (out / "loss.png").stat().st_size > 0

@@ -37,7 +37,7 @@ from ..batch import FusedBatch
 from ..config import AdapterConfig, DatasetConfig, RunConfig, TaskConfig
 from ..data.packing import pack
 from ..devices import resolve_device
-from ..metrics import MetricsWriter
+from ..metrics import MetricsWriter, prefetch_plotting
 from ..models import base_dtype, load_model
 from ..models.recompute import apply_recompute, remove_recompute
 from ..models.tokenizer import load_tokenizer
@@ -224,7 +224,8 @@ class Engine:
             if t.start():
                 self._emit(StatusEvent(t.name, "running"))
         batch = pack_plan(plan, self._tasks, self.device)
-        self.metrics.start_background()  # TensorBoard imports while the GEMMs run
+        self.metrics.start_background()  # TensorBoard and matplotlib import while the GEMMs run
+        prefetch_plotting()  # close() plots the loss curves
         hidden = self.model.forward_packed(batch.input_ids.to(self.device), batch, apply_head=False)
         total = None
         for item in plan:
