@@ -104,12 +104,17 @@ class Fleet:
             time.sleep(0.3)
         raise AssertionError(f"fleet not ready after {timeout} s\n{self.tails()}")
 
+    def wait_until(self, done, timeout: float = 240.0, alive: Proc | None = None) -> None:
+        """Poll ``done()`` until it is true; fails after ``timeout`` s (or once ``alive`` has exited)."""
+        deadline = time.monotonic() + timeout
+        while not done():
+            assert alive is None or alive.proc.poll() is None, self.tails()
+            assert time.monotonic() < deadline, self.tails()
+            time.sleep(0.05)
+
     def wait_log(self, p: Proc, text: str, timeout: float = 240.0) -> None:
         """Wait until ``text`` appears in ``p``'s log."""
-        deadline = time.monotonic() + timeout
-        while text not in (p.log.read_text() if p.log.exists() else ""):
-            assert p.proc.poll() is None and time.monotonic() < deadline, (text, self.tails())
-            time.sleep(0.1)
+        self.wait_until(lambda: p.log.exists() and text in p.log.read_text(), timeout, alive=p)
 
     def token(self, tenant: str) -> str:
         """A new API token of ``tenant`` (``lorafleet tokens create``)."""

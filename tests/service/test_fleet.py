@@ -29,13 +29,6 @@ def _client(base: str, token: str) -> httpx.Client:
     return httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=60)
 
 
-def _wait(done, timeout: float, fleet) -> None:
-    deadline = time.monotonic() + timeout
-    while not done():
-        assert time.monotonic() < deadline, fleet.tails()
-        time.sleep(0.05)
-
-
 def _submit(client: httpx.Client, n: int, hp=HP) -> list[str]:
     data = "".join(json.dumps(r) + "\n" for r in ROWS).encode()
     fid = client.post("/v1/files", files={"file": ("train.jsonl", data, "application/jsonl")}).json()["id"]
@@ -69,7 +62,7 @@ def test_sigkilled_worker_jobs_finish_on_the_others_without_overlap(fleet):
     jobs = _submit(_client(api_a, tokens["alice"]), 2, long)
     store = open_store(fleet.url)
     try:
-        _wait(lambda: all(holder(store, j) == "w1" for j in jobs), 240, fleet)  # w1 trains both
+        fleet.wait_until(lambda: all(holder(store, j) == "w1" for j in jobs))  # w1 trains both
         w2 = fleet.worker("w2", "--max-concurrent-tasks", "4")  # room for w1's jobs beside its own
         health = fleet.wait_ready(2)
         fleet.wait_log(w2, "another worker serves chat/completions")  # w2 trains only, while w1 lives
@@ -82,7 +75,7 @@ def test_sigkilled_worker_jobs_finish_on_the_others_without_overlap(fleet):
                 assert "libtorch" not in maps.read_text(), "an --api-only process loaded torch"
         jobs += _submit(_client(api_b, tokens["bob"]), 2)  # w1 is full: w2 claims these
         # kill w1 once it has trained and checkpointed some steps of a job
-        _wait(lambda: any(store.get_job_any(j).step >= 6 for j in jobs[:2]), 240, fleet)
+        fleet.wait_until(lambda: any(store.get_job_any(j).step >= 6 for j in jobs[:2]))
         mine = jobs[:2]
         killed_at = time.monotonic()
         fleet.workers["w1"].proc.send_signal(signal.SIGKILL)

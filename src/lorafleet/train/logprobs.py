@@ -84,27 +84,22 @@ class _TargetLogprobs(torch.autograd.Function):
             if low is not z:
                 z.copy_(low)
             tgt_C = targets_M[lo:hi]
-            if softcap is None:
-                torch.log_softmax(z, dim=-1, out=z)  # one fused pass per row, in place
-                logp_M[lo:hi] = z.gather(1, tgt_C[:, None]).squeeze(1)
-                if need_grad:
-                    # d logp / d h = W[target] - softmax(z) W
-                    p_CV = z.exp_()
-                    if low is not z:
-                        p_CV = low.copy_(p_CV)
-                    torch.addmm(weight_VE[tgt_C], p_CV, weight_VE, alpha=-1, out=grad_ME[lo:hi])
-                continue
-            tanh_CV = torch.tanh(z / softcap)
-            torch.mul(tanh_CV, softcap, out=z)
-            torch.log_softmax(z, dim=-1, out=z)
+            if softcap is not None:
+                tanh_CV = torch.tanh(z / softcap)
+                torch.mul(tanh_CV, softcap, out=z)
+            torch.log_softmax(z, dim=-1, out=z)  # one fused pass per row, in place
             logp_M[lo:hi] = z.gather(1, tgt_C[:, None]).squeeze(1)
-            if need_grad:
-                # (onehot - softmax) * d(c tanh(z / c)) / dz, with d(c tanh(z / c)) / dz = 1 - tanh^2
-                g_CV = z.exp_().neg_()
-                g_CV.scatter_add_(1, tgt_C[:, None], torch.ones_like(tgt_C[:, None], dtype=g_CV.dtype))
+            if not need_grad:
+                continue
+            g_CV = z.exp_()  # the softmax
+            if softcap is not None:  # (onehot - softmax) * d(c tanh(z / c)) / dz, the latter 1 - tanh^2
+                g_CV.neg_().scatter_add_(1, tgt_C[:, None], torch.ones_like(tgt_C[:, None], dtype=g_CV.dtype))
                 g_CV.mul_(tanh_CV.square_().neg_().add_(1.0))
-                if low is not z:
-                    g_CV = low.copy_(g_CV)
+            if low is not z:
+                g_CV = low.copy_(g_CV)
+            if softcap is None:  # d logp / d h = W[target] - softmax(z) W
+                torch.addmm(weight_VE[tgt_C], g_CV, weight_VE, alpha=-1, out=grad_ME[lo:hi])
+            else:
                 torch.mm(g_CV, weight_VE, out=grad_ME[lo:hi])
         if need_grad:
             ctx.save_for_backward(grad_ME)
