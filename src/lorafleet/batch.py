@@ -172,8 +172,10 @@ class FusedBatch:
     def _buckets(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Sequences grouped by length, each group one padded attention call.
 
-        Per group: (gather index [s, n] into T+1 rows (row T is a zero row), the rows of its real tokens in
-        the flattened [s * n] padded layout [t_g], key valid [s, n]). Sequences are sorted by length and a
+        Per group: (gather index [s, n] into the batch's T rows, key valid [s, n]); a padding slot gathers
+        its sequence's first token, any real row would do: no real query attends to it (it comes after the
+        sequence's end, or the window mask drops it), its own output is dropped, so its gradient is exactly
+        zero. Sequences are sorted by length and a
         group grows while its padded attention work (s * n^2) stays within twice the work of its real
         sequences (sum of l^2), so a few long sequences do not make every short one pay for their length.
 
@@ -181,7 +183,7 @@ class FusedBatch:
         faster on CPU than the accumulating ``index_put_`` behind the backward of advanced indexing.
         """
         lens = self.seq_lens
-        t, dev = self.num_tokens, self.input_ids.device
+        dev = self.input_ids.device
         groups: list[list[int]] = []
         real = 0
         for i in sorted(range(len(lens)), key=lens.__getitem__):
@@ -199,23 +201,25 @@ class FusedBatch:
             col = torch.arange(int(glens.max()), device=dev)
             valid = col[None, :] < glens[:, None]
             pos = self.cu_seqlens[idx][:, None] + col[None, :]
-            gather = torch.where(valid, pos, torch.full_like(pos, t))
-            out.append((gather, valid.flatten().nonzero().squeeze(1), valid))
+            gather = torch.where(valid, pos, self.cu_seqlens[idx][:, None])
+            out.append((gather, valid))
         return out
 
     @cached_property
     def _unbucket(self) -> torch.Tensor:
-        """[T]: for each token of the batch, its row in the concatenation of the groups' real rows."""
-        parts = []
-        for gather, real, _ in self._buckets:
-            parts.append(gather.flatten()[real])
-        return torch.argsort(torch.cat(parts))
+        """[T]: for each token of the batch, its row in the concatenation of the groups' padded [s * n]
+        outputs."""
+        flat = torch.cat([gather.flatten() for gather, _ in self._buckets])
+        real = torch.cat([valid.flatten() for _, valid in self._buckets]).nonzero().squeeze(1)
+        where = torch.empty(self.num_tokens, dtype=torch.long, device=flat.device)
+        where[flat[real]] = real
+        return where
 
     def _mask(self, group: int, sliding_window: int | None) -> torch.Tensor:
         """[s, 1, n, n] boolean: query i sees key j iff j <= i, j is real and (i - j) < window."""
         key = (group, sliding_window)
         if key not in self._masks:
-            valid = self._buckets[group][2]
+            valid = self._buckets[group][1]
             n = valid.shape[1]
             i = torch.arange(n, device=valid.device)
             allowed = i[None, :] <= i[:, None]
@@ -256,19 +260,21 @@ class FusedBatch:
                 is_causal=True,
             )
             return o[0].transpose(0, 1)
-        q0, k0, v0 = (torch.cat([x, x.new_zeros(1, *x.shape[1:])]) for x in (q_THD, k_TKD, v_TKD))
         outs = []
-        for g, (gather, real, _) in enumerate(self._buckets):
+        for g, (gather, _) in enumerate(self._buckets):
             s, n = gather.shape
             flat = gather.flatten()
             # Each row is one sequence from column 0, padded after its end: a real query's causal keys are
             # all real, so without a window plain causal attention is exact (the padding rows' outputs are
             # dropped) and lets the kernel skip the blocks above the diagonal instead of reading a mask.
             o = attend(
-                *(x.index_select(0, flat).view(s, n, *x.shape[1:]).transpose(1, 2) for x in (q0, k0, v0)),
+                *(
+                    x.index_select(0, flat).view(s, n, *x.shape[1:]).transpose(1, 2)
+                    for x in (q_THD, k_TKD, v_TKD)
+                ),
                 None if window is None else self._mask(g, window),
                 spec,
                 is_causal=window is None,
             )  # [s, H, n, D]
-            outs.append(o.transpose(1, 2).reshape(s * n, *o.shape[1:2], o.shape[3]).index_select(0, real))
+            outs.append(o.transpose(1, 2).reshape(s * n, o.shape[1], o.shape[3]))
         return torch.cat(outs).index_select(0, self._unbucket)

@@ -244,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
-    """The ``lorafleet`` command and ``python -m lorafleet``: ``main``, then a quick exit.
+    """The ``lorafleet`` command and ``python -m lorafleet``: the CPU allocator set for training
+    (``cpu_memory.tune_cpu_allocator``), ``main``, then a quick exit.
 
     Once ``main`` has returned every file is closed and every thread joined, yet a normal interpreter exit
     with torch and matplotlib loaded still spends half a second to a second tearing modules down
@@ -255,6 +256,9 @@ def entry() -> None:
     import atexit
     import os
 
+    from .cpu_memory import tune_cpu_allocator
+
+    tune_cpu_allocator()
     code = main()
     atexit._run_exitfuncs()
     sys.stdout.flush()

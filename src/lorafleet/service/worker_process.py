@@ -280,4 +280,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from ..cpu_memory import tune_cpu_allocator
+
+    tune_cpu_allocator()  # as `lorafleet` does: this is the process that trains
     raise SystemExit(main())
