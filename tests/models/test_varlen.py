@@ -68,6 +68,25 @@ def test_reference_equals_the_padded_cpu_path(mix, window, dtype):
     assert torch.allclose(got.float(), ref.float(), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("amx", [False, True])
+def test_bfloat16_cpu_attention_on_either_kernel_equals_float32(amx, monkeypatch):
+    """Long buckets run torch's bfloat16 kernel where the CPU has AMX, float32 otherwise: both within bf16."""
+    from lorafleet.models import attention
+
+    monkeypatch.setattr(attention, "_has_amx", lambda: amx)
+    assert attention._cpu_runs_upcast(attention.AMX_BF16_MIN_QUERIES) is not amx
+    q, k, v, batch = _qkv([300, 17, 260], torch.bfloat16)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    got = batch.attention(q, k, v, 0, AttentionSpec(None))
+    ref = reference_varlen_attention(q.float(), k.float(), v.float(), batch.cu_seqlens, None)
+    assert torch.allclose(got.float(), ref, rtol=2e-2, atol=2e-2)
+    w = torch.randn_like(ref)
+    grads = torch.autograd.grad((got.float() * w).sum(), (q, k, v))
+    ref_grads = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    for a, b in zip(grads, ref_grads):
+        assert (a.float() - b.float()).norm() <= 2e-2 * b.float().norm()
+
+
 def test_no_varlen_kernel_on_cpu():
     q, k, v, batch = _qkv([4, 5], torch.bfloat16)
     assert varlen_backend(q) is None

@@ -10,6 +10,7 @@ are an ``AttentionSpec`` built once per layer from the ``ModelConfig``.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -61,13 +62,11 @@ def attend(
     arbitrary finite row, never NaN, so that its zero gradient stays zero.
     Without a soft-cap this is ``F.scaled_dot_product_attention`` (its fused kernels); with one it is
     computed as written, as transformers' eager attention does. On a CPU in a 16-bit dtype the fused kernel
-    runs in float32 on the upcast q, k, v and its output is rounded back (training, evaluation and
-    generation alike): torch's CPU flash kernels are slower in bfloat16 than in float32 (forward + backward
-    15 to 30% slower on the benchmarks' shapes, AVX-512 with bf16), and the float32 p @ v only rounds less.
+    runs in float32 on the upcast q, k, v and its output is rounded back (see ``_cpu_runs_upcast``).
     """
     if spec.softcap is None:
         dt = q_BHND.dtype
-        up = dt.itemsize == 2 and q_BHND.device.type == "cpu"
+        up = dt.itemsize == 2 and q_BHND.device.type == "cpu" and _cpu_runs_upcast(q_BHND.shape[-2])
         if up:
             q_BHND, k_BKMD, v_BKMD = q_BHND.float(), k_BKMD.float(), v_BKMD.float()
         o = F.scaled_dot_product_attention(
@@ -87,3 +86,25 @@ def attend(
         s = s.masked_fill(~mask, torch.finfo(s.dtype).min)
     p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q_BHND.dtype)
     return p @ v
+
+
+# From this many queries on, torch's bfloat16 CPU flash kernel beats float32 where the CPU has AMX tiles.
+AMX_BF16_MIN_QUERIES = 256
+
+
+@functools.cache
+def _has_amx() -> bool:
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe is not None and probe())
+
+
+def _cpu_runs_upcast(n_queries: int) -> bool:
+    """Whether a 16-bit attention on the CPU over ``n_queries`` runs in float32 (the faster, measured).
+
+    Forward + backward of the causal fused kernel, 2048 tokens per call, head dim 64, torch 2.13:
+    on AVX-512 with bf16 but no AMX (AMD EPYC) bfloat16 is 15 to 30% slower than float32 at every length
+    of the benchmarks' buckets; on a Xeon with AMX bfloat16 is slower up to 128 queries (22.4 against
+    17.1 ms at 128) and faster from 256 (18.1 against 23.1 ms at 256, 41.8 against 70.8 at 2048).
+    The float32 path only rounds less: its output is the exact softmax of the rounded q, k, v.
+    """
+    return not (_has_amx() and n_queries >= AMX_BF16_MIN_QUERIES)
