@@ -89,7 +89,7 @@ def attend(
 
 
 # From this many queries on, torch's bfloat16 CPU flash kernel beats float32 where the CPU has AMX tiles.
-AMX_BF16_MIN_QUERIES = 256
+AMX_BF16_MIN_QUERIES = 192
 
 
 @functools.cache
@@ -101,10 +101,11 @@ def _has_amx() -> bool:
 def _cpu_runs_upcast(n_queries: int) -> bool:
     """Whether a 16-bit attention on the CPU over ``n_queries`` runs in float32 (the faster, measured).
 
-    Forward + backward of the causal fused kernel, 2048 tokens per call, head dim 64, torch 2.13:
-    on AVX-512 with bf16 but no AMX (AMD EPYC) bfloat16 is 15 to 30% slower than float32 at every length
-    of the benchmarks' buckets; on a Xeon with AMX bfloat16 is slower up to 128 queries (22.4 against
-    17.1 ms at 128) and faster from 256 (18.1 against 23.1 ms at 256, 41.8 against 70.8 at 2048).
+    Forward + backward of the causal fused kernel, 8 heads of 64, torch 2.13, 2 threads: on AVX-512 with
+    bf16 but no AMX (AMD EPYC) bfloat16 is 15 to 30% slower than float32 at every length of the benchmarks'
+    buckets; on a Xeon with AMX (4096 tokens per call) bfloat16 is slower up to 160 queries (78.8 against
+    53.2 ms at 160) and as fast or faster from 192, where torch's kernel moves from query blocks of 32 to
+    64 (51.8 against 53.3 ms at 192, 64.1 against 72.0 at 255, 58.0 against 70.1 at 320).
     The float32 path only rounds less: its output is the exact softmax of the rounded q, k, v.
     """
     return not (_has_amx() and n_queries >= AMX_BF16_MIN_QUERIES)
