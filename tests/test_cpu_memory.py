@@ -37,11 +37,15 @@ print(json.dumps({"changed": changed, "thp": os.environ.get("THP_MEM_ALLOC_ENABL
 
 
 def _probe(**env: str) -> dict:
-    clean = {k: v for k, v in os.environ.items()
-             if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "THP_MEM_ALLOC_ENABLE",
-                                                         "LORAFLEET_CPU_ALLOCATOR")}
-    out = subprocess.run([sys.executable, "-c", PROBE], env={**clean, **env}, capture_output=True,
-                         text=True, check=True)
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("MALLOC_")
+        and k not in ("GLIBC_TUNABLES", "THP_MEM_ALLOC_ENABLE", "LORAFLEET_CPU_ALLOCATOR")
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE], env={**clean, **env}, capture_output=True, text=True, check=True
+    )
     return json.loads(out.stdout)
 
 

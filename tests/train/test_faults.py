@@ -161,6 +161,8 @@ def test_task_that_cannot_resume_leaves_the_engine_at_once(tmp_path, tiny_llama_
     good = _config(tmp_path, tiny_llama_dir, names=("x", "c"), max_steps=2, file="good.yaml")
     for name in ("x", "c"):
         engine.add_task(*_task_args(good, name))
+    with pytest.raises(ValueError, match="a task named 'c' already exists"):
+        engine.add_task(*_task_args(good, "c"))
     states = engine.run()
     assert {n: s.status for n, s in states.items()} == {"b": "succeeded", "x": "succeeded", "c": "succeeded"}
     assert states["x"].step == 2 and states["c"].step == 2

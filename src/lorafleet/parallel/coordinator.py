@@ -34,7 +34,7 @@ from ..metrics import MetricsWriter
 from ..models import Decoder, base_dtype, load_model, read_model_config
 from ..train.events import Event, StatusEvent
 from ..train.task import TaskState
-from ..train.trainer import deliver
+from ..train.trainer import deliver, require_new_task_name
 from .messages import Added, AddTask
 from .stage import Stage
 from .stage_tasks import live
@@ -142,8 +142,7 @@ class PipelineTrainer:
         left nowhere."""
         self._coordinator("add_task")
         stage = self.stage
-        if task.name in stage.tasks or task.name in stage.adding:
-            raise ValueError(f"a task named {task.name!r} already exists; task names must be unique")
+        require_new_task_name(task.name, stage.tasks, stage.adding)
         core = stage.build_task(dataset, adapter, task, eval_dataset, self._arrivals)
         common = stage.intact_steps(core)
         stage.adding[task.name] = core

@@ -47,7 +47,7 @@ from .events import Event, StatusEvent, StepEvent, StorageFaultEvent
 from .storage import StorageHolds, StorageRetry
 from .task import STATUSES, Task, TaskState
 from .tasks import order_groups, pack_groups
-from .trainer import deliver
+from .trainer import deliver, require_new_task_name
 
 __all__ = ["STATUSES", "Engine", "TaskState", "pack_plan", "plan_micro_batch", "resolve_device"]
 
@@ -150,8 +150,7 @@ class Engine:
         A task that cannot start (its data, or its resume, raises) leaves nothing behind: its adapter is
         taken off the model, it is not registered and takes no slot, and the error propagates.
         """
-        if task.name in self._tasks:
-            raise ValueError(f"a task named {task.name!r} already exists; task names must be unique")
+        require_new_task_name(task.name, self._tasks)
         root = self.output_dir / "checkpoints" / task.name
         t = Task(
             self.cfg, self.model, self.tokenizer, dataset, adapter, task, self._arrivals,

@@ -16,7 +16,7 @@ The service's worker (``service/worker.py``) depends on this protocol only.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from typing import Any, Protocol, runtime_checkable
 
 from ..config import AdapterConfig, DatasetConfig, TaskConfig
@@ -24,7 +24,7 @@ from ..metrics import MetricsWriter
 from .events import RECORDED, Event
 from .task import TaskState
 
-__all__ = ["Trainer", "deliver"]
+__all__ = ["Trainer", "deliver", "require_new_task_name"]
 
 
 @runtime_checkable
@@ -70,3 +70,9 @@ def deliver(event: Event, metrics: MetricsWriter | None, subscribers: list[Calla
         metrics.write(event.record())
     for cb in subscribers:
         cb(event)
+
+
+def require_new_task_name(name: str, *taken: Container[str]) -> None:
+    """``add_task``'s check, on every trainer: ``name`` is in none of ``taken`` (the tasks it has, or adds)."""
+    if any(name in names for names in taken):
+        raise ValueError(f"a task named {name!r} already exists; task names must be unique")
