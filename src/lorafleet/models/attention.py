@@ -62,7 +62,8 @@ def attend(
     arbitrary finite row, never NaN, so that its zero gradient stays zero.
     Without a soft-cap this is ``F.scaled_dot_product_attention`` (its fused kernels); with one it is
     computed as written, as transformers' eager attention does. On a CPU in a 16-bit dtype the fused kernel
-    runs in float32 on the upcast q, k, v and its output is rounded back (see ``_cpu_runs_upcast``).
+    runs in float32 on the upcast q, k, v and its output is rounded back, except for long sequences on a
+    CPU with AMX, where the 16-bit kernel is the faster (``_cpu_runs_upcast``, measured).
     """
     if spec.softcap is None:
         dt = q_BHND.dtype
