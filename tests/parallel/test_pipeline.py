@@ -254,6 +254,22 @@ def test_two_stages_via_nproc_equal_single_process(setup):
     assert "lorafleet summary" in proc.stdout and "succeeded" in proc.stdout
 
 
+def test_nproc_with_a_bad_base_model_is_one_user_error(setup, tmp_path):
+    """Checked before torchrun starts: one paragraph and exit 2, as in one process, and no stage started."""
+    tmp, write_config, _ = setup
+    text = write_config(tmp_path / "ok.yaml", tmp_path / "out").read_text()
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(text.replace(str(tmp / "model"), str(tmp_path / "no-such-model")))
+    proc = subprocess.run(
+        [sys.executable, "-m", "lorafleet", "train", str(cfg), "--nproc", "2", "--no-progress"],
+        env=_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.startswith("lorafleet train: error: model path "), proc.stderr
+    assert proc.stderr.count("does not exist") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_three_stages_with_boundaries_and_recompute_equal_single_process(setup):
     tmp, write_config, reference = setup
     out = tmp / "p3"

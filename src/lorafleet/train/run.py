@@ -159,7 +159,11 @@ def launch_pipeline(config_path: str | Path, nproc: int, progress: bool) -> int:
         raise ValueError(f"--nproc {nproc}: give the number of pipeline processes, at least 1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
     cmd += ["-m", "lorafleet", "train", str(config_path)] + ([] if progress else ["--no-progress"])
-    lock = lock_output_dir(load_config(config_path).output_dir)  # the stages run under this hold
+    cfg = load_config(config_path)
+    from ..models import read_model_config
+
+    read_model_config(cfg.base_model.path)  # a bad base model: one error here, not one per stage + torchrun's
+    lock = lock_output_dir(cfg.output_dir)  # the stages run under this hold
     try:
         return subprocess.call(cmd)
     finally:
