@@ -34,9 +34,11 @@ print(json.dumps({"rc": rc, "first": {n: t for n, t in first.items() if n in sys
 
 # Never needed by an SFT run from a Hugging Face folder on a CPU. torch._dynamo (which pulls in sympy,
 # torch._inductor and triton) is what torch.optim's Optimizer imports on its first add_param_group, zero_grad,
-# state_dict or step: lorafleet's own AdamW (train/adamw.py) does not go through it.
+# state_dict or step: lorafleet's own AdamW (train/adamw.py) does not go through it. A one-process run
+# needs none of lorafleet.parallel.
 _UNUSED = ("transformers", "peft", "trl", "bitsandbytes", "pyarrow", "pandas", "gguf",
-           "fastapi", "uvicorn", "sqlalchemy", "torch._dynamo", "torch._inductor")  # fmt: skip
+           "fastapi", "uvicorn", "sqlalchemy", "torch._dynamo", "torch._inductor",
+           "lorafleet.parallel")  # fmt: skip
 
 
 @pytest.mark.slow

@@ -174,14 +174,14 @@ def cli_train(args: argparse.Namespace) -> int:
     nproc = getattr(args, "nproc", None)
     if nproc is not None and nproc != 1 and "WORLD_SIZE" not in os.environ:
         return launch_pipeline(args.config, nproc, progress=not args.no_progress)
-    from ..parallel.pipeline import PipelineError
+    from .events import TrainerFailed  # a pipeline stage died (parallel.PipelineError)
 
     try:
         states = train(args.config, progress=not args.no_progress)
     except TrainingInterrupted as e:
         print(f"lorafleet train: {e}", file=sys.stderr, flush=True)
         return e.exit_code
-    except PipelineError as e:
+    except TrainerFailed as e:
         # Threads still block on links to the failed stage, so leave at once rather than wait for them.
         print(f"lorafleet train: error: {e}", file=sys.stderr, flush=True)
         sys.stdout.flush()
