@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +22,27 @@ from .base import StoreUnavailable
 from .migrations import Dialect
 
 __all__ = ["SQLiteStore"]
+
+
+_BUSY_S = 30.0  # how long a connection waits for another one's lock
+
+
+def _set_wal(conn: sqlite3.Connection) -> None:
+    """Put the file in WAL mode (persistent: a no-op once any connection has done it).
+
+    Switching a new file's journal mode needs its exclusive lock, and SQLite answers "database is locked"
+    at once, without waiting out the busy timeout, when another connection holds a lock then (processes of
+    a fleet opening a new store together): so the switch is retried here, for as long as that timeout.
+    """
+    deadline = time.monotonic() + _BUSY_S
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 class _SQLiteTx:
@@ -56,13 +78,13 @@ class SQLiteStore(SQLStore):
         conn = getattr(self._local, "conn", None)
         if conn is None:
             try:
-                conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+                conn = sqlite3.connect(self.path, timeout=_BUSY_S, isolation_level=None)
                 conn.row_factory = sqlite3.Row
-                conn.execute("PRAGMA journal_mode=WAL")
+                _set_wal(conn)
                 # NORMAL is durable in WAL mode against process crashes (SIGKILL); FULL would add an fsync
                 # per commit, needed only against power loss.
                 conn.execute("PRAGMA synchronous=NORMAL")
-                conn.execute("PRAGMA busy_timeout=30000")
+                conn.execute(f"PRAGMA busy_timeout={int(_BUSY_S * 1000)}")
             except sqlite3.OperationalError as e:
                 raise StoreUnavailable(f"cannot open {self.path}: {e}") from e
             self._local.conn = conn
