@@ -255,13 +255,24 @@ def test_two_stages_via_nproc_equal_single_process(setup):
 
 
 def test_nproc_with_a_bad_base_model_is_one_user_error(setup, tmp_path):
-    """Checked before torchrun starts: one paragraph and exit 2, as in one process, and no stage started."""
+    """Checked before torchrun starts, by the launcher without importing torch (an import hook makes that
+    fail): one paragraph and exit 2, as in one process, and no stage started."""
     tmp, write_config, _ = setup
     text = write_config(tmp_path / "ok.yaml", tmp_path / "out").read_text()
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(text.replace(str(tmp / "model"), str(tmp_path / "no-such-model")))
+    launcher = (
+        "import importlib.abc, sys\n"
+        "class NoTorch(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name.split('.')[0] == 'torch':\n"
+        "            raise ImportError('the launcher imported ' + name)\n"
+        "sys.meta_path.insert(0, NoTorch())\n"
+        "from lorafleet.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
     proc = subprocess.run(
-        [sys.executable, "-m", "lorafleet", "train", str(cfg), "--nproc", "2", "--no-progress"],
+        [sys.executable, "-c", launcher, "train", str(cfg), "--nproc", "2", "--no-progress"],
         env=_env(), capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr[-3000:]

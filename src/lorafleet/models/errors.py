@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
+from ..model_paths import ModelLoadError  # torch-free, for launchers that check a path only
+
 __all__ = ["ModelLoadError", "UnsupportedModelError"]
-
-
-class ModelLoadError(ValueError):
-    """The model path cannot be loaded; the message says why and what to do."""
 
 
 class UnsupportedModelError(ValueError):

