@@ -270,7 +270,7 @@ class FusedLoRAExperts(Experts):
         g_NO = _grouped_base(xs_NH, self.gate_up_proj, routing.offsets)
         g_NO = _add_lora(g_NO, xs_NH, groups, slots, "gate_up", self.num_experts)
         gate, up = g_NO.chunk(2, dim=-1)
-        m_NI = self.act(gate) * up
+        m_NI = self.act.gated(gate, up)
         y_NH = _grouped_base(m_NI, self.down_proj, routing.offsets)
         y_NH = _add_lora(y_NH, m_NI, groups, slots, "down", self.num_experts)
         sorted_routing = ExpertRouting(

@@ -27,7 +27,7 @@ from .attention import AttentionSpec
 from .families import ModelConfig, RopeSpec, rope_inv_freq
 from .moe import SparseMoE
 
-__all__ = ["BatchLike", "Decoder", "LMHead", "Linear", "RMSNorm", "activation"]
+__all__ = ["Activation", "BatchLike", "Decoder", "LMHead", "Linear", "RMSNorm", "activation"]
 
 
 class BatchLike(Protocol):
@@ -100,11 +100,53 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(dtype)
 
 
-def activation(name: str):
-    """The MLP activation of ``ModelConfig.hidden_act``."""
-    if name == "gelu_pytorch_tanh":
-        return lambda x: F.gelu(x, approximate="tanh")
-    return F.silu
+class Activation:
+    """The MLP activation of ``ModelConfig.hidden_act``: ``act(x)``, and ``act.gated(gate, up)`` for the
+    gated MLP's ``act(gate) * up``.
+
+    ``gated`` computes the same numbers as ``act(gate) * up`` under autograd, forward and backward, bit for
+    bit, with less memory: autograd would keep gate, act(gate) and up (three [T, I] tensors per layer) and
+    allocate act(gate) and the product; ``gated`` keeps gate and up, writes the product over act(gate), and
+    recomputes act(gate) in the backward (one elementwise pass over [T, I]).
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._approximate = "tanh" if name == "gelu_pytorch_tanh" else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.silu(x) if self._approximate is None else F.gelu(x, approximate=self._approximate)
+
+    def backward(self, grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """d act(x) / dx times ``grad`` (torch's own fused backward kernels)."""
+        if self._approximate is None:
+            return torch.ops.aten.silu_backward(grad, x)
+        return torch.ops.aten.gelu_backward(grad, x, approximate=self._approximate)
+
+    def gated(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+            return _GatedProduct.apply(gate, up, self)
+        return self(gate).mul_(up)
+
+
+class _GatedProduct(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, act: Activation) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        ctx.act = act
+        return act(gate).mul_(up)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        gate, up = ctx.saved_tensors
+        d_gate = ctx.act.backward(grad * up, gate) if ctx.needs_input_grad[0] else None
+        d_up = ctx.act(gate).mul_(grad) if ctx.needs_input_grad[1] else None
+        return d_gate, d_up, None
+
+
+def activation(name: str) -> Activation:
+    """The MLP activation of ``ModelConfig.hidden_act`` (``families._ACTIVATIONS``)."""
+    return Activation(name)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -177,7 +219,7 @@ class MLP(nn.Module):
             gate, up = self.gate_up_proj(x_TE, batch).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x_TE, batch), self.up_proj(x_TE, batch)
-        return self.down_proj(self.act(gate) * up, batch)
+        return self.down_proj(self.act.gated(gate, up), batch)
 
 
 class DecoderLayer(nn.Module):

@@ -76,7 +76,7 @@ def expert_forward(experts: Experts, x_TH: torch.Tensor, routing: ExpertRouting)
         if xs.shape[0] == 0:
             continue
         gate, up = F.linear(xs, experts.gate_up_proj[e]).chunk(2, dim=-1)
-        ys.append(F.linear(experts.act(gate) * up, experts.down_proj[e]))
+        ys.append(F.linear(experts.act.gated(gate, up), experts.down_proj[e]))
     return combine(x_TH, torch.cat(ys), routing)
 
 
