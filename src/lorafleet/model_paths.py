@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["ModelLoadError", "check_model_path", "resolve_model_path"]
+__all__ = ["ModelLoadError", "check_base_model_flag", "check_model_path", "resolve_model_path"]
 
 
 class ModelLoadError(ValueError):
@@ -53,3 +53,12 @@ def check_model_path(path: str | Path) -> Path:
             f"model file {str(p)!r} is not a .gguf file; give a GGUF file or a Hugging Face folder"
         )
     return p
+
+
+def check_base_model_flag(value: str) -> None:
+    """``--base-model`` of ``lorafleet serve`` and ``lorafleet worker``: a path that exists (its contents are
+    checked when a worker loads it) or a ``pkg:`` reference; a ValueError naming the flag otherwise."""
+    if not value.startswith("pkg:") and not Path(value).expanduser().exists():
+        raise ValueError(
+            f"--base-model {value!r} does not exist: give a Hugging Face model folder or a .gguf file"
+        )

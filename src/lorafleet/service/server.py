@@ -21,6 +21,7 @@ import sys
 import threading
 from pathlib import Path
 
+from ..model_paths import check_base_model_flag
 from .app import ServiceSettings, create_app
 from .files import DataDir
 from .jobspec import EngineSettings
@@ -73,15 +74,6 @@ class WorkerSupervisor:
         self._thread.join(timeout=5)
 
 
-def _check_model_path(base_model: str) -> None:
-    if base_model.startswith("pkg:"):
-        return
-    if not Path(base_model).expanduser().exists():
-        raise ValueError(
-            f"--base-model {base_model!r} does not exist: give a Hugging Face model folder or a .gguf file"
-        )
-
-
 def serve(
     base_model: str,
     data_dir: str | Path,
@@ -106,7 +98,7 @@ def serve(
     ``store_url``: the job store (default ``sqlite:///DATA_DIR/lorafleet.db``)."""
     import uvicorn
 
-    _check_model_path(base_model)
+    check_base_model_flag(base_model)
     for flag, value in (
         ("--max-upload-mb", max_upload_mb), ("--max-concurrent-tasks", max_concurrent_tasks),
         ("--max-tokens-per-micro-batch", max_tokens_per_micro_batch), ("--poll-interval", poll_interval),

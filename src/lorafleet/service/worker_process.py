@@ -15,6 +15,7 @@ import sys
 import threading
 from pathlib import Path
 
+from ..model_paths import check_base_model_flag
 from .files import DataDir
 from .jobspec import EngineSettings
 from .store import Store, StoreUnavailable, default_store_url, open_store
@@ -201,10 +202,7 @@ def run_worker(args: argparse.Namespace) -> int:
     ):  # fmt: skip
         if getattr(args, flag) <= 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be > 0 (got {getattr(args, flag)})")
-    if not args.base_model.startswith("pkg:") and not Path(args.base_model).expanduser().exists():
-        raise ValueError(
-            f"--base-model {args.base_model!r} does not exist: give a Hugging Face model folder or a .gguf file"
-        )
+    check_base_model_flag(args.base_model)
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
         return _launch_group(args)
