@@ -4,18 +4,22 @@ A training step on the CPU allocates and frees the same large activations every 
 MLP width] float32 tensors of 10-30 MB). With glibc's defaults each one is a fresh ``mmap`` handed back on
 free, so every micro-batch pays the kernel to zero and map its pages again, one 4 KiB page fault at a time
 (about 0.8M faults and 6-9 s of system time in the 23 s training loop of ``benchmarks/realistic.py``'s
-issue workload on a 2-core Xeon). ``tune_cpu_allocator`` changes two things before torch is imported:
+issue workload on a 2-core Xeon). ``tune_cpu_allocator`` sets glibc's ``mallopt`` before torch is imported:
+blocks under 32 MB come from the heap (``M_MMAP_THRESHOLD``) and freed memory stays with the process
+(``M_TRIM_THRESHOLD``), so the next micro-batch reuses pages already mapped and only the first micro-batch
+of a shape touches new memory.
 
-- ``THP_MEM_ALLOC_ENABLE=1``: torch aligns CPU tensors of 2 MB and more to 2 MB and asks for transparent
-  huge pages on them (512 times fewer faults where the kernel's THP mode is ``madvise`` or ``always``);
-- glibc's ``mallopt``: blocks under 32 MB come from the heap (``M_MMAP_THRESHOLD``) and freed memory stays
-  with the process (``M_TRIM_THRESHOLD``), so the next micro-batch reuses pages already mapped.
+Transparent huge pages for torch's tensors (``THP_MEM_ALLOC_ENABLE=1``) were set here too until measured on
+their own, with ``mallopt`` in both arms: on a 2-core Xeon VM (THP ``madvise``), 6-step issue workload, five
+alternating pairs, they cut page faults 580k -> 160k and peak RSS 2.45 -> 2.1 GB but tripled system time
+(2.0-2.6 s -> 5.7-8.7 s: zeroing whole 2 MB pages on first touch), the first step 4.8-6.8 s -> 6.3-10.9 s
+and the loop's median 28.5 s -> 31.3 s; no step after the first was faster with them. They are left to the
+user (``THP_MEM_ALLOC_ENABLE=1`` in the environment, read by torch).
 
-Together: the issue workload's loop 24.5 s -> 21.4 s, system time 6-9 s -> 1.4-2.8 s, peak RSS +4%. The
-cost is that a process keeps its peak heap until it exits, as a caching allocator does. A setting the user
-gave wins: nothing is changed when ``THP_MEM_ALLOC_ENABLE`` or glibc's ``MALLOC_*`` / ``GLIBC_TUNABLES``
-variables are set, and ``LORAFLEET_CPU_ALLOCATOR=default`` leaves both as the system has them. GPU memory
-is not affected (CUDA has its own caching allocator).
+The cost of ``mallopt``: a process keeps its peak heap until it exits, as a caching allocator does. A setting
+the user gave wins: nothing is changed when glibc's ``MALLOC_*`` / ``GLIBC_TUNABLES`` variables are set, and
+``LORAFLEET_CPU_ALLOCATOR=default`` leaves the allocator as the system has it. GPU memory is not affected
+(CUDA has its own caching allocator).
 """
 
 from __future__ import annotations
@@ -38,9 +42,6 @@ def tune_cpu_allocator() -> list[str]:
     changed: list[str] = []
     if os.environ.get("LORAFLEET_CPU_ALLOCATOR", "") == "default" or not sys.platform.startswith("linux"):
         return changed
-    if "torch" not in sys.modules and "THP_MEM_ALLOC_ENABLE" not in os.environ:
-        os.environ["THP_MEM_ALLOC_ENABLE"] = "1"  # read by torch once, at its first CPU allocation
-        changed.append("THP_MEM_ALLOC_ENABLE=1")
     if not any(v in os.environ for v in _GLIBC_VARS):
         name = ctypes.util.find_library("c")
         try:
