@@ -50,6 +50,19 @@ def test_vectorized_masks_equal_the_definition():
     assert keep_mask(rows, MaskSite(), 70, 0.0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_masks_in_the_activations_dtype_are_the_bool_masks(dtype, p):
+    """The fused operator asks for its activations' dtype (no bool -> float copy in ``x * mask``)."""
+    rows = token_rows([sequence_key(7, 0, i) for i in range(3)], [40] * 3, torch.arange(40).repeat(3))
+    want = keep_mask(rows, MaskSite(2, 1), 96, p)
+    got = keep_mask(rows, MaskSite(2, 1), 96, p, dtype)
+    assert want.dtype == torch.bool and got.dtype == dtype
+    assert torch.equal(got, want.to(dtype)) and set(got.unique().tolist()) <= {0.0, 1.0}
+    x = torch.randn(120, 96).to(dtype)
+    assert torch.equal(x.mul(got), x.mul(want))  # bit for bit what the bool mask gave
+
+
 def test_chunked_rows_equal_one_chunk(monkeypatch):
     """Rows are hashed in chunks; chunk boundaries change nothing (a wide and a narrow width)."""
     import lorafleet.masks as masks

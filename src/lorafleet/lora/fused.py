@@ -83,11 +83,12 @@ class _Plan:
     site: MaskSite = MaskSite()
     rows: torch.Tensor | None = None  # [T] batch.dropout_rows when a slot has dropout, else None
 
-    def keep(self, i: int, width: int) -> torch.Tensor | None:
-        """Segment i's keep-mask [S, width] (bool), or None when its adapter has no dropout in this call."""
+    def keep(self, i: int, width: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """Segment i's keep-mask [S, width] (1 / 0 in ``dtype``), or None when its adapter has no dropout in
+        this call."""
         start, end, k = self.segments[i]
         p = self.slots[k].dropout
-        return keep_mask(self.rows[start:end], self.site, width, p) if p > 0 else None
+        return keep_mask(self.rows[start:end], self.site, width, p, dtype) if p > 0 else None
 
 
 def _dora_scale(magnitude_O: torch.Tensor, norm_O: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -145,7 +146,7 @@ def _fused_forward(
     for i, (start, end, k) in enumerate(plan.segments):
         slot = plan.slots[k]
         xd_SI = x_TI[start:end]
-        mask_SI = plan.keep(i, x_TI.shape[1])
+        mask_SI = plan.keep(i, x_TI.shape[1], dt)
         factor = slot.scaling
         if mask_SI is not None:
             xd_SI = xd_SI.mul(mask_SI)
@@ -231,7 +232,7 @@ class _FusedLoRAFunction(torch.autograd.Function):
         for i, (start, end, k) in enumerate(plan.segments):
             slot, c_O = plan.slots[k], scales[k]
             hs_SR = saved[i]
-            mask_SI = plan.keep(i, weight_OI.shape[1])  # the forward's mask, recomputed from its keys
+            mask_SI = plan.keep(i, weight_OI.shape[1], dt)  # the forward's mask, recomputed from its keys
             s = slot.scaling
             keep = 1.0 / (1.0 - slot.dropout) if mask_SI is not None else 1.0
             a_RI, b_OR = params[slot.first].to(dt), params[slot.first + 1].to(dt)

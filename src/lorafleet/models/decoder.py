@@ -149,9 +149,43 @@ def activation(name: str) -> Activation:
     return Activation(name)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    a, b = x.chunk(2, dim=-1)
-    return torch.cat((-b, a), dim=-1)
+class _Rope(torch.autograd.Function):
+    """``x * cos + rotate_half(x) * sin`` over the last dim, and its backward, in half-width passes.
+
+    The same numbers as the plain expression under autograd, bit for bit (each product and sum rounds
+    once, as there; x, cos and sin share a dtype), without its temporaries: the negated half, the rotated
+    copy and its product with sin. Per call 2.5 passes over [T, H, D] where autograd's forward takes 5
+    and its backward 6. Nothing is saved but cos and sin.
+    """
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rope_pass(x, cos, sin, sign=1.0)
+
+    @staticmethod
+    def backward(ctx, g):
+        cos, sin = ctx.saved_tensors
+        # d/dx of (x1 c1 - x2 s1, x2 c2 + x1 s2) is (g1 c1 + g2 s2, g2 c2 - g1 s1): the same pass with sin's
+        # halves swapped, which the sign flip gives.
+        return _rope_pass(g, cos, sin, sign=-1.0), None, None
+
+
+def _rope_pass(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
+    """sign 1: (x1 c1 - x2 s1, x2 c2 + x1 s2); sign -1: (x1 c1 + x2 s2, x2 c2 - x1 s1)."""
+    h = x.shape[-1] // 2
+    out = x * cos
+    x1, x2, o1, o2 = x[..., :h], x[..., h:], out[..., :h], out[..., h:]
+    s1, s2 = sin[..., :h], sin[..., h:]
+    if sign > 0:
+        tmp = torch.mul(x2, s1)
+        o1.sub_(tmp)
+        o2.add_(torch.mul(x1, s2, out=tmp))
+    else:
+        tmp = torch.mul(x2, s2)
+        o1.add_(tmp)
+        o2.sub_(torch.mul(x1, s1, out=tmp))
+    return out
 
 
 def _apply_rope(x_THD: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor) -> torch.Tensor:
@@ -159,9 +193,9 @@ def _apply_rope(x_THD: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor)
     r = cos_TR.shape[-1]
     cos, sin = cos_TR[:, None], sin_TR[:, None]
     if r == x_THD.shape[-1]:
-        return x_THD * cos + _rotate_half(x_THD) * sin
+        return _Rope.apply(x_THD, cos, sin)
     rot, rest = x_THD[..., :r], x_THD[..., r:]
-    return torch.cat((rot * cos + _rotate_half(rot) * sin, rest), dim=-1)
+    return torch.cat((_Rope.apply(rot, cos, sin), rest), dim=-1)
 
 
 class Attention(nn.Module):
