@@ -154,8 +154,9 @@ class _Rope(torch.autograd.Function):
 
     The same numbers as the plain expression under autograd, bit for bit (each product and sum rounds
     once, as there; x, cos and sin share a dtype), without its temporaries: the negated half, the rotated
-    copy and its product with sin. Per call 2.5 passes over [T, H, D] where autograd's forward takes 5
-    and its backward 6. Nothing is saved but cos and sin.
+    copy and its full-width product with sin, forward and backward alike. One full-width product and four
+    half-width passes each way; forward and backward of [4000, 8, 64] float32 7.0 ms -> 4.7 ms (2 threads).
+    Nothing is saved but cos and sin.
     """
 
     @staticmethod
