@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import logging
 import os
 import queue
 import threading
@@ -22,6 +23,7 @@ from typing import Any
 __all__ = ["MetricsWriter", "plot_curves", "prefetch_plotting", "read_metrics", "summary_rows"]
 
 _STOP = object()
+_log = logging.getLogger(__name__)
 
 
 class _TensorBoardThread(threading.Thread):
@@ -55,12 +57,19 @@ class MetricsWriter:
 
     The TensorBoard side runs on a background thread (see the module docstring); ``close`` waits until it
     has written every record and re-raises what it failed with.
+
+    A write the disk refuses (full, over quota, an I/O error) does not stop training: the bytes not written
+    stay in memory, a warning names the error, and every later ``write`` (and ``close``) tries them again
+    first, so once the disk takes them the file holds every record once, in order, with no torn line (a
+    write cut short is completed from where it stopped). ``close`` warns of what it still could not write.
     """
 
     def __init__(self, output_dir: Path, tensorboard: bool = True) -> None:
         output_dir.mkdir(parents=True, exist_ok=True)
         self.path = output_dir / "metrics.jsonl"
-        self._fh = open(self.path, "a", buffering=1)
+        self._fd = _open_append(self.path)
+        self._pending = b""  # bytes written by no os.write yet (the disk refused them)
+        self._refused: OSError | None = None  # the error of the last refused write, until one succeeds
         self._tb: _TensorBoardThread | None = None
         if tensorboard:
             try:  # installed? (asked of the package metadata: this imports nothing)
@@ -77,9 +86,33 @@ class MetricsWriter:
             self._tb.start()
 
     def write(self, record: dict[str, Any]) -> None:
-        self._fh.write(json.dumps(record) + "\n")
+        self._pending += (json.dumps(record) + "\n").encode()
+        self._drain()
         if self._tb is not None and "task" in record and "step" in record:
             self._tb.records.put(dict(record))
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes of records the disk has refused so far and that are still to be written."""
+        return len(self._pending)
+
+    def _drain(self) -> bool:
+        """Write the pending bytes; False (and a warning, once per fault) when the disk refuses them."""
+        while self._pending:
+            try:
+                n = os.write(self._fd, self._pending)
+            except OSError as e:
+                if self._refused is None:
+                    _log.warning(
+                        "%s: could not write (%s); its records are kept and written once it can", self.path, e
+                    )
+                self._refused = e
+                return False
+            self._pending = self._pending[n:]
+        if self._refused is not None:
+            _log.warning("%s: writable again; the records it refused are written", self.path)
+            self._refused = None
+        return True
 
     def truncate(self, task: str, step: int) -> int:
         """Drop ``task``'s records after ``step`` (and any cut-short line); how many lines were dropped.
@@ -87,20 +120,29 @@ class MetricsWriter:
         A resumed task redoes the steps after its checkpoint, so their records from the run that was
         interrupted must go: ``metrics.jsonl`` then holds exactly one record per step.
         """
-        self._fh.flush()
+        if not self._drain():
+            raise self._refused
         lines = self.path.read_text().splitlines(keepends=True)
         keep = [line for line in lines if _kept(line, task, step)]
         if len(keep) == len(lines):
             return 0
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text("".join(keep))
-        self._fh.close()
+        os.close(self._fd)
         os.replace(tmp, self.path)
-        self._fh = open(self.path, "a", buffering=1)
+        self._fd = _open_append(self.path)
         return len(lines) - len(keep)
 
     def close(self) -> None:
-        self._fh.close()
+        if self._fd < 0:
+            return
+        if not self._drain():
+            _log.error(
+                "%s: %d bytes of records could not be written (%s); the adapters and checkpoints are not "
+                "affected", self.path, len(self._pending), self._refused,
+            )  # fmt: skip
+        os.close(self._fd)
+        self._fd = -1
         if self._tb is not None:
             tb, self._tb = self._tb, None
             if tb.ident is None:  # no step ran: the records written so far still reach the event file
@@ -109,6 +151,10 @@ class MetricsWriter:
             tb.join()
             if tb.error is not None:
                 raise RuntimeError(f"TensorBoard logging failed: {tb.error}") from tb.error
+
+
+def _open_append(path: Path) -> int:
+    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
 
 
 def _kept(line: str, task: str, step: int) -> bool:

@@ -232,3 +232,67 @@ def test_a_storage_fault_that_lasts_fails_the_task_with_a_reason_and_no_path(
     assert "checkpoint at step 2 could not be written after 3 attempts" in error, error
     assert "/" not in error, error
     assert str(tmp_path / "run" / "checkpoints" / "a") in caplog.text  # the operator's log has the path
+
+
+# Trains the config in argv[1]; with argv[2] == "full", the disk refuses metrics.jsonl's bytes for a while:
+# RLIMIT_FSIZE caps every file the process writes at 10 bytes past the records already written (writes past
+# it fail with EFBIG, as on a full disk, SIGXFSZ ignored), for two micro-batches, then is lifted.
+_METRICS_FAULT = r"""
+import json, resource, signal, sys
+from pathlib import Path
+from lorafleet.config import load_config
+from lorafleet.train.engine import Engine
+
+eng = Engine(load_config(sys.argv[1]), tensorboard=False)
+metrics = Path(eng.output_dir) / "metrics.jsonl"
+seen = {}
+if sys.argv[2] == "full":
+    while metrics.stat().st_size == 0:
+        assert eng.run_once()
+    size = metrics.stat().st_size
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size + 10, hard))
+    while eng.metrics.pending_bytes == 0:
+        assert eng.run_once()
+    assert eng.run_once()  # one more micro-batch while the disk refuses
+    seen = {"pending": eng.metrics.pending_bytes, "grown": metrics.stat().st_size - size,
+            "torn": not metrics.read_text().endswith("\n")}
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+states = eng.run()
+print(json.dumps({**seen, "states": {n: [s.status, s.step] for n, s in states.items()}}))
+"""
+
+
+def test_a_metrics_file_the_disk_refuses_for_a_while_loses_no_record(tmp_path, tiny_llama_dir):
+    import subprocess
+    import sys
+
+    runs = {}
+    for mode in ("alone", "full"):
+        cfg = _config(tmp_path, tiny_llama_dir, out=mode, save_every_steps=100)
+        proc = subprocess.run(
+            [sys.executable, "-c", _METRICS_FAULT, str(cfg), mode], capture_output=True, text=True
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[mode] = (json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr)
+    (alone, _), (full, log) = runs["alone"], runs["full"]
+    assert full["states"] == alone["states"] == {"a": ["succeeded", STEPS], "b": ["succeeded", STEPS]}
+    assert full["pending"] > 0 and full["grown"] == 10 and full["torn"]  # a write cut short, kept
+    assert "could not write" in log and "File too large" in log and "writable again" in log
+
+    def records(run: str) -> list[tuple]:
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [(r["task"], r["step"], r.get("kind"), r.get("loss")) for r in map(json.loads, lines)]
+
+    # every record once, in order, no torn line; the training itself untouched (the same losses, bit for bit)
+    assert records("full") == records("alone")
+    assert len(records("full")) >= 2 * STEPS
+    for name in ("a", "b"):
+        assert torch_equal(_adapter(tmp_path / "full", name), _adapter(tmp_path / "alone", name)), name
+
+
+def torch_equal(a: dict, b: dict) -> bool:
+    import torch
+
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
