@@ -10,6 +10,7 @@ the records; ``close`` waits for it to write them all); ``plot_curves`` at the e
 
 from __future__ import annotations
 
+import errno
 import importlib.metadata
 import json
 import logging
@@ -101,6 +102,8 @@ class MetricsWriter:
         while self._pending:
             try:
                 n = os.write(self._fd, self._pending)
+                if n == 0:  # a regular file takes a byte or raises; never loop on nothing written
+                    raise OSError(errno.EIO, "the write took no bytes")
             except OSError as e:
                 if self._refused is None:
                     _log.warning(
