@@ -4,7 +4,7 @@ browser test is ``test_dashboard_browser.py``).
 
 Oracles: HF PEFT loads every downloaded adapter onto the transformers model and its rank and targets are
 the ones requested; the zip holds exactly the files the engine exported; the checkpoint a killed job resumes
-from is the newest ``step-N`` folder on disk.
+from is the newest one the store recorded (a ``step-N`` folder the kill left unrecorded is trained again).
 """
 
 from __future__ import annotations
@@ -395,6 +395,21 @@ def _checkpoint_steps(folder: Path) -> list[int]:
     return sorted(int(p.name.split("-")[1]) for p in folder.glob("step-*") if not p.name.endswith(".tmp"))
 
 
+def _resume_point(store: SQLiteStore, data: Path, job_id: str) -> tuple[int, list[int]]:
+    """After a kill: the step a restarted worker must resume from (the newest checkpoint the store recorded)
+    and the folders on disk past it (a kill between writing a checkpoint and recording it leaves one), which
+    the resuming worker removes and trains again."""
+    recorded, _ = store.list_checkpoints(job_id, None, 1)
+    step = recorded[0].step if recorded else 0
+    return step, [s for s in _checkpoint_steps(DataDir(data).checkpoint_dir(job_id)) if s > step]
+
+
+def _past_checkpoint(store: SQLiteStore, data: Path, job: dict) -> bool:
+    """The job has a recorded checkpoint and has trained past it (so a kill now makes it redo steps)."""
+    step = _resume_point(store, data, job["id"])[0]
+    return 0 < step < job["lorafleet"]["step"]
+
+
 def test_killed_worker_is_restarted_and_resumes(service, trained):
     server, tokens = service["server"], service["tokens"]
     alice = _client(server, tokens["alice"])
@@ -402,20 +417,15 @@ def test_killed_worker_is_restarted_and_resumes(service, trained):
     hp = {"batch_size": 2, "max_steps": LONG, "max_seq_len": 64, "save_every_steps": 5}
     r = alice.post("/v1/fine_tuning/jobs", json=_job(fid, hp))
     job_id = r.json()["id"]
-    ckpt = DataDir(server.data).checkpoint_dir(job_id)
-    _wait(
-        alice,
-        job_id,
-        until=lambda j: (
-            j["status"] in TERMINAL or j["lorafleet"]["step"] > max(_checkpoint_steps(ckpt), default=99)
-        ),
-    )
+    store = SQLiteStore(DataDir(server.data).db)
+    _wait(alice, job_id, until=lambda j: j["status"] in TERMINAL or _past_checkpoint(store, server.data, j))
     old_pid = httpx.get(f"{server.url}/healthz").json()["worker"]["pid"]
     os.kill(old_pid, signal.SIGKILL)
     deadline = time.monotonic() + 20
     while not _dead(old_pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    resume_from = _checkpoint_steps(ckpt)[-1]
+    resume_from, unrecorded = _resume_point(store, server.data, job_id)
+    assert resume_from >= 5 and len(unrecorded) <= 1, (resume_from, unrecorded)
     assert alice.get(f"/v1/fine_tuning/jobs/{job_id}").json()["status"] == "running"
     job = _wait(alice, job_id, server=server)  # the supervisor starts a new worker, which resumes the job
     assert job["status"] == "succeeded" and job["lorafleet"]["step"] == LONG
@@ -449,14 +459,9 @@ def test_sigkill_mid_training_then_restart_resumes_from_checkpoints(tmp_path, ti
     job1 = c.post("/v1/fine_tuning/jobs", json=_job(fid, {**hp, "max_steps": LONG})).json()["id"]
     job2 = c.post("/v1/fine_tuning/jobs", json=_job(fid, {**hp, "max_steps": 4})).json()["id"]
     # kill once job 1 has a checkpoint and has trained past it (so some steps must be redone)
-    ckpt_dir = DataDir(data).checkpoint_dir(job1)
-
-    def past(j):
-        return j["status"] in TERMINAL or j["lorafleet"]["step"] > max(
-            _checkpoint_steps(ckpt_dir), default=99
-        )
-
-    j1 = _wait(c, job1, until=past, server=server)
+    j1 = _wait(
+        c, job1, until=lambda j: j["status"] in TERMINAL or _past_checkpoint(store, data, j), server=server
+    )
     assert j1["status"] == "running", j1
     # acknowledged just before the kill: must survive it
     job3 = c.post("/v1/fine_tuning/jobs", json=_job(fid, {**hp, "max_steps": 3})).json()["id"]
@@ -467,9 +472,8 @@ def test_sigkill_mid_training_then_restart_resumes_from_checkpoints(tmp_path, ti
     while not _dead(worker_pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _dead(worker_pid), "the worker outlived its killed server"
-    resume_from = max(
-        int(p.name.split("-")[1]) for p in ckpt_dir.glob("step-*") if not p.name.endswith(".tmp")
-    )
+    resume_from, unrecorded = _resume_point(store, data, job1)
+    assert len(unrecorded) <= 1, (resume_from, unrecorded)
     at_kill = {j: store.get_job_any(j).status for j in (job1, job2, job3)}
     assert at_kill[job1] == "running" and at_kill[job2] in ("validating_files", "queued"), at_kill
     assert 5 <= resume_from < LONG
