@@ -7,7 +7,7 @@ import torch
 
 import lorafleet
 from helpers import TINY_NEW_FAMILIES, TINY_VOCAB, make_tiny_model
-from lorafleet.batch import FusedBatch
+from lorafleet.batch import ALONE_MIN_LEN, FusedBatch
 from lorafleet.models import ModelLoadError, read_model_config
 
 ATOL_F32 = 1e-4
@@ -57,7 +57,8 @@ def test_logits_equal_transformers(tiny_models, family, length):
 def test_packed_sequences_equal_each_alone(tiny_models, family):
     path, hf = tiny_models[family]
     model = lorafleet.load_model(path)
-    seqs = [_ids(7, seed=2).tolist(), _ids(3, seed=3).tolist(), _ids(7, seed=4).tolist()]
+    seqs = [_ids(7, seed=2).tolist(), _ids(ALONE_MIN_LEN + 1, seed=5).tolist(), _ids(3, seed=3).tolist(),
+            _ids(7, seed=4).tolist()]  # fmt: skip
     batch = FusedBatch.from_sequences(seqs)
     with torch.no_grad():
         packed = model.forward_packed(batch.input_ids, batch)

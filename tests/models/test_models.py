@@ -7,7 +7,7 @@ import torch
 
 import lorafleet
 from helpers import TINY_FAMILIES, TINY_VOCAB, make_tiny_model
-from lorafleet.batch import FusedBatch
+from lorafleet.batch import ALONE_MIN_LEN, FusedBatch
 from lorafleet.models import load_model
 
 ATOL_F32 = 1e-4
@@ -48,8 +48,10 @@ def test_packed_sequences_equal_each_alone(tiny_models, family):
     model = load_model(path)
     seqs = [
         _ids(5, seed=2)[0:5].tolist(),
+        _ids(ALONE_MIN_LEN + 3, seed=6).tolist(),  # long ones attend alone, the rest in padded groups
         _ids(17, seed=3).tolist(),
         _ids(1, seed=4).tolist(),
+        _ids(ALONE_MIN_LEN, seed=7).tolist(),
         _ids(9, seed=5).tolist(),
     ]
     batch = FusedBatch.from_sequences(seqs)
