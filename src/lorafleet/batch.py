@@ -28,6 +28,13 @@ __all__ = ["ALONE_MIN_LEN", "FusedBatch", "Segment", "SequenceInfo"]
 
 IGNORE_INDEX = -100
 
+# From this length on a sequence attends in its own call, on views of the batch's q, k, v: gathering it into
+# a padded group costs more (the copies in and out, the backward's index_add_ over all T rows, the padding)
+# than the call. Forward + backward of [T ~ 4000, 8 heads, 64], float32, 2 threads: equal lengths of 16-96
+# alike either way (a group has no padding then); lengths spread up to 256 or 512 (log-normal, median
+# ~150): 105 -> 77 ms and 118 -> 92 ms; sequences of 10-40 tokens: unchanged.
+ALONE_MIN_LEN = 96
+
 
 @dataclass(frozen=True)
 class Segment:
@@ -262,7 +269,7 @@ class FusedBatch:
             o = varlen_attention(q_THD, k_TKD, v_TKD, self.cu_seqlens, max(self.seq_lens), window)
             if o is not None:
                 return o
-        if self.num_sequences == 1 and window is None:
+        if self.num_sequences == 1:
             return _attend_alone(q_THD, k_TKD, v_TKD, spec)
         outs = []
         if self._alone:  # views of q, k, v: no copy in, and the backward of split is one cat
@@ -288,14 +295,6 @@ class FusedBatch:
             )  # [s, H, n, D]
             outs.append(o.transpose(1, 2).reshape(s * n, o.shape[1], o.shape[3]))
         return torch.cat(outs).index_select(0, self._unbucket)
-
-
-# From this length on a sequence attends in its own call, on views of the batch's q, k, v: gathering it into
-# a padded group costs more (the copies in and out, the backward's index_add_ over all T rows, the padding)
-# than the call. Forward + backward of [T ~ 4000, 8 heads, 64], float32, 2 threads: equal lengths of 16-96
-# alike either way (a group has no padding then); lengths spread up to 256 or 512 (log-normal, median
-# ~150): 105 -> 77 ms and 118 -> 92 ms; sequences of 10-40 tokens: unchanged.
-ALONE_MIN_LEN = 96
 
 
 def _attend_alone(q_NHD: torch.Tensor, k_NKD: torch.Tensor, v_NKD: torch.Tensor, spec: AttentionSpec):
