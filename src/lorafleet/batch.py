@@ -79,7 +79,7 @@ class FusedBatch:
     segments: tuple[Segment, ...] = ()
     labels: torch.Tensor | None = None
     sequences: tuple[SequenceInfo, ...] = field(default_factory=tuple)
-    _masks: dict[tuple[int, int | None], torch.Tensor] = field(
+    _masks: dict[tuple[str, int, int | None], torch.Tensor] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
 
@@ -236,7 +236,7 @@ class FusedBatch:
 
     def _mask(self, group: int, sliding_window: int | None) -> torch.Tensor:
         """[s, 1, n, n] boolean: query i sees key j iff j <= i, j is real and (i - j) < window."""
-        key = (group, sliding_window)
+        key = ("group", group, sliding_window)
         if key not in self._masks:
             valid = self._buckets[group][1]
             n = valid.shape[1]
@@ -245,6 +245,16 @@ class FusedBatch:
             if sliding_window is not None:
                 allowed = allowed & ((i[:, None] - i[None, :]) < sliding_window)
             self._masks[key] = (allowed[None] & valid[:, None, :])[:, None]
+        return self._masks[key]
+
+    def _lone_mask(self, n: int, sliding_window: int | None) -> torch.Tensor | None:
+        """[n, n] boolean causal window mask of a sequence of n that attends alone; None: plain causal."""
+        if sliding_window is None or sliding_window >= n:
+            return None
+        key = ("alone", n, sliding_window)
+        if key not in self._masks:
+            i = torch.arange(n, device=self.input_ids.device)
+            self._masks[key] = causal_window_mask(i, i, sliding_window)
         return self._masks[key]
 
     def attention(
@@ -270,12 +280,15 @@ class FusedBatch:
             if o is not None:
                 return o
         if self.num_sequences == 1:
-            return _attend_alone(q_THD, k_TKD, v_TKD, spec)
+            return _attend_alone(q_THD, k_TKD, v_TKD, self._lone_mask(self.num_tokens, window), spec)
         outs = []
         if self._alone:  # views of q, k, v: no copy in, and the backward of split is one cat
             lens = self.seq_lens
             qs, ks, vs = q_THD.split(lens), k_TKD.split(lens), v_TKD.split(lens)
-            outs = [_attend_alone(qs[i], ks[i], vs[i], spec) for i in self._alone]
+            outs = [
+                _attend_alone(qs[i], ks[i], vs[i], self._lone_mask(lens[i], window), spec)
+                for i in self._alone
+            ]
             if not self._buckets:
                 return torch.cat(outs)
         for g, (gather, _) in enumerate(self._buckets):
@@ -297,12 +310,8 @@ class FusedBatch:
         return torch.cat(outs).index_select(0, self._unbucket)
 
 
-def _attend_alone(q_NHD: torch.Tensor, k_NKD: torch.Tensor, v_NKD: torch.Tensor, spec: AttentionSpec):
-    """Causal attention over one whole sequence [N, H, D] (a view of the batch's rows)."""
-    n, window = q_NHD.shape[0], spec.sliding_window
-    mask = None
-    if window is not None and window < n:
-        i = torch.arange(n, device=q_NHD.device)
-        mask = causal_window_mask(i, i, window)
+def _attend_alone(q_NHD, k_NKD, v_NKD, mask: torch.Tensor | None, spec: AttentionSpec) -> torch.Tensor:
+    """Causal attention over one whole sequence [N, H, D] (a view of the batch's rows); ``mask`` [N, N]
+    when a sliding window hides some earlier keys, else None."""
     o = attend(*(x.transpose(0, 1)[None] for x in (q_NHD, k_NKD, v_NKD)), mask, spec, is_causal=mask is None)
     return o[0].transpose(0, 1)

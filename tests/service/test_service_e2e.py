@@ -399,15 +399,19 @@ def _resume_point(store: SQLiteStore, data: Path, job_id: str) -> tuple[int, lis
     """After a kill: the step a restarted worker must resume from (the newest checkpoint the store recorded)
     and the folders on disk past it (a kill between writing a checkpoint and recording it leaves one), which
     the resuming worker removes and trains again."""
-    recorded, _ = store.list_checkpoints(job_id, None, 1)
-    step = recorded[0].step if recorded else 0
+    step = _recorded_step(store, job_id)
     return step, [s for s in _checkpoint_steps(DataDir(data).checkpoint_dir(job_id)) if s > step]
 
 
-def _past_checkpoint(store: SQLiteStore, data: Path, job: dict) -> bool:
+def _recorded_step(store: SQLiteStore, job_id: str) -> int:
+    """The step of the newest checkpoint the store recorded for the job (0: none)."""
+    recorded, _ = store.list_checkpoints(job_id, None, 1)
+    return recorded[0].step if recorded else 0
+
+
+def _past_checkpoint(store: SQLiteStore, job: dict) -> bool:
     """The job has a recorded checkpoint and has trained past it (so a kill now makes it redo steps)."""
-    step = _resume_point(store, data, job["id"])[0]
-    return 0 < step < job["lorafleet"]["step"]
+    return 0 < _recorded_step(store, job["id"]) < job["lorafleet"]["step"]
 
 
 def test_killed_worker_is_restarted_and_resumes(service, trained):
@@ -418,7 +422,7 @@ def test_killed_worker_is_restarted_and_resumes(service, trained):
     r = alice.post("/v1/fine_tuning/jobs", json=_job(fid, hp))
     job_id = r.json()["id"]
     store = SQLiteStore(DataDir(server.data).db)
-    _wait(alice, job_id, until=lambda j: j["status"] in TERMINAL or _past_checkpoint(store, server.data, j))
+    _wait(alice, job_id, until=lambda j: j["status"] in TERMINAL or _past_checkpoint(store, j))
     old_pid = httpx.get(f"{server.url}/healthz").json()["worker"]["pid"]
     os.kill(old_pid, signal.SIGKILL)
     deadline = time.monotonic() + 20
@@ -459,9 +463,7 @@ def test_sigkill_mid_training_then_restart_resumes_from_checkpoints(tmp_path, ti
     job1 = c.post("/v1/fine_tuning/jobs", json=_job(fid, {**hp, "max_steps": LONG})).json()["id"]
     job2 = c.post("/v1/fine_tuning/jobs", json=_job(fid, {**hp, "max_steps": 4})).json()["id"]
     # kill once job 1 has a checkpoint and has trained past it (so some steps must be redone)
-    j1 = _wait(
-        c, job1, until=lambda j: j["status"] in TERMINAL or _past_checkpoint(store, data, j), server=server
-    )
+    j1 = _wait(c, job1, until=lambda j: j["status"] in TERMINAL or _past_checkpoint(store, j), server=server)
     assert j1["status"] == "running", j1
     # acknowledged just before the kill: must survive it
     job3 = c.post("/v1/fine_tuning/jobs", json=_job(fid, {**hp, "max_steps": 3})).json()["id"]
